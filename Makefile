@@ -1,0 +1,75 @@
+# WilKE companion: set-up, tests, notebooks and the book.
+#   make book                          # venv + every notebook (papermill) on the default organisms + HTML book
+#   make book PROFILE=quick MODELS=toy-gpt2
+#   make test
+SHELL      := /bin/bash
+PYTHON3    ?= python3
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+PROFILE    ?= default
+MODELS     ?= toy-gpt2 toy-gptj
+# Extra arguments for scripts/run_notebooks.py, e.g. NB_ARGS="--only 03 -p n_edits 64"
+NB_ARGS    ?=
+PYTEST_ARGS ?=
+TORCH_VERSION   ?= 2.13.0
+# Optional extra index for a CPU-only torch on machines without a GPU (PyPI's Linux torch pulls GBs
+# of CUDA wheels), e.g. TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu. Empty by default: the
+# pinned torch then comes from the configured indexes / local wheels.
+TORCH_CPU_INDEX ?=
+
+.PHONY: venv test book book-only toc organisms bench clean distclean help
+
+help:
+	@echo "targets: venv test book book-only toc organisms bench clean distclean"
+	@echo "variables: PROFILE=$(PROFILE) MODELS='$(MODELS)' NB_ARGS='$(NB_ARGS)'"
+
+$(PY):
+	$(PYTHON3) -m venv $(VENV)
+
+# The stamp is rebuilt whenever pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(PY)
+	@if ! $(PY) -c "import torch" 2>/dev/null; then \
+	  if [ -z "$(TORCH_CPU_INDEX)" ]; then \
+	    $(PY) -m pip install "torch==$(TORCH_VERSION)"; \
+	  else \
+	    $(PY) -m pip install "torch==$(TORCH_VERSION)" --extra-index-url "$(TORCH_CPU_INDEX)"; \
+	  fi; \
+	fi
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Runs every notebook once per model, regenerates the table of contents and builds the book.
+# The book is built even when a notebook failed (its page shows the error); make still fails then.
+book: venv
+	@status=0; \
+	$(PY) scripts/run_notebooks.py --profile $(PROFILE) --models $(MODELS) $(NB_ARGS) || status=$$?; \
+	$(PY) scripts/make_toc.py --book-dir book && \
+	$(VENV)/bin/jupyter-book build book/ || status=$$?; \
+	if [ $$status -ne 0 ]; then echo "make book: some step failed (exit $$status), see above" >&2; fi; \
+	exit $$status
+
+# Build the HTML book from the executed notebooks already under book/<model>/ (no execution).
+book-only: venv
+	$(PY) scripts/make_toc.py --book-dir book
+	$(VENV)/bin/jupyter-book build book/
+
+toc: venv
+	$(PY) scripts/make_toc.py --book-dir book
+
+organisms: venv
+	$(PY) -m wilke_lib.organisms --all
+
+bench: venv
+	$(PY) benchmarks/bench_editors.py
+
+clean:
+	rm -rf book/_build .pytest_cache *.egg-info build dist
+	find . -path ./$(VENV) -prune -o -type d \( -name __pycache__ -o -name .ipynb_checkpoints \) -print -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,391 @@
+"""Tests of wilke_lib.analysis: causal tracing, toxicity (Eq. 7), flash detection, strength, plots."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from tiny import make_tiny_model
+from wilke_lib.analysis import causal_trace as ct
+from wilke_lib.analysis import flash, plots, strength, toxicity
+from wilke_lib.arch import ModelAdapter
+
+TEMPLATE = "The mother tongue of {} is"
+SUBJECT = "Valo Durn"
+
+
+def _record(case_id: int, subject: str = SUBJECT, true: str = "Welsh", new: str = "French") -> dict:
+    return {"case_id": case_id,
+            "requested_rewrite": {"prompt": TEMPLATE, "subject": subject, "relation_id": "P103",
+                                  "target_new": {"str": new, "id": "Q1"}, "target_true": {"str": true, "id": "Q2"}},
+            "paraphrase_prompts": [f"Some text. {subject} speaks"], "neighborhood_prompts": []}
+
+
+def _rome_setup(model):
+    """ROME settings for tiny models: fixed prefixes, few steps, identity second moment (no corpus)."""
+    from wilke_lib.editing import EditCache
+    from wilke_lib.hparams import ROMEHParams
+
+    hp = ROMEHParams(layer=1, v_num_grad_steps=4, context_prefixes=["Hello there. "])
+    cache = EditCache(model_key="tiny-test")
+    d_mlp = ModelAdapter(model).d_mlp
+    for l in range(ModelAdapter(model).n_layers):
+        cache.mom2[EditCache._stats_key(hp, l)] = torch.eye(d_mlp)
+    return hp, cache
+
+
+# --------------------------------------------------------------------------- causal tracing
+def _prepared(model, tok, noise_multiplier=3.0):
+    return ct._prepare(model, tok, TEMPLATE, SUBJECT, None, noise_multiplier, 10, 1, None)
+
+
+def test_subject_token_range(tiny_tokenizer):
+    ids, (b, e) = ct.subject_token_range(tiny_tokenizer, TEMPLATE, SUBJECT)
+    assert tiny_tokenizer.decode(ids[b:e]).strip() == SUBJECT
+    assert ct._decode_search(tiny_tokenizer, ids, SUBJECT) == (b, e)
+
+
+def test_restore_all_last_layer_gives_clean_and_empty_gives_corrupted(tiny_model, tiny_tokenizer):
+    prep = _prepared(tiny_model, tiny_tokenizer)
+    n_layers, n_tokens = ModelAdapter(tiny_model).n_layers, prep.input_ids.shape[0]
+    every_token_last_layer = [(t, n_layers - 1) for t in range(n_tokens)]
+    high, probs = ct.patched_probs(tiny_model, prep.input_ids, prep.subject_range, prep.noise,
+                                   [every_token_last_layer, []], "hidden", prep.target_id)
+    assert high == pytest.approx(prep.high_score, abs=1e-6)
+    assert probs[0] == pytest.approx(prep.high_score, abs=1e-6)
+    assert probs[1] == pytest.approx(prep.low_score, abs=1e-6)
+    assert abs(prep.high_score - prep.low_score) > 1e-6  # the noise does corrupt
+
+
+def test_trace_shapes_and_clean_limits(tiny_model, tiny_tokenizer):
+    results = ct.trace_all_kinds(tiny_model, tiny_tokenizer, TEMPLATE, SUBJECT, window=2)
+    n_layers = ModelAdapter(tiny_model).n_layers
+    for kind, res in results.items():
+        assert res.kind == kind
+        assert res.scores.shape == (len(res.tokens), n_layers)
+        assert np.isfinite(res.scores).all() and (res.scores >= 0).all() and (res.scores <= 1).all()
+        assert "".join(res.tokens[res.subject_range[0]:res.subject_range[1]]).strip() == SUBJECT
+    hidden = results["hidden"]
+    assert hidden.scores[-1, -1] == pytest.approx(hidden.high_score, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ct.KINDS)
+def test_zero_noise_scores_equal_clean(tiny_tokenizer, kind):
+    model = make_tiny_model("gptj", len(tiny_tokenizer))
+    res = ct.trace(model, tiny_tokenizer, TEMPLATE, SUBJECT, kind=kind, noise_multiplier=0.0, window=2)
+    np.testing.assert_allclose(res.scores, res.high_score, atol=1e-6)
+    assert res.low_score == pytest.approx(res.high_score, abs=1e-6)
+
+
+def test_trace_given_target_and_aie(tiny_tokenizer):
+    model = make_tiny_model("gpt2", len(tiny_tokenizer))
+    res = ct.trace(model, tiny_tokenizer, TEMPLATE, SUBJECT, "French", token_positions="last_subject")
+    assert res.target_id == tiny_tokenizer(" French", add_special_tokens=False)["input_ids"][0]
+    last = res.subject_range[1] - 1
+    assert np.isfinite(res.scores[last]).all() and np.isnan(np.delete(res.scores, last, axis=0)).all()
+    aie = ct.average_indirect_effect(model, tiny_tokenizer, [_record(0), _record(1, "Mira Quell")],
+                                     kind="mlp", window=2, progress=False)
+    assert aie.aie.shape == (4,) and aie.per_record.shape == (2, 4)
+    assert aie.peak_layer == int(np.argmax(aie.aie)) and aie.case_ids == [0, 1]
+
+
+# --------------------------------------------------------------------------- toxicity
+def test_toxicity_of_edit_and_exact_inverse_is_zero(tiny_model):
+    adapter = ModelAdapter(tiny_model)
+    layer = 1
+    original = adapter.out_weight(layer).clone()
+    d_w = torch.randn(adapter.d_model, adapter.d_mlp, generator=torch.Generator().manual_seed(0))
+    adapter.add_to_out_weight(layer, d_w)
+    assert toxicity.toxicity(adapter.out_weight(layer), original).abs().max() > 0.1
+    adapter.add_to_out_weight(layer, -d_w)
+    tox = toxicity.toxicity(adapter.out_weight(layer), original)
+    eps = torch.finfo(original.dtype).eps * float(original.abs().max() + d_w.abs().max())
+    assert tox.abs().max() <= eps
+
+
+def test_recorder_norms_and_snapshots(tiny_tokenizer):
+    model = make_tiny_model("gpt2", len(tiny_tokenizer))
+    adapter = ModelAdapter(model)
+    recorder = toxicity.ToxicityRecorder(model, tiny_tokenizer, [1, 2], records=[_record(7)],
+                                         snapshot_steps=(2,), size=8, keep_full=True)
+    d_w = torch.full((adapter.d_model, adapter.d_mlp), 0.01)
+    adapter.add_to_out_weight(1, d_w)
+    recorder(1, {"case_id": 7, "ES": 1.0})
+    adapter.add_to_out_weight(1, -d_w)
+    recorder(2, {"case_id": 7, "ES": 0.0})
+    rec = recorder.result()
+    assert rec.table["toxicity_1"].iloc[0] == pytest.approx(float(torch.linalg.norm(d_w)), rel=1e-4)
+    assert rec.table["toxicity_1"].iloc[1] < 1e-5 and (rec.table["toxicity_2"] == 0).all()
+    assert rec.table["norm"].tolist() == rec.table["norm_1"].tolist()
+    assert rec.table["rollback_success"].between(0, 1).all()
+    assert rec.snapshots[2][1].shape == (8, 8) and rec.full[2][1].shape == (adapter.d_model, adapter.d_mlp)
+    assert toxicity.downsample(np.ones((32, 128)), 64).shape == (32, 64)
+    assert list(toxicity.toxicity_snapshots(rec, 1)) == [2]
+    assert isinstance(flash.detect_flash(rec.table, original_norm=rec.original_norms[1]), pd.DataFrame)
+
+
+def test_recording_save_load(tmp_path):
+    rec = toxicity.ToxicityRecording(layers=[1], original_norms={1: 2.0},
+                                     table=pd.DataFrame({"step": [1], "norm": [2.5]}),
+                                     snapshots={1: {1: np.zeros((2, 2))}})
+    back = toxicity.ToxicityRecording.load(rec.save(tmp_path / "rec.pt"))
+    assert back.table.equals(rec.table) and back.original_norms == {1: 2.0} and back.snapshots[1][1].shape == (2, 2)
+
+
+def test_norm_trajectory_forward_fills(tmp_path):
+    name = "transformer.h.5.mlp.c_proj.weight"
+    steps = pd.DataFrame({"step": [1, 2, 3],
+                          "weight_norms_after_rollback": [{name: 11.0}, {}, {"transformer.h.4.mlp.c_proj.weight": 3.0,
+                                                                               name: 12.5}]})
+    traj = toxicity.norm_trajectory(steps, 5, original_norm=10.0)
+    assert traj["norm"].tolist() == [11.0, 11.0, 12.5]
+    assert traj["ratio"].iloc[-1] == pytest.approx(1.25)
+    steps.to_json(tmp_path / "steps.jsonl", orient="records", lines=True)
+    assert toxicity.norm_trajectory(tmp_path, 5)["norm"].tolist() == [11.0, 11.0, 12.5]
+
+
+def test_per_layer_flash_and_lifelong_toxicity_on_rome(tiny_tokenizer):
+    model = make_tiny_model("gpt2", len(tiny_tokenizer))
+    hp, cache = _rome_setup(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    table = toxicity.per_layer_flash(model, tiny_tokenizer, _record(0), hp, layers=[0, 2], cache=cache)
+    assert table["layer"].tolist() == [0, 2] and table["error"].isna().all()
+    assert np.isfinite(table[["norm_original", "norm_edited", "norm_rolled_back", "toxicity_norm"]]).all().all()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    run = toxicity.lifelong_rome_toxicity(model, tiny_tokenizer, [_record(0), _record(1, "Mira Quell")], hp,
+                                          snapshot_steps=(2,), size=16, cache=cache, progress=False)
+    assert run.layers == [1] and run.table["step"].tolist() == [1, 2]
+    assert (run.table["toxicity_norm"] > 0).all() and run.snapshots[2][1].shape == (16, 16)
+
+
+# --------------------------------------------------------------------------- flash detector
+def _steps_table(flash_step: int | None, fail_step: int | None) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    jumps = 0.01 + 0.002 * rng.standard_normal(20)
+    if flash_step is not None:
+        jumps[flash_step - 1] = 5.0
+    success = np.ones(20)
+    if fail_step is not None:
+        success[fail_step - 1] = 0.0
+    return pd.DataFrame({"step": np.arange(1, 21), "case_id": np.arange(100, 120),
+                         "norm": 10.0 + np.cumsum(jumps), "rollback_success": success})
+
+
+def test_flash_detector_flags_constructed_case():
+    flagged = flash.detect_flash(_steps_table(12, 12), original_norm=10.0)
+    assert flagged["case_id"].tolist() == [111]
+    assert "rollback success" in flagged["reason"].iloc[0]
+    table = _steps_table(12, 12).assign(edit_success=1.0)
+    assert flash.detect_flash(table, original_norm=10.0, min_edit_success=0.5)["case_id"].tolist() == [111]
+    table.loc[11, "edit_success"] = 0.0
+    assert flash.detect_flash(table, original_norm=10.0, min_edit_success=0.5).empty
+
+
+@pytest.mark.parametrize("flash_step,fail_step", [(None, None), (12, None), (None, 12), (12, 5)])
+def test_flash_detector_passes_normal_runs(flash_step, fail_step):
+    assert flash.detect_flash(_steps_table(flash_step, fail_step), original_norm=10.0).empty
+
+
+def test_flash_table_format():
+    records = [_record(3561, "Muslim", "Islam", "Christianity")]
+    records[0]["requested_rewrite"]["prompt"] = "{} follows the religion of"
+    table = flash.flash_table(records, pd.DataFrame({"case_id": [3561]}))
+    assert list(table.columns) == ["Record", "Content"]
+    assert table["Content"].iloc[0] == "Muslim follows the religion of [Islam] => [Christianity]."
+
+
+# --------------------------------------------------------------------------- strength
+def test_activation_strength_per_layer(tiny_model, tiny_tokenizer):
+    values = strength.activation_strength(tiny_model, tiny_tokenizer, _record(0))
+    assert values.index.tolist() == list(range(ModelAdapter(tiny_model).n_layers))
+    assert np.isfinite(values).all() and (values > 0).all()
+    with_prefix = strength.activation_strength(tiny_model, tiny_tokenizer, _record(0), [1],
+                                               prefixes=["", "Hello there. "])
+    assert len(with_prefix) == 1 and with_prefix.iloc[0] > 0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_delta_strength_per_layer(tiny_tokenizer, arch):
+    model = make_tiny_model(arch, len(tiny_tokenizer))
+    hp, cache = _rome_setup(model)
+    values = strength.delta_strength(model, tiny_tokenizer, _record(0), hp, cache=cache)
+    assert len(values) == 4 and np.isfinite(values).all() and (values > 0).all()
+
+
+# --------------------------------------------------------------------------- plots
+def _renders(fig) -> bool:
+    fig.savefig(io.BytesIO(), format="png")
+    return isinstance(fig, Figure)
+
+
+def test_plot_functions_return_figures(tiny_tokenizer):
+    model = make_tiny_model("gpt2", len(tiny_tokenizer))
+    traces = ct.trace_all_kinds(model, tiny_tokenizer, TEMPLATE, SUBJECT, n_samples=2, window=2)
+    aie = ct.average_indirect_effect(model, tiny_tokenizer, [_record(0)], kind="mlp", n_samples=2, progress=False)
+    traj = pd.DataFrame({"step": [1, 2, 3], "norm": [1.0, 1.5, 3.0], "original_norm": 1.0})
+    layer_table = pd.DataFrame({"layer": [0, 1], "norm_original": [1.0, 1.0], "norm_edited": [1.2, 9.0],
+                                "norm_rolled_back": [1.0, 2.0]})
+    metrics = pd.DataFrame([{"step": s, "editor": e, "seed": seed, **{m: 0.5 / s + 0.01 * seed
+                                                                      for m in plots.METRIC_ORDER}}
+                            for s in (1, 2, 4) for e in ("ROME", "WilKE") for seed in (0, 1)])
+    figures = [
+        plots.norm_trajectory_figure(traj, snapshot_steps=[2], logy=True),
+        plots.toxicity_heatmaps_figure({2: np.random.randn(8, 8), 4: np.random.randn(8, 8)}),
+        plots.layer_flash_figure({"case 1": layer_table, "case 2": layer_table}, predefined_layer=1,
+                                 show_rollback=True),
+        plots.causal_trace_figure(traces, title="trace"),
+        plots.aie_figure({"mlp": aie}),
+        plots.strength_figure({"a": [1e-3, 1.0]}, {"b": [1.0, 2.0]}, predefined_layer=1),
+        plots.lifelong_metrics_figure(metrics),
+        plots.ablation_figure(metrics.rename(columns={"editor": "variant"})),
+    ]
+    assert all(_renders(fig) for fig in figures)
+
+
+# --------------------------------------------------------------------------- chapter experiments (notebooks 05-09)
+from wilke_lib.analysis import chapters  # noqa: E402
+
+
+@pytest.fixture
+def results_in_tmp(tmp_path, monkeypatch):
+    """Point `chapters.results_dir` (via book.repo_root) at a temporary folder."""
+    import wilke_lib.book
+
+    monkeypatch.setattr(wilke_lib.book, "repo_root", lambda: tmp_path)
+    return tmp_path
+
+
+def _recording(norms: dict[int, list[float]], original: dict[int, float]) -> toxicity.ToxicityRecording:
+    steps = len(next(iter(norms.values())))
+    table = pd.DataFrame({"step": np.arange(1, steps + 1), "case_id": np.arange(100, 100 + steps)})
+    for layer, values in norms.items():
+        table[f"norm_{layer}"] = values
+        table[f"toxicity_{layer}"] = np.abs(np.asarray(values) - original[layer]) + 1e-3 * table["step"]
+    first = next(iter(norms))
+    table["norm"], table["toxicity_norm"] = table[f"norm_{first}"], table[f"toxicity_{first}"]
+    table["rollback_success"], table["edit_success"], table["failed"] = 1.0, 1.0, False
+    return toxicity.ToxicityRecording(layers=list(norms), original_norms=original, table=table)
+
+
+def test_snapshot_steps_and_cache_key():
+    assert chapters.snapshot_steps_for(20) == (2, 4, 8, 16, 20)
+    assert chapters.snapshot_steps_for(16) == (2, 4, 8, 16) and chapters.snapshot_steps_for(1) == (1,)
+    assert chapters.cache_key({"a": 1}, [1, 2]) == chapters.cache_key({"a": 1}, [1, 2])
+    assert chapters.cache_key({"a": 1}) != chapters.cache_key({"a": 2})
+    assert ct.default_window(48) == 10 and ct.default_window(28) == 10 and ct.default_window(12) == 3
+
+
+def test_toxicity_summary_and_verdicts():
+    staircase = [10.0 + 0.01 * s + (5.0 if s >= 10 else 0.0) for s in range(1, 21)]
+    rec = _recording({3: staircase}, {3: 10.0})
+    summary = chapters.toxicity_summary(rec)
+    assert summary["steps"] == 20 and summary["top_share"] > 0.5 and summary["buildup_rho"] > 0.8
+    assert summary["final_ratio"] == pytest.approx(staircase[-1] / 10.0)
+    smooth = chapters.toxicity_summary(_recording({3: [10.0 + 0.01 * s for s in range(1, 20)]}, {3: 10.0}))
+    table = chapters.toxicity_verdicts(summary, smooth, n_flash=1)
+    assert list(table.columns) == ["phenomenon", "paper", "this model", "observed"]
+    assert table["observed"].tolist() == ["yes", "yes", "yes", "no", "yes"]
+    sentence = chapters.verdict_sentence(table, "The model")
+    assert sentence.startswith("The model shows *toxicity buildup*") and "does not show" in sentence
+    assert len(chapters.toxicity_verdicts(summary, None, n_flash=0)) == 4
+
+
+def test_memit_verdicts_and_sentence():
+    rec = _recording({0: [10.0 + 0.01 * s for s in range(1, 21)],
+                      1: [10.0 + 0.01 * s + (3.0 if s >= 5 else 0.0) for s in range(1, 21)]}, {0: 10.0, 1: 10.0})
+    table = chapters.memit_verdicts(rec)
+    spikes = table.filter(like="steps with a jump").iloc[:, 0].tolist()
+    assert table["layer"].tolist() == [0, 1] and spikes == [0, 1]
+    text = chapters.memit_sentence(table, 2.5, "toy")
+    assert "2 of MEMIT's 2 layers" in text and "layer(s) 1" in text and "2.5" in text
+    assert _renders(plots.recording_norms_figure(rec, flash_steps=[5]))
+    assert _renders(plots.recording_norms_figure(rec, layers=[1]))
+
+
+def test_per_layer_strength_and_tracing_verdicts():
+    rows = []
+    for group, case, peak in (("flash", 1, 30.0), ("flash", 2, 25.0), ("normal", 3, 1.01), ("normal", 4, 1.02)):
+        for layer in range(4):
+            ratio = peak if (layer == 2 and group == "flash") else 1.0 + 0.001 * layer
+            rows.append({"group": group, "case_id": case, "layer": layer, "norm_original": 1.0,
+                         "norm_edited": ratio, "ratio": ratio, "error": None,
+                         "activation_strength": 1e-3 if (layer == 2 and group == "flash") else 1.0 + layer,
+                         "delta_strength": 2.0 + 0.1 * layer})
+    table = pd.DataFrame(rows)
+    summary = chapters.per_layer_summary(table, 2)
+    assert summary.loc[summary.case_id == 1, "layer_of_max"].item() == 2
+    assert chapters.per_layer_verdicts(summary, 2)["observed"].tolist() == ["yes", "yes", "yes"]
+    assert chapters.strength_verdicts(table, 2)["observed"].tolist() == ["yes", "yes", "yes"]
+    assert set(chapters.by_case(table, "flash", "activation_strength")) == {1, 2}
+    assert list(chapters.per_layer_panels(table, {"flash": "F"}))[0] == "F: case 1"
+    peaks = {"flash": pd.Series([0, 1, 0]), "normal": pd.Series([3, 5, 8, 10])}
+    assert chapters.tracing_verdicts(peaks, 12, 6)["observed"].tolist() == ["yes", "yes", "yes"]
+    assert chapters.tracing_verdicts({"flash": pd.Series([0])}, 12, 6)["observed"].tolist() == ["n/a"]
+
+
+def test_recorded_run_flash_analysis_and_groups(tiny_tokenizer, results_in_tmp, monkeypatch):
+    model = make_tiny_model("gpt2", len(tiny_tokenizer))
+    hp, cache = _rome_setup(model)
+    recs = [_record(i, s) for i, s in enumerate(["Valo Durn", "Mira Quell", "Tobin Ash", "Sela Varn"])]
+    monkeypatch.setattr(chapters, "known_records_cached", lambda *args, **kwargs: list(recs))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run = chapters.flash_analysis(model, tiny_tokenizer, recs, "tiny", hp, n_steps=3, seed=0, cache=cache,
+                                  progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert len(run.sequence) == 3 and run.recording.table["step"].tolist() == [1, 2, 3]
+    assert (results_in_tmp / "results" / "tiny" / "flash_records.json").exists()
+    flash_ids = {r["case_id"] for r in run.flash_records}
+    assert not flash_ids & {r["case_id"] for r in run.normal_records}
+    assert list(run.table().columns) == ["Record", "Content"]
+    again = chapters.recorded_run(model, tiny_tokenizer, run.sequence, hp, model_name="tiny", name="rome_lifelong",
+                                  compute=False)
+    assert again is not None and again.table.equals(run.recording.table)
+    assert chapters.recorded_run(model, tiny_tokenizer, run.sequence[:1], hp, model_name="tiny", name="x",
+                                 compute=False) is None
+    groups = chapters.contrast_groups(model, tiny_tokenizer, recs, "tiny", hp, n_steps=3, seed=0, n_flash=1,
+                                      n_normal=2, cache=cache, progress=False)
+    assert len(groups.flash) == 1 and groups.analysis is not None
+    assert groups.flash_label == ("flash (detected)" if flash_ids else "largest norm jumps (no flash detected)")
+    assert list(groups.table().columns) == ["group", "Record", "Content"]
+    free = chapters.flash_free_run(model, tiny_tokenizer, run, hp, model_name="tiny", cache=cache, progress=False)
+    assert len(free.table) == 3 - len(flash_ids)
+
+
+def test_per_layer_norms_and_strength_tables_are_cached(tiny_tokenizer, results_in_tmp):
+    model = make_tiny_model("gpt2", len(tiny_tokenizer))
+    hp, cache = _rome_setup(model)
+    groups = {"flash": [_record(1)], "normal": [_record(2, "Mira Quell"), _record(3, "Tobin Ash")]}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    norms = chapters.per_layer_norms(model, tiny_tokenizer, groups, hp, model_name="tiny", layers=[0, 2],
+                                     cache=cache, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert len(norms) == 6 and (norms["ratio"] > 0).all()
+    assert len(list((results_in_tmp / "results" / "tiny" / "flash_per_layer").glob("*.pkl"))) == 1
+    table = chapters.strength_tables(model, tiny_tokenizer, groups, hp, model_name="tiny", n_delta=1, cache=cache,
+                                     progress=False)
+    assert len(table) == 3 * 4 and table["activation_strength"].gt(0).all()
+    assert table["delta_strength"].notna().sum() == 2 * 4  # first record of each group
+    again = chapters.strength_tables(model, tiny_tokenizer, groups, hp, model_name="tiny", n_delta=1, progress=False)
+    assert again.equals(table)
+
+
+def test_choose_rome_layer(tiny_tokenizer):
+    model = make_tiny_model("gpt2", len(tiny_tokenizer))
+    aie = ct.average_indirect_effect(model, tiny_tokenizer, [_record(0)], kind="mlp", window=3, n_samples=2,
+                                     progress=False)
+    assert ct.choose_rome_layer(model, tiny_tokenizer, [_record(0)], aie=aie) == aie.peak_layer
+    layer = ct.choose_rome_layer(model, tiny_tokenizer, [_record(0)], n_samples=2)
+    assert 0 <= layer < ModelAdapter(model).n_layers
+    with pytest.raises(ValueError):
+        ct.choose_rome_layer(model, tiny_tokenizer, [_record(0)],
+                             aie=ct.average_indirect_effect(model, tiny_tokenizer, [_record(0)], kind="attn",
+                                                            n_samples=2, progress=False))

@@ -1,0 +1,52 @@
+"""The analysis chapters (notebooks 05-09) run end to end on toy-gpt2 with the quick profile.
+
+Each notebook is executed with papermill into a temporary folder; results go to a temporary
+``WILKE_RESULTS_DIR`` so that the book's cached runs under ``results/`` are neither read nor
+written. Skipped when the organism has not been trained (``make organisms``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "toy-gpt2"
+NOTEBOOKS = ["05_toxicity.ipynb", "06_flash_per_layer.ipynb", "07_causal_tracing.ipynb",
+             "08_pattern_unmatch.ipynb", "09_memit_toxicity.ipynb"]
+
+
+def _kernel() -> str:
+    """The runner's kernel (this interpreter), installed once into the venv."""
+    spec = importlib.util.spec_from_file_location("run_notebooks", ROOT / "scripts" / "run_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ensure_kernel()
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory) -> Path:
+    """One results folder for the module, so that 06-09 read notebook 05's run as in the book."""
+    return tmp_path_factory.mktemp("results")
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS)
+def test_analysis_notebook_runs_quick(notebook, tmp_path, results_dir, monkeypatch):
+    organism = ROOT / "organisms" / MODEL
+    if not ((organism / "model.safetensors").is_file() and (organism / "config.json").is_file()):
+        pytest.skip(f"organism {MODEL} not trained yet (no {organism}/model.safetensors): run `make organisms`")
+    pm = pytest.importorskip("papermill")
+    pytest.importorskip("ipykernel")
+    monkeypatch.setenv("WILKE_RESULTS_DIR", str(results_dir))
+    out = tmp_path / notebook
+    pm.execute_notebook(str(ROOT / "notebooks" / notebook), str(out), kernel_name=_kernel(), language="python",
+                        parameters={"model_name": MODEL, "profile": "quick"}, cwd=str(ROOT), progress_bar=False)
+    import nbformat
+
+    executed = nbformat.read(out, as_version=4)
+    errors = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert not errors, errors
+    assert (results_dir / MODEL).is_dir()

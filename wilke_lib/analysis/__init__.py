@@ -1,0 +1,1 @@
+"""Analyses: toxicity, flash detection, causal tracing, activation and delta strength."""

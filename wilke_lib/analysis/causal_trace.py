@@ -1,0 +1,383 @@
+"""Causal tracing (causal mediation analysis) of factual recall.
+
+Meng et al. 2022a (ROME), Sec. 2.1 and Fig. 1: the subject's token embeddings
+are corrupted with Gaussian noise (std = 3 x the std of embedding vectors), which
+usually destroys the model's recall of the object; then the *clean* value of a
+single internal state (token t, layer l) is restored in the corrupted run, and
+the recovered probability of the clean answer measures that state's indirect
+effect. Three kinds of state are traced: the block output ("hidden"), the MLP
+output and the attention output; for MLP / attention a window of `window`
+neighbouring layers centred on l is restored together (ROME uses 10).
+
+The WilKE paper (Hu et al. 2024, Appendix A, Fig. 10-25) uses this analysis to
+show that records causing toxicity flash are recalled from the MLPs of the first
+layers, away from ROME's predefined editing layer (Sec. 4.3).
+
+Implementation notes: one forward pass holds the clean run in row 0 and, for
+each restore set, `n_samples` corrupted copies (the same noise for every set,
+as in ROME, where the noise generator is re-seeded for each patched run);
+restoration copies row 0's state into those rows through forward hooks placed
+with `ModelAdapter` on the block / `mlp` / `attn` modules (tuple outputs are
+patched on element 0). Restore sets are batched, `max_batch` rows per pass.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from wilke_lib.arch import ModelAdapter
+
+KINDS = ("hidden", "mlp", "attn")
+
+State = tuple[int, int]  # (token position, layer)
+
+_EMBED_STD: "weakref.WeakKeyDictionary[nn.Module, float]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class TraceResult:
+    """Outcome of one causal trace (one prompt, one kind of state).
+
+    scores[t, l] is the probability of the target when state (t, l) (or its
+    window, for "mlp" / "attn") is restored in the corrupted run; `low_score`
+    is the fully corrupted probability, `high_score` the clean one.
+    """
+
+    scores: np.ndarray
+    low_score: float
+    high_score: float
+    tokens: list[str]
+    subject_range: tuple[int, int]
+    kind: str
+    target: str
+    target_id: int
+    prompt: str
+    subject: str
+    window: int
+    noise_std: float
+    token_positions: list[int] = field(default_factory=list)
+
+    @property
+    def indirect_effect(self) -> np.ndarray:
+        """scores - low_score (ROME's indirect effect of each state)."""
+        return self.scores - self.low_score
+
+
+@dataclass
+class AIEResult:
+    """Average indirect effect per layer at the last subject token (Meng et al. 2022a, Fig. 2)."""
+
+    kind: str
+    aie: np.ndarray            # [n_layers], mean over records of score - low_score
+    per_record: np.ndarray     # [n_records, n_layers]
+    low_scores: np.ndarray     # [n_records]
+    high_scores: np.ndarray    # [n_records]
+    case_ids: list
+    peak_layer: int
+
+
+# ---------------------------------------------------------------------------
+# tokens
+
+
+def _full_prompt(prompt: str, subject: str) -> str:
+    """A CounterFact template ("... {} ...") filled with the subject, or the prompt as is."""
+    return prompt.replace("{}", subject, 1) if "{}" in prompt else prompt
+
+
+def _subject_char_span(prompt: str, subject: str) -> tuple[int, int]:
+    """Character span of the subject in the filled prompt."""
+    start = prompt.index("{}") if "{}" in prompt else prompt.find(subject)
+    if start < 0:
+        raise ValueError(f"subject {subject!r} not found in prompt {prompt!r}")
+    return start, start + len(subject)
+
+
+def subject_token_range(tok, prompt: str, subject: str) -> tuple[list[int], tuple[int, int]]:
+    """Token ids of the filled prompt and the half-open token range [b, e) of the subject.
+
+    Uses the fast tokenizer's offset mapping (tokens overlapping the subject's
+    characters); falls back to ROME's decode-prefix search for slow tokenizers.
+    """
+    text = _full_prompt(prompt, subject)
+    cs, ce = _subject_char_span(prompt, subject)
+    if getattr(tok, "is_fast", False):
+        enc = tok(text, return_offsets_mapping=True)
+        span = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if e > s and s < ce and e > cs]
+        if span:
+            return list(enc["input_ids"]), (span[0], span[-1] + 1)
+    ids = list(tok(text)["input_ids"])
+    return ids, _decode_search(tok, ids, subject)
+
+
+def _decode_search(tok, ids: Sequence[int], subject: str) -> tuple[int, int]:
+    """ROME's `find_token_range`: locate the subject by decoding growing token prefixes."""
+    pieces = [tok.decode([i]) for i in ids]
+    whole = "".join(pieces)
+    loc = whole.index(subject)
+    b = e = None
+    pos = 0
+    for i, piece in enumerate(pieces):
+        pos += len(piece)
+        if b is None and pos > loc:
+            b = i
+        if e is None and pos >= loc + len(subject):
+            e = i + 1
+            break
+    return b, e
+
+
+def _target_token(tok, target) -> int:
+    """First token of " " + target (CounterFact convention; `target` may be a dict with "str")."""
+    text = target["str"] if isinstance(target, dict) else str(target)
+    ids = tok(" " + text.lstrip(), add_special_tokens=False)["input_ids"]
+    return int(ids[0])
+
+
+# ---------------------------------------------------------------------------
+# noise
+
+
+def embedding_std(model: nn.Module) -> float:
+    """Std of the model's token-embedding entries over the whole vocabulary (estimated once per model)."""
+    if model not in _EMBED_STD:
+        weight = ModelAdapter(model).embed.weight.detach()
+        _EMBED_STD[model] = float(weight.float().std())
+    return _EMBED_STD[model]
+
+
+def _make_noise(n_samples: int, n_tokens: int, d_model: int, std: float, seed: int) -> torch.Tensor:
+    """Gaussian noise [n_samples, n_tokens, d_model], reproducible on any device (drawn on CPU)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n_samples, n_tokens, d_model, generator=gen) * std
+
+
+# ---------------------------------------------------------------------------
+# patched forward
+
+
+def _module_of(adapter: ModelAdapter, kind: str, layer: int) -> nn.Module:
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+    return {"hidden": adapter.layer, "mlp": adapter.mlp, "attn": adapter.attn}[kind](layer)
+
+
+def _map_first(output, fn):
+    """Apply fn to a module output, or to element 0 of a tuple output (attention, blocks)."""
+    if isinstance(output, tuple):
+        return (fn(output[0]),) + tuple(output[1:])
+    return fn(output)
+
+
+def _restore_hook(entries: list[tuple[int, int]], n_samples: int):
+    """Forward hook copying row 0's state at token t into the rows of restore set g."""
+    rows = [1 + g * n_samples + i for g, _ in entries for i in range(n_samples)]
+    cols = [t for _, t in entries for _ in range(n_samples)]
+
+    def patch(h: torch.Tensor) -> torch.Tensor:
+        r = torch.tensor(rows, device=h.device)
+        c = torch.tensor(cols, device=h.device)
+        h = h.clone()
+        h[r, c] = h[0, c]
+        return h
+
+    return lambda module, args, output: _map_first(output, patch)
+
+
+def _corrupt_hook(noise: torch.Tensor, subject_range: tuple[int, int], n_groups: int):
+    """Forward hook on the token embedding adding the noise to the subject tokens of rows 1:."""
+    b, e = subject_range
+
+    def corrupt(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        x[1:, b:e] += noise.to(device=x.device, dtype=x.dtype).repeat(n_groups, 1, 1)
+        return x
+
+    return lambda module, args, output: _map_first(output, corrupt)
+
+
+@torch.no_grad()
+def patched_probs(model: nn.Module, input_ids: torch.Tensor, subject_range: tuple[int, int],
+                  noise: torch.Tensor, restore_sets: Sequence[Iterable[State]], kind: str,
+                  target_id: int) -> tuple[float, np.ndarray]:
+    """(clean probability, corrupted-with-restoration probability per restore set).
+
+    One forward pass: row 0 is clean; restore set g gets the `noise.shape[0]`
+    rows 1 + g*n ... with the subject embeddings corrupted and the clean value
+    of each (token, layer) state of the set restored. An empty set gives the
+    fully corrupted probability (ROME's low score). Probabilities are those of
+    `target_id` at the last position, averaged over the noise samples.
+    """
+    adapter = ModelAdapter(model)
+    n, n_groups = noise.shape[0], len(restore_sets)
+    by_layer: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for g, states in enumerate(restore_sets):
+        for t, layer in states:
+            by_layer[layer].append((g, t))
+    handles = [adapter.embed.register_forward_hook(_corrupt_hook(noise, subject_range, n_groups))]
+    try:
+        for layer, entries in by_layer.items():
+            module = _module_of(adapter, kind, layer)
+            handles.append(module.register_forward_hook(_restore_hook(entries, n)))
+        batch = input_ids.reshape(1, -1).repeat(1 + n_groups * n, 1)
+        logits = model(input_ids=batch, use_cache=False).logits[:, -1].float()
+    finally:
+        for handle in handles:
+            handle.remove()
+    probs = torch.softmax(logits, dim=-1)[:, target_id]
+    return float(probs[0]), probs[1:].reshape(n_groups, n).mean(1).cpu().numpy()
+
+
+def window_layers(layer: int, n_layers: int, kind: str, window: int) -> list[int]:
+    """Layers restored together for state (t, layer): ROME's window centred on `layer`, clipped.
+
+    "hidden" restores a single layer; "mlp" / "attn" restore
+    range(max(0, l - window // 2), min(n_layers, l - (-window // 2))).
+    """
+    if kind == "hidden" or window <= 1:
+        return [layer]
+    return list(range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2))))
+
+
+# ---------------------------------------------------------------------------
+# public API
+
+
+@dataclass
+class _Prepared:
+    input_ids: torch.Tensor
+    subject_range: tuple[int, int]
+    noise: torch.Tensor
+    target_id: int
+    high_score: float
+    low_score: float
+    noise_std: float
+
+
+def _prepare(model, tok, prompt, subject, target, noise_multiplier, n_samples, seed, noise_std):
+    """Tokenise, pick the target (clean greedy first token unless given) and measure low / high scores."""
+    device = next(model.parameters()).device
+    ids, subject_range = subject_token_range(tok, prompt, subject)
+    input_ids = torch.tensor(ids, device=device)
+    if target is None:
+        with torch.no_grad():
+            logits = model(input_ids=input_ids[None], use_cache=False).logits[0, -1]
+        target_id = int(logits.argmax())
+    else:
+        target_id = _target_token(tok, target)
+    std = noise_multiplier * embedding_std(model) if noise_std is None else float(noise_std)
+    d_model = ModelAdapter(model).embed.weight.shape[1]
+    noise = _make_noise(n_samples, subject_range[1] - subject_range[0], d_model, std, seed)
+    high, low = patched_probs(model, input_ids, subject_range, noise, [[]], "hidden", target_id)
+    return _Prepared(input_ids, subject_range, noise, target_id, high, float(low[0]), std)
+
+
+def trace(model: nn.Module, tok, prompt: str, subject: str, target=None, *, kind: str = "hidden",
+          noise_multiplier: float = 3.0, n_samples: int = 10, window: int = 10, seed: int = 1,
+          token_positions: Sequence[int] | str | None = None, noise_std: float | None = None,
+          max_batch: int = 128, progress: bool = False) -> TraceResult:
+    """Causal trace of `prompt` (a CounterFact template with "{}" or a filled prompt) for `subject`.
+
+    Meng et al. 2022a, Sec. 2.1 / Fig. 1; WilKE paper Appendix A (Fig. 10-25).
+    The noise std is `noise_multiplier` x `embedding_std(model)` unless
+    `noise_std` is given. `target` (string or CounterFact target dict) defaults
+    to the clean greedy first token. `token_positions` restricts the traced
+    tokens (default all; "last_subject" = the subject's last token); rows of
+    untraced tokens are NaN. Returns a `TraceResult` with scores [n_tokens, n_layers].
+    """
+    adapter = ModelAdapter(model)
+    prep = _prepare(model, tok, prompt, subject, target, noise_multiplier, n_samples, seed, noise_std)
+    n_tokens = prep.input_ids.shape[0]
+    if token_positions == "last_subject":
+        token_positions = [prep.subject_range[1] - 1]
+    positions = list(range(n_tokens)) if token_positions is None else [int(t) for t in token_positions]
+    jobs = [(t, l) for t in positions for l in range(adapter.n_layers)]
+    sets = [[(t, w) for w in window_layers(l, adapter.n_layers, kind, window)] for t, l in jobs]
+    per_pass = max(1, (max_batch - 1) // n_samples)
+    values: list[float] = []
+    chunks = range(0, len(sets), per_pass)
+    for start in tqdm(chunks, desc=f"trace {kind}", disable=not progress, leave=False):
+        _, probs = patched_probs(model, prep.input_ids, prep.subject_range, prep.noise,
+                                 sets[start:start + per_pass], kind, prep.target_id)
+        values.extend(probs.tolist())
+    scores = np.full((n_tokens, adapter.n_layers), np.nan)
+    for (t, l), value in zip(jobs, values):
+        scores[t, l] = value
+    return TraceResult(
+        scores=scores, low_score=prep.low_score, high_score=prep.high_score,
+        tokens=[tok.decode([i]) for i in prep.input_ids.tolist()], subject_range=prep.subject_range,
+        kind=kind, target=tok.decode([prep.target_id]), target_id=prep.target_id,
+        prompt=_full_prompt(prompt, subject), subject=subject, window=1 if kind == "hidden" else window,
+        noise_std=prep.noise_std, token_positions=positions,
+    )
+
+
+def trace_all_kinds(model: nn.Module, tok, prompt: str, subject: str, target=None,
+                    kinds: Sequence[str] = KINDS, **kwargs) -> dict[str, TraceResult]:
+    """`trace` for each kind ("hidden", "mlp", "attn"): the three panels of Meng et al. 2022a Fig. 1."""
+    return {kind: trace(model, tok, prompt, subject, target, kind=kind, **kwargs) for kind in kinds}
+
+
+def _request_of(record: dict) -> dict:
+    """The CounterFact `requested_rewrite` of a record (or the record itself if it is a request)."""
+    return record.get("requested_rewrite", record)
+
+
+def average_indirect_effect(model: nn.Module, tok, records: Sequence[dict], kind: str = "mlp", *,
+                            use_target_true: bool = False, progress: bool = True,
+                            **trace_kwargs) -> AIEResult:
+    """Average indirect effect (AIE) per layer at the last subject token over `records`.
+
+    Meng et al. 2022a, Fig. 2 (AIE of hidden / MLP / attention states at the
+    last subject token). For each record the rewrite prompt is traced at the
+    subject's last token only; AIE[l] = mean over records of score[l] - low_score.
+    The target is the clean greedy answer unless `use_target_true`.
+    Returns an `AIEResult` with the peak layer argmax_l AIE[l].
+    """
+    rows, lows, highs, ids = [], [], [], []
+    for record in tqdm(records, desc=f"AIE {kind}", disable=not progress):
+        req = _request_of(record)
+        target = req["target_true"] if use_target_true else None
+        res = trace(model, tok, req["prompt"], req["subject"], target, kind=kind,
+                    token_positions="last_subject", **trace_kwargs)
+        rows.append(res.scores[res.subject_range[1] - 1] - res.low_score)
+        lows.append(res.low_score)
+        highs.append(res.high_score)
+        ids.append(record.get("case_id"))
+    per_record = np.stack(rows)
+    aie = per_record.mean(0)
+    return AIEResult(kind=kind, aie=aie, per_record=per_record, low_scores=np.array(lows),
+                     high_scores=np.array(highs), case_ids=ids, peak_layer=int(np.argmax(aie)))
+
+
+def default_window(n_layers: int) -> int:
+    """Window of restored MLP / attention layers: ROME's 10 for models of 24 layers or more
+    (GPT2-XL: 48, GPT-J: 28), else an odd window of about a fifth of the depth (12 layers -> 3),
+    so that the MLP curve of a small model is not flattened over almost all of its layers."""
+    return 10 if n_layers >= 24 else max(1, (n_layers // 5) | 1)
+
+
+def choose_rome_layer(model: nn.Module, tok, records: Sequence[dict], *, kind: str = "mlp",
+                      window: int | None = None, n_samples: int = 10, noise_multiplier: float = 3.0,
+                      seed: int = 1, progress: bool = False, aie: AIEResult | None = None) -> int:
+    """ROME's editing layer: the peak of the average indirect effect of the MLP states at the last
+    subject token over `records` (Meng et al. 2022a, Sec. 2.3: GPT2-XL's layer 17 is the centre
+    of the MLP effect; Hu et al. 2024 Sec. 4.3 call it the predefined layer).
+
+    `window` defaults to `default_window(n_layers)`; a precomputed `aie` of that kind is reused.
+    """
+    if aie is None:
+        window = default_window(ModelAdapter(model).n_layers) if window is None else window
+        aie = average_indirect_effect(model, tok, records, kind=kind, window=window, n_samples=n_samples,
+                                      noise_multiplier=noise_multiplier, seed=seed, progress=progress)
+    elif aie.kind != kind:
+        raise ValueError(f"choose_rome_layer: the given AIE is of kind {aie.kind!r}, not {kind!r}")
+    return int(aie.peak_layer)

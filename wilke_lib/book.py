@@ -1,0 +1,91 @@
+"""Helpers for the book's notebooks: provenance cell, figure export, the paper's Table 1."""
+from __future__ import annotations
+
+import platform
+import subprocess
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+__all__ = ["repo_root", "git_commit", "versions", "provenance", "show_provenance", "save_figure", "paper_table1",
+           "model_slug"]
+
+
+def repo_root() -> Path:
+    """The repository root: the parent of the package folder when it holds pyproject.toml, else cwd."""
+    candidate = Path(__file__).resolve().parents[1]
+    if (candidate / "pyproject.toml").exists() or (candidate / ".git").exists():
+        return candidate
+    return Path.cwd()
+
+
+def model_slug(model_name: str) -> str:
+    """Folder name for a model: last path component (``EleutherAI/gpt-j-6b`` -> ``gpt-j-6b``)."""
+    return Path(str(model_name).rstrip("/")).name or str(model_name)
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo_root(), capture_output=True, text=True,
+                          timeout=10, check=True).stdout.strip()
+
+
+def git_commit() -> str:
+    """Short commit hash of the repository, with " (dirty)" if tracked files changed; "unknown" without git."""
+    try:
+        commit = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit} (dirty)" if dirty else commit
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def versions() -> dict[str, str]:
+    """Versions of python, torch, transformers and wilke_lib."""
+    return {"python": platform.python_version(), "torch": _version("torch"),
+            "transformers": _version("transformers"), "wilke_lib": _version("wilke_lib")}
+
+
+def _cell(value) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def provenance(parameters: dict) -> dict:
+    """The page's parameters, git commit, date (UTC) and versions as an ordered dict."""
+    info = {f"parameter `{k}`": v for k, v in parameters.items()}
+    info.update({"git commit": git_commit(),
+                 "date (UTC)": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")})
+    info.update(versions())
+    return info
+
+
+def show_provenance(parameters: dict) -> None:
+    """Display (Markdown table) the page's papermill parameters, git commit, date and versions."""
+    info = provenance(parameters)
+    table = "| item | value |\n|---|---|\n" + "\n".join(f"| {_cell(k)} | {_cell(v)} |" for k, v in info.items())
+    try:
+        from IPython.display import Markdown, display
+        display(Markdown("**Provenance of this page**\n\n" + table))
+    except ImportError:
+        print(table)
+
+
+def save_figure(fig, model_name: str, name: str) -> Path:
+    """Save ``fig`` as ``<repo>/figures/<model>/<name>.png`` (dpi 150) and return the path."""
+    path = repo_root() / "figures" / model_slug(model_name) / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    return path
+
+
+def paper_table1():
+    """Table 1 of Hu et al. (2024) as reported (%, 95% CI in ``*_ci``), as a pandas DataFrame."""
+    import pandas as pd
+
+    return pd.read_csv(Path(__file__).parent / "data" / "table1_reported.csv")

@@ -1,0 +1,162 @@
+"""CounterFact records: loading, validation, and the paper's known-fact filter.
+
+A record follows the CounterFact schema (Meng et al. 2022):
+`case_id`, `requested_rewrite` {prompt with one "{}" for the subject, subject,
+relation_id, target_new {str, id}, target_true {str, id}}, `paraphrase_prompts`,
+`neighborhood_prompts`, and optionally `attribute_prompts`, `generation_prompts`.
+Malformed input fails early with a `RecordError` that says where and what.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from wilke_lib.generation import greedy_matches
+
+TOY_WORLD = "toy-world"
+
+_REQUIRED_PROMPT_LISTS = ("paraphrase_prompts", "neighborhood_prompts")
+_OPTIONAL_PROMPT_LISTS = ("attribute_prompts", "generation_prompts")
+
+
+class RecordError(ValueError):
+    """A CounterFact record does not follow the schema."""
+
+
+def _fail(source: str | None, index: int | None, record: Any, field: str, problem: str) -> RecordError:
+    """Build a RecordError naming the file, the record index, its case_id if known, and the field."""
+    where = [f"in {source}"] if source else []
+    if index is not None:
+        where.append(f"record #{index}")
+    case_id = record.get("case_id") if isinstance(record, dict) else None
+    if case_id is not None:
+        where.append(f"(case_id {case_id!r})")
+    prefix = " ".join(where)
+    return RecordError(f"{prefix + ': ' if prefix else ''}field `{field}` {problem}")
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def validate_record(rec: Any, index: int | None = None, source: str | None = None) -> dict:
+    """Check one record against the CounterFact schema and return it unchanged.
+
+    `index` (position in the file) and `source` (file name) only serve the error
+    message. Raises RecordError naming the field path, e.g.
+    `requested_rewrite.target_new.str`, and what is wrong with it.
+    """
+    def fail(field: str, problem: str) -> RecordError:
+        return _fail(source, index, rec, field, problem)
+
+    def require(container: dict, key: str, path: str, kind: type | tuple[type, ...], kind_name: str) -> Any:
+        if key not in container:
+            raise fail(path, "is missing")
+        value = container[key]
+        # bool is an int subclass; a True case_id is a bug, not an id.
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise fail(path, f"must be {kind_name}, got {_type_name(value)}")
+        return value
+
+    if not isinstance(rec, dict):
+        raise fail("<record>", f"must be a JSON object, got {_type_name(rec)}")
+    require(rec, "case_id", "case_id", int, "an int")
+    rewrite = require(rec, "requested_rewrite", "requested_rewrite", dict, "an object")
+
+    prompt = require(rewrite, "prompt", "requested_rewrite.prompt", str, "a string")
+    if prompt.count("{}") != 1:
+        raise fail("requested_rewrite.prompt", f'must contain exactly one "{{}}" for the subject, got {prompt!r}')
+    if prompt.replace("{}", "").count("{") or prompt.replace("{}", "").count("}"):
+        raise fail("requested_rewrite.prompt", f"has stray braces besides the one \"{{}}\": {prompt!r}")
+    subject = require(rewrite, "subject", "requested_rewrite.subject", str, "a string")
+    if not subject.strip():
+        raise fail("requested_rewrite.subject", "must be a non-empty string")
+    require(rewrite, "relation_id", "requested_rewrite.relation_id", str, "a string")
+
+    target_strs = {}
+    for which in ("target_new", "target_true"):
+        path = f"requested_rewrite.{which}"
+        target = require(rewrite, which, path, dict, "an object")
+        text = require(target, "str", f"{path}.str", str, "a string")
+        if not text.strip():
+            raise fail(f"{path}.str", "must be a non-empty string")
+        require(target, "id", f"{path}.id", (str, int), "a string or int")
+        target_strs[which] = text
+    if target_strs["target_new"] == target_strs["target_true"]:
+        raise fail("requested_rewrite.target_new.str",
+                   f"must differ from requested_rewrite.target_true.str (both {target_strs['target_new']!r})")
+
+    for key in _REQUIRED_PROMPT_LISTS + _OPTIONAL_PROMPT_LISTS:
+        if key not in rec and key in _OPTIONAL_PROMPT_LISTS:
+            continue
+        prompts = require(rec, key, key, list, "a list of strings")
+        for position, item in enumerate(prompts):
+            if not isinstance(item, str):
+                raise fail(f"{key}[{position}]", f"must be a string, got {_type_name(item)}")
+    return rec
+
+
+def validate_records(records: Any, source: str | None = None) -> list[dict]:
+    """Validate a whole list of records; case_ids must be unique."""
+    if not isinstance(records, list):
+        raise RecordError(f"{source or 'records'}: expected a JSON list of records, got {_type_name(records)}")
+    seen: dict[int, int] = {}
+    for index, rec in enumerate(records):
+        validate_record(rec, index, source)
+        if rec["case_id"] in seen:
+            raise _fail(source, index, rec, "case_id",
+                        f"duplicates the case_id of record #{seen[rec['case_id']]}")
+        seen[rec["case_id"]] = index
+    return records
+
+
+def load_counterfact(source: str | Path) -> list[dict]:
+    """Load and validate CounterFact records.
+
+    `source` is a path to a CounterFact JSON file (a list of records) or
+    "toy-world", the synthetic world's records (`wilke_lib.world.counterfact_records()`).
+    """
+    if str(source) == TOY_WORLD:
+        # Imported lazily: the world module is heavier and only needed for the toy setting.
+        from wilke_lib import world
+
+        return validate_records(world.counterfact_records(), TOY_WORLD)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"CounterFact file not found: {path} (or pass {TOY_WORLD!r} for the synthetic world)")
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise RecordError(f"{path}: not valid JSON ({err})") from err
+    return validate_records(records, str(path))
+
+
+def rewrite_prompt(record: dict) -> str:
+    """The rewrite prompt with the subject filled in."""
+    rewrite = record["requested_rewrite"]
+    return rewrite["prompt"].format(rewrite["subject"])
+
+
+def known_records(model: nn.Module, tok: PreTrainedTokenizerBase, records: Sequence[dict],
+                  batch_size: int = 64) -> list[dict]:
+    """The paper's known-fact filter: records whose rewrite prompt greedily yields all of target_true."""
+    prompts = [rewrite_prompt(rec) for rec in records]
+    targets = [rec["requested_rewrite"]["target_true"]["str"] for rec in records]
+    matches = greedy_matches(model, tok, prompts, targets, batch_size=batch_size)
+    return [rec for rec, known in zip(records, matches) if known]
+
+
+def records_by_case_id(records: Iterable[dict], ids: Iterable[int]) -> list[dict]:
+    """The records with the given case_ids, in the order of `ids`; KeyError names any missing id."""
+    by_id = {rec["case_id"]: rec for rec in records}
+    ids = list(ids)
+    missing = [case_id for case_id in ids if case_id not in by_id]
+    if missing:
+        raise KeyError(f"case_id(s) not in the records: {missing}")
+    return [by_id[case_id] for case_id in ids]

@@ -1,0 +1,330 @@
+"""Typed hyper-parameters of the editors and their YAML files.
+
+One dataclass per editor. The files live in `wilke_lib/hparams/<editor>/<model>.yaml`
+(editors: rome, memit, wilke, ft, kn; models: the organisms toy-gpt2 / toy-gptj and the
+paper's gpt2-xl / gpt-j-6b). `load_hparams("rome", "toy-gpt2")` reads one of them;
+`hparams_from_file(path)` reads any JSON or YAML file. Unknown keys are an error that names
+the key and lists the valid ones, so a typo never silently falls back to a default.
+
+References: ROME = Meng et al. 2022a ("Locating and Editing Factual Associations in GPT"),
+MEMIT = Meng et al. 2022b ("Mass-Editing Memory in a Transformer"), WilKE = Hu et al. 2024,
+FT-L = Zhu et al. 2020 as used by ROME, KN = Dai et al. 2021 ("Knowledge Neurons").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+HPARAMS_DIR: Path = Path(__file__).resolve().parent / "hparams"
+
+FACT_TOKENS = ("subject_last", "last")
+WILKE_SCORES = ("eq10", "update_norm")
+
+
+def parse_layers(value: Any, what: str = "layers") -> list[int] | None:
+    """Normalise a layer specification to a sorted-as-given list of ints (or None).
+
+    Accepts None, an int, a list of ints, a Python range, or a string "a..b" (inclusive),
+    e.g. "0..23".
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{what}: expected layer indices, got {value!r}")
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, range):
+        return list(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if ".." in text:
+            start, _, stop = text.partition("..")
+            try:
+                lo, hi = int(start), int(stop)
+            except ValueError:
+                raise ValueError(f"{what}: cannot parse range {value!r}; use 'a..b' (inclusive)") from None
+            if hi < lo:
+                raise ValueError(f"{what}: empty range {value!r}")
+            return list(range(lo, hi + 1))
+        try:
+            return [int(text)]
+        except ValueError:
+            raise ValueError(f"{what}: cannot parse {value!r}; use an int, a list or 'a..b'") from None
+    if isinstance(value, (list, tuple)):
+        out = []
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise ValueError(f"{what}: every layer must be an int, got {item!r}")
+            out.append(int(item))
+        if not out:
+            raise ValueError(f"{what}: empty list of layers")
+        if len(set(out)) != len(out):
+            raise ValueError(f"{what}: repeated layer in {out}")
+        return out
+    raise ValueError(f"{what}: cannot interpret {value!r} as layers")
+
+
+@dataclass(kw_only=True)
+class _DeltaOptimHParams:
+    """Settings shared by the editors that optimise a residual vector delta (ROME Eq. 4, WilKE Eq. 9).
+
+    The loss for a request is
+        mean_j NLL(target_new | c_j + p)                                   (rewriting term)
+        + kl_factor * KL(P_edit(. | p') || P_orig(. | p'))                 (essence drift, p' = essence_template)
+        + v_weight_decay * ||delta|| / ||v0||^2                            (weight decay, v_weight_decay_form)
+    (KL direction as WilKE Eq. 9 and ROME's released code; the weight decay as the released code,
+    "released"; "squared" = v_weight_decay * ||delta||^2 / ||v0||^2, a scale-free alternative.)
+    optimised with Adam for `v_num_grad_steps` steps at learning rate `v_lr`, clamping
+    ||delta|| <= clamp_norm_factor * ||v0|| after each step, stopping early when the total loss
+    falls below `v_early_stop_loss` (ROME stops at 5e-2).
+    """
+
+    v_num_grad_steps: int = 20
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    v_weight_decay_form: str = "released"  # "released": ||delta|| / ||v0||^2; "squared": ||delta||^2 / ||v0||^2
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    v_early_stop_loss: float = 0.05
+    essence_template: str = "{} is a"
+    fact_token: str = "subject_last"
+    # Context prefixes c_j: `count` texts of `length` generated tokens for each [length, count],
+    # plus the bare prompt (empty prefix). ROME's compute_v uses [[5, 10], [10, 10]].
+    context_lengths: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
+    context_seed: int = 0
+    context_top_k: int = 5
+    # If given, these prefixes are used instead of generating them (the bare prompt is added first).
+    context_prefixes: list[str] | None = None
+    # Second-moment statistics C = E[k k^T] (ROME Eq. 2, MEMIT Eq. 14).
+    mom2_corpus: str = "toy-world"
+    mom2_n_samples: int = 2000  # number of corpus texts (ROME's convention); all their token positions count
+    mom2_batch_size: int = 64
+    mom2_max_length: int = 256  # texts are truncated to min(this, the model's context length) tokens
+    mom2_dtype: str = "float32"  # dtype of the linear algebra with C (statistics are accumulated in float64)
+    # Ridge added to C as mom2_ridge * mean(diag C) * I before inverting. 0 = the published methods.
+    mom2_ridge: float = 0.0
+
+    editor: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        if self.fact_token not in FACT_TOKENS:
+            raise ValueError(f"fact_token must be one of {FACT_TOKENS}, got {self.fact_token!r}")
+        if "{}" not in self.essence_template:
+            raise ValueError(f"essence_template must contain '{{}}', got {self.essence_template!r}")
+        if self.v_num_grad_steps < 1:
+            raise ValueError("v_num_grad_steps must be >= 1")
+        if self.v_weight_decay_form not in ("released", "squared"):
+            raise ValueError(f"v_weight_decay_form must be 'released' or 'squared', got {self.v_weight_decay_form!r}")
+        if self.mom2_dtype not in ("float32", "float64"):
+            raise ValueError(f"mom2_dtype must be 'float32' or 'float64', got {self.mom2_dtype!r}")
+        lengths = []
+        for pair in self.context_lengths:
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, int) for x in pair)):
+                raise ValueError(f"context_lengths must be a list of [length, count] pairs, got {self.context_lengths!r}")
+            lengths.append([int(pair[0]), int(pair[1])])
+        self.context_lengths = lengths
+        if self.context_prefixes is not None:
+            self.context_prefixes = [str(p) for p in self.context_prefixes]
+
+
+@dataclass(kw_only=True)
+class ROMEHParams(_DeltaOptimHParams):
+    """ROME (Meng et al. 2022a): rank-one update of W_proj at one fixed layer (Eq. 2), v* from Eq. 4."""
+
+    layer: int
+    editor: ClassVar[str] = "rome"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"layer must be a non-negative int, got {self.layer!r}")
+
+
+@dataclass(kw_only=True)
+class WilKEHParams(ROMEHParams):
+    """WilKE (Hu et al. 2024): ROME's update (Eq. 11) at the layer chosen by Eq. 10.
+
+    candidate_layers: None = every layer of the model; or a list / "a..b" range.
+    score: "eq10"        -> ||delta^l|| / (||W_proj^l||_2 * ||sigma(x W_fc^l)||)  (Eq. 10 as a ratio of norms)
+           "update_norm" -> ||dW^l||_F / ||W_proj^l||_F of ROME's update at l (the released code's criterion)
+    use_delta / use_activation / use_weight_norm: the three factors of Eq. 10; switching one off replaces
+    it by 1 (the ablation of Section 6.3). They only apply to score "eq10".
+    `layer` is unused by the search (kept so that WilKE files can be read as ROME settings).
+    """
+
+    layer: int | None = None  # type: ignore[assignment]
+    candidate_layers: list[int] | None = None
+    score: str = "eq10"
+    use_delta: bool = True
+    use_activation: bool = True
+    use_weight_norm: bool = True
+    editor: ClassVar[str] = "wilke"
+
+    def __post_init__(self) -> None:
+        _DeltaOptimHParams.__post_init__(self)
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
+            raise ValueError(f"layer must be an int or null, got {self.layer!r}")
+        self.candidate_layers = parse_layers(self.candidate_layers, "candidate_layers")
+        if self.score not in WILKE_SCORES:
+            raise ValueError(f"score must be one of {WILKE_SCORES}, got {self.score!r}")
+        if self.score == "update_norm" and not (self.use_delta and self.use_activation and self.use_weight_norm):
+            raise ValueError("the ablation switches use_delta/use_activation/use_weight_norm apply to score "
+                             "'eq10' only; score 'update_norm' has no factors to drop")
+
+
+@dataclass(kw_only=True)
+class MEMITHParams(_DeltaOptimHParams):
+    """MEMIT (Meng et al. 2022b): target z at the last layer of `layers` (Eq. 16), spread over the
+    layers with dW = R K^T (mom2_update_weight * C + K K^T)^-1 (Eq. 14)."""
+
+    layers: list[int]
+    mom2_update_weight: float = 15000.0
+    clamp_norm_factor: float = 0.75
+    editor: ClassVar[str] = "memit"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parsed = parse_layers(self.layers, "layers")
+        assert parsed is not None
+        if parsed != sorted(parsed) or any(l < 0 for l in parsed):
+            raise ValueError(f"layers must be increasing non-negative ints, got {self.layers!r}")
+        self.layers = parsed
+        if self.mom2_update_weight < 0:
+            raise ValueError("mom2_update_weight must be >= 0")
+
+
+@dataclass(kw_only=True)
+class FTHParams:
+    """FT-L (Zhu et al. 2020, ROME's constrained fine-tuning baseline): Adam on W_proj of one layer,
+    NLL of target_new after the prompt, L-inf constraint |W - W_0| <= norm_constraint."""
+
+    layer: int
+    steps: int = 25
+    lr: float = 5e-4
+    norm_constraint: float = 5e-4
+    early_stop_loss: float = 1e-2
+    editor: ClassVar[str] = "ft"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"layer must be a non-negative int, got {self.layer!r}")
+        if self.steps < 1 or self.lr <= 0 or self.norm_constraint <= 0:
+            raise ValueError("steps must be >= 1, lr and norm_constraint > 0")
+
+
+@dataclass(kw_only=True)
+class KNHParams:
+    """Knowledge Neurons (Dai et al. 2021): integrated-gradients attribution of the MLP intermediate
+    neurons at the last prompt token, then v_i <- v_i - lambda E[true] + lambda E[new] for the
+    selected neurons' value vectors (columns of W_proj)."""
+
+    layers: list[int] | None = None  # None = every layer
+    ig_steps: int = 20
+    threshold: float = 0.2  # keep neurons with attribution >= threshold * max attribution
+    max_neurons: int = 10
+    edit_lambda: float = 1.0
+    editor: ClassVar[str] = "kn"
+
+    def __post_init__(self) -> None:
+        self.layers = parse_layers(self.layers, "layers")
+        if self.ig_steps < 1 or not 0 < self.threshold <= 1 or self.max_neurons < 1:
+            raise ValueError("ig_steps >= 1, 0 < threshold <= 1 and max_neurons >= 1 are required")
+
+
+HParams = ROMEHParams | WilKEHParams | MEMITHParams | FTHParams | KNHParams
+
+HPARAMS_CLASSES: dict[str, type] = {
+    "rome": ROMEHParams,
+    "memit": MEMITHParams,
+    "wilke": WilKEHParams,
+    "ft": FTHParams,
+    "kn": KNHParams,
+}
+
+
+def editor_of(hparams: Any) -> str:
+    """The editor name ("rome", ...) of a hyper-parameter object."""
+    for name, cls in HPARAMS_CLASSES.items():
+        if type(hparams) is cls:
+            return name
+    raise TypeError(f"not an editor hyper-parameter object: {type(hparams).__name__}")
+
+
+def available() -> dict[str, list[str]]:
+    """{editor: [model names with a file]} for the shipped files."""
+    out: dict[str, list[str]] = {}
+    for editor in HPARAMS_CLASSES:
+        folder = HPARAMS_DIR / editor
+        out[editor] = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    return out
+
+
+def hparams_from_dict(editor: str, data: dict[str, Any], source: str = "<dict>") -> Any:
+    """Build the dataclass of `editor` from a dict; unknown keys raise ValueError naming them."""
+    if editor not in HPARAMS_CLASSES:
+        raise ValueError(f"unknown editor {editor!r}; expected one of {sorted(HPARAMS_CLASSES)}")
+    cls = HPARAMS_CLASSES[editor]
+    valid = [f.name for f in dataclasses.fields(cls)]
+    data = {k: v for k, v in data.items() if k != "editor"}
+    unknown = [k for k in data if k not in valid]
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {unknown} for editor {editor!r}; valid keys: {valid}")
+    try:
+        return cls(**data)
+    except TypeError as err:  # missing required field
+        raise ValueError(f"{source}: {err}; valid keys: {valid}") from err
+
+
+def hparams_from_file(path: str | Path, editor: str | None = None) -> Any:
+    """Read hyper-parameters from a JSON (.json) or YAML (.yaml/.yml) file.
+
+    The editor is, in order: the `editor` argument, an `editor:` key in the file, or the name of
+    the file's folder (as in `hparams/<editor>/<model>.yaml`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"hyper-parameter file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    file_editor = data.get("editor")
+    chosen = editor or file_editor or (path.parent.name if path.parent.name in HPARAMS_CLASSES else None)
+    if chosen is None:
+        raise ValueError(f"{path}: cannot tell the editor; pass editor=... or add an 'editor:' key "
+                         f"(one of {sorted(HPARAMS_CLASSES)})")
+    if file_editor is not None and editor is not None and file_editor != editor:
+        raise ValueError(f"{path}: file says editor {file_editor!r} but {editor!r} was requested")
+    return hparams_from_dict(chosen, data, str(path))
+
+
+def load_hparams(editor: str, model_name: str) -> Any:
+    """The shipped settings `wilke_lib/hparams/<editor>/<model_name>.yaml` as a dataclass.
+
+    model_name may also be a path-like name ("organisms/toy-gpt2"); its last component is used.
+    """
+    found = available()
+    if editor not in found:
+        raise ValueError(f"unknown editor {editor!r}; available editors: {sorted(found)}")
+    name = Path(str(model_name)).name
+    path = HPARAMS_DIR / editor / f"{name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no hyper-parameters for editor {editor!r} and model {name!r} ({path}); "
+            f"available models for {editor!r}: {found[editor]}; available editors: {sorted(found)}")
+    return hparams_from_file(path, editor)
+
+
+def to_dict(hparams: Any) -> dict[str, Any]:
+    """Plain dict (with the editor name) for provenance / JSON."""
+    out = dataclasses.asdict(hparams)
+    out["editor"] = editor_of(hparams)
+    return out

@@ -1,0 +1,117 @@
+"""Loading models and tokenizers: built-in organisms, local directories, hub ids.
+
+The built-in "organisms" (`toy-gpt2`, `toy-gptj`) are tiny models trained on
+the synthetic world by `make organisms`; they live in `<repo>/organisms/<name>/`.
+Anything else is a local directory or a Hugging Face hub id (gpt2-xl,
+EleutherAI/gpt-j-6b), loaded with the Auto classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+ORGANISMS: tuple[str, ...] = ("toy-gpt2", "toy-gptj")
+REPO_ROOT: Path = Path(__file__).resolve().parents[1]
+ORGANISMS_DIR: Path = REPO_ROOT / "organisms"
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+# Config entries that change when a model is merely saved/loaded or moved, not when it is
+# a different model; they must not change the cache identity.
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype",
+                         "_commit_hash", "_attn_implementation_autoset", "_attn_implementation")
+
+
+def default_device() -> torch.device:
+    """CUDA when available, otherwise CPU. Never hard-code "cuda" elsewhere."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """Map None / "float32" / "float16" / "bfloat16" (or a torch.dtype) to a torch.dtype.
+
+    None means float32: half precision is only used when the caller asks for it.
+    """
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of float32, float16, bfloat16") from None
+
+
+def resolve_model_path(name: str | Path) -> str:
+    """Turn a model name into what `from_pretrained` should receive.
+
+    - "toy-gpt2" / "toy-gptj": `<repo>/organisms/<name>/` (FileNotFoundError if not built yet);
+    - an existing local directory: used as is;
+    - anything else: returned unchanged, as a hub id.
+    """
+    name = str(name)
+    if name in ORGANISMS:
+        path = ORGANISMS_DIR / name
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"organism {name!r} not found at {path}; build it first with `make organisms` "
+                f"(from {REPO_ROOT})"
+            )
+        return str(path)
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    return name
+
+
+def load_model(name_or_path: str | Path, device: torch.device | str | None = None,
+               dtype: torch.dtype | str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (model, tokenizer) in eval mode on `device` (default: `default_device()`).
+
+    dtype defaults to float32 everywhere. The tokenizer gets pad_token = eos_token
+    when it has none, and right padding; generation.py pads explicitly on the left.
+    """
+    path = resolve_model_path(name_or_path)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = resolve_dtype(dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    # Older transformers 4.x ignore `dtype=` (they want `torch_dtype=`): cast to be sure.
+    model.to(device=device, dtype=dtype).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        # Silences generate()'s "setting pad_token_id" warning and makes it explicit.
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_identity(model: PreTrainedModel) -> str:
+    """Short stable string identifying the (unedited) model, used as a cache key.
+
+    `<basename of name_or_path>-<8 hex of the config hash>-<n_params>`. The hash
+    ignores entries that saving, loading or casting change, so a model and its
+    saved-and-reloaded copy share the identity. Weights are not hashed: caches
+    keyed by it (e.g. the second-moment statistics) are meant for the unedited model.
+    """
+    config = model.config.to_dict()
+    for key in _VOLATILE_CONFIG_KEYS:
+        config.pop(key, None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    basename = Path(str(getattr(model.config, "_name_or_path", "") or "")).name or model.config.model_type
+    return f"{basename}-{digest}-{count_parameters(model)}"

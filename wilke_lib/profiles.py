@@ -1,0 +1,71 @@
+"""Run-size profiles: how much of the paper's protocol a build reproduces.
+
+* "quick": smoke test of every chapter in minutes on a CPU;
+* "default": the size the book is built with (the numbers are tuned by the project lead);
+* "paper": the sizes of Hu et al. (2024): 1024 lifelong edits (Table 1), seeds 9, 10, 11
+  (three runs; the released code used seed 9), 200 traced records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from wilke_lib.lifelong import CheckpointPolicy
+
+ALL_EDITORS: tuple[str, ...] = ("ft", "kn", "rome", "memit", "wilke")
+"""Editor names as understood by `wilke_lib.hparams.load_hparams` / `wilke_lib.editing`."""
+
+DEFAULT_N_EDITS = 32
+"""Lifelong edits of the "default" profile (to be tuned by the lead)."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes of every experiment for one build profile.
+
+    n_edits: lifelong edits per run (2 * n_edits known records are needed, App. F.2);
+    seeds: one lifelong run per seed (shuffle of the known records);
+    editors: the editors compared in the lifelong table;
+    checkpoints: when ERS / ORS are measured;
+    eval_batch_size: prompts per forward pass when measuring;
+    n_toxicity_steps: sequential edits (+ rollbacks) of the toxicity runs: ROME in notebook 05, whose
+        records the toxicity-flash detector screens (Sec. 4.1-4.2, App. B), and MEMIT in 09 (App. C);
+    n_flash_records: flash records, and as many normal ones, analysed record by record: single edits
+        at every layer (06, Sec. 4.3, App. E) and per-record causal traces (07, App. A);
+    n_trace_records: known records of the average indirect effect (07, App. A);
+    n_strength_records: normal records of the activation strength (08, App. D.1);
+    n_delta_records: records per group whose delta strength is optimised at every layer (08, App. D.2).
+    """
+
+    name: str
+    n_edits: int
+    seeds: tuple[int, ...]
+    editors: tuple[str, ...]
+    checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy)
+    eval_batch_size: int = 64
+    n_toxicity_steps: int = 64
+    n_flash_records: int = 4
+    n_trace_records: int = 20
+    n_strength_records: int = 50
+    n_delta_records: int = 4
+
+
+PROFILES: dict[str, Profile] = {
+    "quick": Profile(name="quick", n_edits=4, seeds=(9,), editors=("rome", "memit", "wilke"),
+                     n_toxicity_steps=4, n_flash_records=1, n_trace_records=2, n_strength_records=4,
+                     n_delta_records=1),
+    "default": Profile(name="default", n_edits=DEFAULT_N_EDITS, seeds=(9,), editors=ALL_EDITORS,
+                       n_toxicity_steps=64, n_flash_records=4, n_trace_records=20,
+                       n_strength_records=50, n_delta_records=4),
+    "paper": Profile(name="paper", n_edits=1024, seeds=(9, 10, 11), editors=ALL_EDITORS,
+                     n_toxicity_steps=1024, n_flash_records=20, n_trace_records=200,
+                     n_strength_records=1024, n_delta_records=20),
+}
+
+
+def get_profile(name: str) -> Profile:
+    """The profile called `name`; ValueError listing the valid names otherwise."""
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}; valid profiles: {', '.join(PROFILES)}") from None
