@@ -9,6 +9,8 @@ PY         := $(VENV)/bin/python
 PROFILE    ?= default
 MODELS     ?= toy-gpt2 toy-gptj
 # Extra arguments for scripts/run_notebooks.py, e.g. NB_ARGS="--only 03 -p n_edits 64"
+# Models executed side by side (each notebook uses one torch thread).
+JOBS       ?= 2
 NB_ARGS    ?=
 PYTEST_ARGS ?=
 TORCH_VERSION   ?= 2.13.0
@@ -47,7 +49,7 @@ test: venv
 # The book is built even when a notebook failed (its page shows the error); make still fails then.
 book: venv
 	@status=0; \
-	$(PY) scripts/run_notebooks.py --profile $(PROFILE) --models $(MODELS) $(NB_ARGS) || status=$$?; \
+	$(PY) scripts/run_notebooks.py --profile $(PROFILE) --models $(MODELS) --jobs $(JOBS) $(NB_ARGS) || status=$$?; \
 	$(PY) scripts/make_toc.py --book-dir book && \
 	$(VENV)/bin/jupyter-book build book/ || status=$$?; \
 	if [ $$status -ne 0 ]; then echo "make book: some step failed (exit $$status), see above" >&2; fi; \

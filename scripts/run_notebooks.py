@@ -17,6 +17,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+from concurrent.futures import ThreadPoolExecutor
 import csv
 import json
 import subprocess
@@ -144,6 +145,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--notebooks-dir", type=Path, default=REPO / "notebooks")
     ap.add_argument("--book-dir", type=Path, default=REPO / "book")
     ap.add_argument("--kernel", default=KERNEL, help="kernel name, installed into this interpreter's prefix")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="models executed in parallel (each model's notebooks stay in order)")
     ap.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds (default: none)")
     return ap.parse_args(argv)
 
@@ -158,19 +161,29 @@ def main(argv=None) -> int:
     kernel = ensure_kernel(args.kernel)
     extras = {k: parse_value(v) for k, v in args.parameter}
     jobs = [(nb, m) for m in models for nb in notebooks]
-    rows: list[dict] = []
     t_all = time.perf_counter()
-    for i, (nb, model) in enumerate(jobs, 1):
-        out = args.book_dir / model_slug(model) / nb.name
-        params = {"model_name": model, "profile": args.profile, **extras}
-        print(f"[{i}/{len(jobs)}] {nb.name} model={model} profile={args.profile} -> "
-              f"{out.relative_to(REPO) if out.is_relative_to(REPO) else out}", flush=True)
-        t0 = time.perf_counter()
-        status = run_one(nb, out, params, kernel, args.cwd, args.timeout)
-        dt = time.perf_counter() - t0
-        print(f"[{i}/{len(jobs)}] {nb.name} model={model}: {status} ({dt:.1f} s)", flush=True)
-        rows.append({"notebook": nb.name, "model": model, "profile": args.profile, "seconds": f"{dt:.1f}",
-                     "status": status, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+    def run_model(model: str) -> list[dict]:
+        """One model's notebooks, in order: later chapters read what earlier ones saved."""
+        model_rows = []
+        for nb in notebooks:
+            i = jobs.index((nb, model)) + 1
+            out = args.book_dir / model_slug(model) / nb.name
+            params = {"model_name": model, "profile": args.profile, **extras}
+            print(f"[{i}/{len(jobs)}] {nb.name} model={model} profile={args.profile} -> "
+                  f"{out.relative_to(REPO) if out.is_relative_to(REPO) else out}", flush=True)
+            t0 = time.perf_counter()
+            status = run_one(nb, out, params, kernel, args.cwd, args.timeout)
+            dt = time.perf_counter() - t0
+            print(f"[{i}/{len(jobs)}] {nb.name} model={model}: {status} ({dt:.1f} s)", flush=True)
+            model_rows.append({"notebook": nb.name, "model": model, "profile": args.profile,
+                               "seconds": f"{dt:.1f}", "status": status,
+                               "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        return model_rows
+
+    # Models are independent: with --jobs 2 the two organisms run side by side, one core each.
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        rows = [row for model_rows in pool.map(run_model, models) for row in model_rows]
     total = time.perf_counter() - t_all
     print_table(rows, total)
     write_timings(args.book_dir / "_timings.csv", rows)

@@ -282,6 +282,8 @@ def test_snapshot_steps_and_cache_key():
     assert chapters.cache_key({"a": 1}, [1, 2]) == chapters.cache_key({"a": 1}, [1, 2])
     assert chapters.cache_key({"a": 1}) != chapters.cache_key({"a": 2})
     assert ct.default_window(48) == 10 and ct.default_window(28) == 10 and ct.default_window(12) == 3
+    assert chapters.layers_to_edit(12, 4, 3) == [0, 3, 4, 8] and chapters.layers_to_edit(3) == [0, 1, 2]
+    assert _renders(plots.strength_figure({1: pd.Series([1.0, 2.0], index=[0, 4])}, {2: [1.0, 2.0, 3.0]}))
 
 
 def test_toxicity_summary_and_verdicts():
@@ -325,10 +327,14 @@ def test_per_layer_strength_and_tracing_verdicts():
     assert summary.loc[summary.case_id == 1, "layer_of_max"].item() == 2
     assert chapters.per_layer_verdicts(summary, 2)["observed"].tolist() == ["yes", "yes", "yes"]
     assert chapters.strength_verdicts(table, 2)["observed"].tolist() == ["yes", "yes", "yes"]
+    with_gain = table.assign(update_gain=1 / table["activation_strength"])
+    assert chapters.strength_verdicts(with_gain, 2)["observed"].tolist() == ["yes", "yes", "yes", "yes"]
     assert set(chapters.by_case(table, "flash", "activation_strength")) == {1, 2}
     assert list(chapters.per_layer_panels(table, {"flash": "F"}))[0] == "F: case 1"
     peaks = {"flash": pd.Series([0, 1, 0]), "normal": pd.Series([3, 5, 8, 10])}
-    assert chapters.tracing_verdicts(peaks, 12, 6)["observed"].tolist() == ["yes", "yes", "yes"]
+    assert chapters.tracing_verdicts(peaks, 12, 6)["observed"].tolist() == ["yes", "yes", "yes", "yes"]
+    same = {"flash": pd.Series([0, 1]), "normal": pd.Series([0, 0, 0, 1, 8])}
+    assert chapters.tracing_verdicts(same, 12, 6)["observed"].tolist() == ["yes", "no", "yes", "no"]
     assert chapters.tracing_verdicts({"flash": pd.Series([0])}, 12, 6)["observed"].tolist() == ["n/a"]
 
 
@@ -369,11 +375,17 @@ def test_per_layer_norms_and_strength_tables_are_cached(tiny_tokenizer, results_
                                      cache=cache, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert len(norms) == 6 and (norms["ratio"] > 0).all()
+    # the single edits record ROME's ||delta^l||: the delta strength of Appendix D.2
+    direct = strength.delta_strength(model, tiny_tokenizer, _record(1), hp, [0, 2], cache=cache)
+    from_edits = norms[norms.case_id == 1].set_index("layer")["delta_norm"]
+    assert np.allclose(from_edits.loc[[0, 2]].to_numpy(), direct.to_numpy(), rtol=1e-5)
     assert len(list((results_in_tmp / "results" / "tiny" / "flash_per_layer").glob("*.pkl"))) == 1
     table = chapters.strength_tables(model, tiny_tokenizer, groups, hp, model_name="tiny", n_delta=1, cache=cache,
                                      progress=False)
     assert len(table) == 3 * 4 and table["activation_strength"].gt(0).all()
     assert table["delta_strength"].notna().sum() == 2 * 4  # first record of each group
+    # the tiny setup has C = I: ROME's update gain is then 1 / ||k*||, the inverse activation strength
+    assert np.allclose(table["update_gain"], 1 / table["activation_strength"], rtol=1e-4)
     again = chapters.strength_tables(model, tiny_tokenizer, groups, hp, model_name="tiny", n_delta=1, progress=False)
     assert again.equals(table)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -73,6 +74,20 @@ def resolve_model_path(name: str | Path) -> str:
     return name
 
 
+@contextmanager
+def quiet_loading():
+    """No per-tensor loading bar (it fills the book's pages); restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(name_or_path: str | Path, device: torch.device | str | None = None,
                dtype: torch.dtype | str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (model, tokenizer) in eval mode on `device` (default: `default_device()`).
@@ -83,7 +98,8 @@ def load_model(name_or_path: str | Path, device: torch.device | str | None = Non
     path = resolve_model_path(name_or_path)
     device = torch.device(device) if device is not None else default_device()
     dtype = resolve_dtype(dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     # Older transformers 4.x ignore `dtype=` (they want `torch_dtype=`): cast to be sure.
     model.to(device=device, dtype=dtype).eval()
     tok = AutoTokenizer.from_pretrained(path)

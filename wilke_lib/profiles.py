@@ -15,8 +15,8 @@ from wilke_lib.lifelong import CheckpointPolicy
 ALL_EDITORS: tuple[str, ...] = ("ft", "kn", "rome", "memit", "wilke")
 """Editor names as understood by `wilke_lib.hparams.load_hparams` / `wilke_lib.editing`."""
 
-DEFAULT_N_EDITS = 32
-"""Lifelong edits of the "default" profile (to be tuned by the lead)."""
+DEFAULT_N_EDITS = 16
+"""Lifelong edits of the "default" profile: what fits the 20-minute CPU budget of `make book`."""
 
 
 @dataclass(frozen=True)
@@ -30,11 +30,14 @@ class Profile:
     eval_batch_size: prompts per forward pass when measuring;
     n_toxicity_steps: sequential edits (+ rollbacks) of the toxicity runs: ROME in notebook 05, whose
         records the toxicity-flash detector screens (Sec. 4.1-4.2, App. B), and MEMIT in 09 (App. C);
-    n_flash_records: flash records, and as many normal ones, analysed record by record: single edits
-        at every layer (06, Sec. 4.3, App. E) and per-record causal traces (07, App. A);
-    n_trace_records: known records of the average indirect effect (07, App. A);
+    n_flash_records: flash records, and as many normal ones, edited once at every layer (06, Sec. 4.3,
+        App. E); 08 reads their delta strength (App. D.2) from those edits;
+    n_trace_records: known records of the average indirect effect, and records per group of the
+        per-record MLP effects (07, App. A);
     n_strength_records: normal records of the activation strength (08, App. D.1);
-    n_delta_records: records per group whose delta strength is optimised at every layer (08, App. D.2).
+    layer_stride: 06 edits every layer_stride-th layer (and the predefined one); 1 = every layer;
+    n_heatmaps: records per group drawn as full causal-trace heatmaps (07; the paper: 8 + 8);
+    ablation_n_edits: lifelong edits of each WilKE variant of the ablation (04, Fig. 9).
     """
 
     name: str
@@ -47,19 +50,23 @@ class Profile:
     n_flash_records: int = 4
     n_trace_records: int = 20
     n_strength_records: int = 50
-    n_delta_records: int = 4
+    layer_stride: int = 1
+    n_heatmaps: int = 2
+    ablation_n_edits: int = 16
 
 
 PROFILES: dict[str, Profile] = {
     "quick": Profile(name="quick", n_edits=4, seeds=(9,), editors=("rome", "memit", "wilke"),
-                     n_toxicity_steps=4, n_flash_records=1, n_trace_records=2, n_strength_records=4,
-                     n_delta_records=1),
+                     n_toxicity_steps=2, n_flash_records=1, n_trace_records=2, n_strength_records=4,
+                     layer_stride=6, n_heatmaps=1, ablation_n_edits=2),
     "default": Profile(name="default", n_edits=DEFAULT_N_EDITS, seeds=(9,), editors=ALL_EDITORS,
-                       n_toxicity_steps=64, n_flash_records=4, n_trace_records=20,
-                       n_strength_records=50, n_delta_records=4),
+                       n_toxicity_steps=8, n_flash_records=1, n_trace_records=20,
+                       n_strength_records=20, layer_stride=1, n_heatmaps=2,
+                       ablation_n_edits=8),
     "paper": Profile(name="paper", n_edits=1024, seeds=(9, 10, 11), editors=ALL_EDITORS,
                      n_toxicity_steps=1024, n_flash_records=20, n_trace_records=200,
-                     n_strength_records=1024, n_delta_records=20),
+                     n_strength_records=1024, layer_stride=1, n_heatmaps=8,
+                     ablation_n_edits=1024),
 }
 
 

@@ -39,7 +39,7 @@ from wilke_lib.arch import ModelAdapter
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Bump to invalidate every cached result of this module."""
 
 
@@ -247,7 +247,7 @@ class Groups:
 
     flash_label says what the flash group is: the detected flash records, records from a file
     (e.g. the paper's Tables 2-3 for GPT2-XL / GPT-J), or, when the detector found none, the
-    records with the largest norm jumps of the run.
+    records with the largest norm jumps of the run (the largest tenth of the steps).
     """
 
     flash: list[dict]
@@ -290,8 +290,9 @@ def contrast_groups(model: nn.Module, tok, records: Sequence[dict], model_name: 
     analysis = flash_analysis(model, tok, records, model_name, hparams, n_steps=n_steps, seed=seed, cache=cache,
                               progress=progress, **detector)
     flash, label = analysis.flash_records[:n_flash], "flash (detected)"
-    if not flash:
-        flash, label = analysis.largest_jumps(n_flash), "largest norm jumps (no flash detected)"
+    if not flash:  # stand-ins: the largest tenth of the steps by norm jump, at most n_flash
+        k = min(n_flash, max(1, math.ceil(0.1 * len(analysis.sequence))))
+        flash, label = analysis.largest_jumps(k), "largest norm jumps (no flash detected)"
     ids = set(_case_ids(flash))
     normal = [r for r in analysis.normal_records if r["case_id"] not in ids][:n_normal]
     return Groups(flash, normal, label, analysis)
@@ -378,7 +379,8 @@ def per_layer_norms(model: nn.Module, tok, groups: dict[str, Sequence[dict]], hp
                     layers: Sequence[int] | None = None, cache: Any = None,
                     progress: bool = True) -> pd.DataFrame:
     """`toxicity.per_layer_flash` (single ROME edit at each layer, no rollback) of every record of
-    every group; long table group, case_id, layer, norm_original, norm_edited, ratio, error.
+    every group; long table group, case_id, layer, norm_original, norm_edited, ratio, delta_norm
+    (ROME's ||delta^l||, the delta strength of App. D.2), k_star_norm, error.
     Cached under ``results/<model>/flash_per_layer/``."""
     from tqdm.auto import tqdm
 
@@ -396,12 +398,20 @@ def per_layer_norms(model: nn.Module, tok, groups: dict[str, Sequence[dict]], hp
         for group, record in tqdm(items, desc="single edits at every layer", disable=not progress):
             table = tox_mod.per_layer_flash(model, tok, record, hparams, layers, with_rollback=False, cache=cache)
             frames.append(table.assign(group=group, case_id=record.get("case_id")))
-        out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-            columns=["group", "case_id", "layer", "norm_original", "norm_edited", "error"])
-        out["ratio"] = out["norm_edited"] / out["norm_original"]
-        return out[["group", "case_id", "layer", "norm_original", "norm_edited", "ratio", "error"]]
+        columns = ["group", "case_id", "layer", "norm_original", "norm_edited", "delta_norm", "k_star_norm", "error"]
+        out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+        out["ratio"] = out["norm_edited"].astype(float) / out["norm_original"].astype(float)
+        return out[columns[:5] + ["ratio"] + columns[5:]]
 
     return _cached_frame(path, compute)
+
+
+def layers_to_edit(n_layers: int, stride: int = 1, predefined: int | None = None) -> list[int]:
+    """Every `stride`-th layer from 0, plus the predefined one (stride 1: every layer, as the paper)."""
+    layers = set(range(0, n_layers, max(1, int(stride))))
+    if predefined is not None and 0 <= predefined < n_layers:
+        layers.add(int(predefined))
+    return sorted(layers)
 
 
 def per_layer_summary(table: pd.DataFrame, predefined_layer: int) -> pd.DataFrame:
@@ -441,33 +451,37 @@ def per_layer_verdicts(summary: pd.DataFrame, predefined_layer: int, flash_label
 
 # --------------------------------------------------------------------------- strength (Sec. 4.4, App. D)
 def strength_tables(model: nn.Module, tok, groups: dict[str, Sequence[dict]], hparams: Any, *, model_name: str,
-                    n_delta: int | None = None, cache: Any = None, progress: bool = True) -> pd.DataFrame:
-    """Activation strength ||sigma(x W_fc^l)|| of every record and delta strength ||delta^l|| of the
-    first `n_delta` records of each group (None = all), at every layer (`strength.strength_table`,
-    keys averaged over ROME's context prefixes). Long table group, case_id, layer,
-    activation_strength, delta_strength (NaN where not computed). Cached under ``results/<model>/strength/``."""
+                    n_delta: int | None = None, delta_layers: Sequence[int] | None = None, cache: Any = None,
+                    progress: bool = True) -> pd.DataFrame:
+    """Activation strength ||sigma(x W_fc^l)|| (keys averaged over ROME's context prefixes) and
+    ROME's update gain (`strength.update_gain`) of every record, and the delta strength ||delta^l||
+    of the first `n_delta` records of each group (None = all), at every layer (Fig. 31-38).
+
+    The delta strength is the ||delta^l|| of ROME's optimisation at layer l, which the single edits
+    of `per_layer_norms` record: it is read from there (notebook 06's cache when the groups are the
+    same, computed otherwise), at `delta_layers` (default every layer). Long table group, case_id,
+    layer, activation_strength,
+    delta_strength (NaN where not computed), update_gain. Cached under ``results/<model>/strength/``."""
     from wilke_lib.analysis import strength
     from wilke_lib.hparams import to_dict
 
     ids = {g: _case_ids(rs) for g, rs in groups.items()}
     key = cache_key(_model_id(model), to_dict(hparams), ids, n_delta,
-                    [[r["requested_rewrite"] for r in rs] for rs in groups.values()])
+                    [[r["requested_rewrite"] for r in rs] for rs in groups.values()],
+                    list(delta_layers) if delta_layers is not None else None)
     path = results_dir(model_name, "strength") / f"{key}.pkl"
 
     def compute() -> pd.DataFrame:
-        frames = []
-        for group, recs in groups.items():
-            if not recs:
-                continue
-            n = len(recs) if n_delta is None else min(n_delta, len(recs))
-            parts = [strength.strength_table(model, tok, recs[:n], hparams, with_delta=True, cache=cache,
-                                             progress=progress)]
-            if n < len(recs):
-                parts.append(strength.strength_table(model, tok, recs[n:], hparams, with_delta=False, cache=cache,
-                                                     progress=progress))
-            frames.append(pd.concat(parts, ignore_index=True).assign(group=group))
+        frames = [strength.strength_table(model, tok, recs, hparams, with_delta=False, with_gain=True, cache=cache,
+                                          progress=progress).assign(group=group)
+                  for group, recs in groups.items() if recs]
         out = pd.concat(frames, ignore_index=True)
-        return out[["group", "case_id", "layer", "activation_strength", "delta_strength"]]
+        firsts = {g: list(rs) if n_delta is None else list(rs)[:n_delta] for g, rs in groups.items()}
+        edits = per_layer_norms(model, tok, firsts, hparams, model_name=model_name, layers=delta_layers, cache=cache,
+                                progress=progress)
+        delta = edits[["group", "case_id", "layer", "delta_norm"]].rename(columns={"delta_norm": "delta_strength"})
+        out = out.merge(delta, on=["group", "case_id", "layer"], how="left")
+        return out[["group", "case_id", "layer", "activation_strength", "delta_strength", "update_gain"]]
 
     return _cached_frame(path, compute)
 
@@ -491,6 +505,14 @@ def strength_verdicts(table: pd.DataFrame, predefined_layer: int, flash_label: s
     flash_rows = table[table.group == "flash"]
     weakest = flash_rows.loc[flash_rows.groupby("case_id")["activation_strength"].idxmin(), "layer"]
     own_min = float((weakest == predefined_layer).mean()) if len(weakest) else math.nan
+    rows = []
+    if "update_gain" in table.columns and table["update_gain"].notna().any():
+        gain = table[table.layer == predefined_layer].groupby("group")["update_gain"].median()
+        gain_orders = float(np.log10(gain["flash"] / gain["normal"]))
+        rows.append(("larger ROME update per unit of residual for flash records",
+                     "(not measured in the paper: ||C^-1 k|| / k^T C^-1 k, the factor of Eq. 11 with ROME's C)",
+                     f"median at layer {predefined_layer}: {flash_label} / normal = 10^{gain_orders:.2f}",
+                     bool(gain_orders >= 0.5)))
     return verdict_table([
         ("tiny key at the predefined layer for flash records",
          "||sigma(x W_fc)|| several orders of magnitude smaller than for other records (Fig. 31-34)",
@@ -502,7 +524,7 @@ def strength_verdicts(table: pd.DataFrame, predefined_layer: int, flash_label: s
          "||delta^l|| is not the dominant factor (Fig. 35-38)",
          f"median spread over layers (orders of magnitude): delta {delta_f:.2f} vs activation {act_f:.2f}",
          None if math.isnan(delta_f) else bool(delta_f < act_f)),
-    ])
+    ] + rows)
 
 
 # --------------------------------------------------------------------------- causal tracing (App. A)
@@ -520,18 +542,23 @@ def tracing_verdicts(peaks: dict[str, pd.Series], n_layers: int, predefined_laye
     normal_peaks = peaks.get("normal", pd.Series(dtype=int))
     if flash_peaks.empty or normal_peaks.empty:
         return verdict_table([("flash vs normal", "-", "one of the groups is empty", None)])
-    early = max(1, round(5 * n_layers / 48))  # "the first five layers" of GPT2-XL's 48
+    early = max(1, math.ceil(5 * n_layers / 48))  # "the first five layers" of GPT2-XL's 48
     share_early = float((flash_peaks < early).mean())
+    share_early_normal = float((normal_peaks < early).mean())
+    top_share = float(normal_peaks.value_counts(normalize=True).iloc[0])
     return verdict_table([
         ("flash records recalled from the first MLPs", f"MLP peak in the first 5 of 48 layers (here: < {early})",
          f"{100 * share_early:.0f}% of the {flash_label} records peak there (median layer "
-         f"{flash_peaks.median():.0f}; normal: {normal_peaks.median():.0f})", bool(share_early >= 0.5)),
+         f"{flash_peaks.median():.0f})", bool(share_early >= 0.5)),
+        ("... and more often than normal records", "normal records peak at dispersed layers",
+         f"{100 * share_early:.0f}% vs {100 * share_early_normal:.0f}% of the normal records",
+         bool(share_early > share_early_normal + 0.2)),
         ("flash records peak before the predefined layer", f"earlier than layer 17 (here {predefined_layer})",
          f"{100 * float((flash_peaks < predefined_layer).mean()):.0f}% of them",
          bool((flash_peaks < predefined_layer).mean() >= 0.5)),
         ("normal records' peaks are dispersed", "different records peak at different layers",
-         f"{normal_peaks.nunique()} distinct peak layers among {len(normal_peaks)} normal records "
-         f"(std {normal_peaks.std(ddof=0):.1f} layers)", bool(normal_peaks.nunique() >= 3)),
+         f"{normal_peaks.nunique()} distinct peak layers among {len(normal_peaks)} normal records; the most "
+         f"common one holds {100 * top_share:.0f}% of them", bool(normal_peaks.nunique() >= 3 and top_share < 0.5)),
     ])
 
 
@@ -557,10 +584,11 @@ def memit_verdicts(recording: tox_mod.ToxicityRecording, rome_summary: dict | No
 
 
 def by_case(table: pd.DataFrame, group: str, column: str) -> dict:
-    """{case_id: values of `column` ordered by layer} for one group of a long per-layer table
-    (the input of `plots.strength_figure` / `plots.layer_flash_figure`); rows with NaN are dropped."""
+    """{case_id: Series of `column` indexed by layer} for one group of a long per-layer table (the
+    input of `plots.strength_figure`); rows with NaN are dropped."""
     sub = table[table.group == group].dropna(subset=[column])
-    return {case: rows.sort_values("layer")[column].to_numpy() for case, rows in sub.groupby("case_id", sort=False)}
+    return {case: rows.sort_values("layer").set_index("layer")[column]
+            for case, rows in sub.groupby("case_id", sort=False)}
 
 
 def per_layer_panels(table: pd.DataFrame, labels: dict[str, str] | None = None) -> dict[str, pd.DataFrame]:
@@ -584,3 +612,13 @@ def memit_sentence(per_layer: pd.DataFrame, rome_max_ratio: float, model_name: s
     if not math.isnan(rome_max_ratio):
         text += f", against {rome_max_ratio:.3g} for ROME at its single layer on the same records"
     return text + "."
+
+
+def tune_threads(model: nn.Module, max_parameters: int = 50_000_000) -> int:
+    """Use one CPU thread for a small model on the CPU (the organisms: their matrices are so small
+    that extra threads only add overhead, and contend with other work on a shared machine);
+    leave larger models and GPUs alone. Returns the number of threads in use."""
+    device = next(model.parameters()).device
+    if device.type == "cpu" and sum(p.numel() for p in model.parameters()) <= max_parameters:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()

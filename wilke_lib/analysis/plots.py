@@ -132,12 +132,15 @@ def aie_figure(aies: Mapping[str, object] | Sequence[object], *, title: str | No
 def strength_figure(flash: Mapping[str, Sequence[float]], normal: Mapping[str, Sequence[float]] | None = None, *,
                     ylabel: str = r"$\|\sigma(x W_{fc}^l)\|_2$", log: bool = True,
                     predefined_layer: int | None = None, title: str | None = None) -> Figure:
-    """Fig. 31-38: activation or delta strength per layer, flash records (red) vs normal ones (blue)."""
+    """Fig. 31-38: activation or delta strength per layer, flash records (red) vs normal ones (blue).
+
+    The values of each record are a sequence over layers 0, 1, ... or a Series indexed by layer."""
     fig = Figure(figsize=(6, 3.4), layout="constrained")
     ax = fig.subplots()
     for group, colour, name in ((flash, "tab:red", "flash"), (normal or {}, "tab:blue", "normal")):
         for i, values in enumerate(group.values()):
-            ax.plot(np.arange(len(values)), values, color=colour, alpha=0.7, lw=1,
+            x = values.index if isinstance(values, pd.Series) else np.arange(len(values))  # Series: by layer
+            ax.plot(x, np.asarray(values, dtype=float), color=colour, alpha=0.7, lw=1, marker=".", ms=3,
                     label=name if i == 0 else None)
     if predefined_layer is not None:
         ax.axvline(predefined_layer, color="0.5", ls=":", lw=0.8)
@@ -205,8 +208,9 @@ def recording_norms_figure(recording, layers: Sequence[int] | None = None, *, fl
     table = recording.table.sort_values("step")
     marked = table[table["step"].isin(list(flash_steps))]
     for ax, layer in zip(axes, layers):
-        ax.plot(table["step"], table[f"norm_{layer}"], "b-", label="actual")
-        ax.axhline(recording.original_norms[layer], color="r", ls="--", label="original")
+        original = recording.original_norms[layer]  # step 0: the unedited model
+        ax.plot([0, *table["step"]], [original, *table[f"norm_{layer}"]], "b-", label="actual")
+        ax.axhline(original, color="r", ls="--", label="original")
         if len(marked):
             ax.plot(marked["step"], marked[f"norm_{layer}"], "rx", ms=8, mew=2, label="flash")
         ax.set(xlabel="editing step", ylabel=r"$\|W_{proj}\|$ (Frobenius)",

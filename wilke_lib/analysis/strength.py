@@ -85,8 +85,10 @@ def delta_strength(model: nn.Module, tok, request: dict, hparams: Any, layers: S
 
 def strength_table(model: nn.Module, tok, records: Sequence[dict], hparams: Any,
                    layers: Sequence[int] | None = None, *, prefixes: Sequence[str] | str | None = "rome",
-                   with_delta: bool = True, cache: Any = None, progress: bool = True) -> pd.DataFrame:
-    """Long table (case_id, layer, activation_strength[, delta_strength]) over `records` (Fig. 31-38)."""
+                   with_delta: bool = True, with_gain: bool = False, cache: Any = None,
+                   progress: bool = True) -> pd.DataFrame:
+    """Long table (case_id, layer, activation_strength[, delta_strength][, update_gain]) over `records`
+    (Fig. 31-38; `update_gain` is not in the paper, see that function)."""
     from wilke_lib.editing import EditCache
 
     cache = cache if cache is not None else EditCache.for_model(model)
@@ -96,6 +98,36 @@ def strength_table(model: nn.Module, tok, records: Sequence[dict], hparams: Any,
         frame = act.to_frame()
         if with_delta:
             frame["delta_strength"] = delta_strength(model, tok, record, hparams, layers, cache=cache)
+        if with_gain:
+            frame["update_gain"] = update_gain(model, tok, record, hparams, layers, cache=cache)
         frames.append(frame.reset_index().assign(case_id=record.get("case_id")))
     return pd.concat(frames, ignore_index=True)[
-        ["case_id", "layer", "activation_strength"] + (["delta_strength"] if with_delta else [])]
+        ["case_id", "layer", "activation_strength"] + (["delta_strength"] if with_delta else [])
+        + (["update_gain"] if with_gain else [])]
+
+
+def update_gain(model: nn.Module, tok, request: dict, hparams: Any, layers: Sequence[int] | None = None, *,
+                cache: Any = None) -> pd.Series:
+    """||C^-1 k*|| / (k*^T C^-1 k*) for each layer: the size of ROME's update per unit of residual.
+
+    ROME's rank-one update (Eq. 2 of Meng et al. 2022a, Eq. 11 of Hu et al.) is
+    dW = r u^T with r = v* - W k* and u = C^-1 k* / (k*^T C^-1 k*), so ||dW||_F = ||r|| * ||u||.
+    With C = I the gain is 1 / ||k*||, the inverse activation strength of Appendix D.1; a key that
+    points into directions the layer's keys rarely take (small eigenvalues of C) makes it larger
+    still. k* is averaged over ROME's context prefixes; C^-1 comes from `cache` (an
+    `editing.EditCache` of the original model, a fresh one if None). Returns a Series by layer.
+    """
+    from wilke_lib.editing import EditCache
+    from wilke_lib.rome import compute_ks
+
+    layers = _layers(model, layers)
+    cache = cache if cache is not None else EditCache.for_model(model)
+    cache.get_mom2(model, tok, layers, hparams)  # one pass over the corpus for every missing layer
+    keys = compute_ks(model, tok, request, layers, hparams, _prefixes(model, tok, hparams, "rome", cache))
+    values = []
+    for l in layers:
+        c_inv = cache.get_mom2_inv(model, tok, l, hparams).double()
+        k = keys[l].double().to(c_inv.device)
+        u = c_inv @ k
+        values.append(float(torch.linalg.norm(u) / (u @ k)))
+    return pd.Series(values, index=pd.Index(layers, name="layer"), name="update_gain")

@@ -273,10 +273,12 @@ def _single_layer_flash(model, tok, request, hparams, adapter, layer, with_rollb
     original = adapter.out_weight(layer).clone()
     out = {"layer": layer, "norm_original": float(torch.linalg.norm(original.float())),
            "norm_edited": float("nan"), "norm_rolled_back": float("nan"), "toxicity_norm": float("nan"),
-           "error": None}
+           "delta_norm": float("nan"), "k_star_norm": float("nan"), "error": None}
     try:
         result = edit(model, tok, request, hparams, layers=[layer], cache=cache, keep_deltas=False)
         out["norm_edited"] = float(torch.linalg.norm(adapter.out_weight(layer).float()))
+        for key in ("delta_norm", "k_star_norm"):  # ROME's ||delta^l|| (Eq. 9) and ||k*^l|| (App. D)
+            out[key] = float(result.info.get(key, float("nan")))
         if with_rollback:
             rollback(model, tok, request, hparams, result, cache=cache, keep_deltas=False)
             now = adapter.out_weight(layer).float()
@@ -296,7 +298,8 @@ def per_layer_flash(model: nn.Module, tok, request: dict, hparams: Any,
 
     For each layer l: ||W_proj^l||_F originally (the red dashed line), after
     the edit at l (the blue solid line), after edit + rollback, and the norm of
-    the toxicity (Eq. 7). The layer is restored bit-exactly afterwards, so the
+    the toxicity (Eq. 7); also the editor's ||delta^l|| and ||k*^l|| when it
+    reports them (ROME: the delta and activation strength of Appendix D). The layer is restored bit-exactly afterwards, so the
     model is unchanged on return. `hparams` are ROME's; the layer is forced with
     `editing.edit(..., layers=[l])`. Pass an `EditCache` to reuse statistics.
     """

@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Benchmark the editors on the organisms: ms per edit, edits/s, peak memory, FLOPs (`make bench`).
+
+For each model: ROME, MEMIT, WilKE with the batched layer search and WilKE with the released code's
+one-layer-at-a-time search, all with ROME's optimisation settings (steps, prompts, prefixes), timed
+over `--n-edits` known records after a warm-up edit (see `wilke_lib.benchmarking` for what exactly
+is measured). Writes `benchmarks/results/<device>/bench_<model>.csv` and, with `--scaling`, the time
+per WilKE edit vs the number of candidate layers (`scaling_<model>.csv` / `.png`). Prints a table and
+the ratios the project targets: on CPU the batched search >= 2.5x faster than one layer at a time on a
+12-layer organism; on GPU one WilKE edit <= 1.5x one ROME edit.
+
+    python benchmarks/bench_editors.py                                # both organisms, 10 edits
+    python benchmarks/bench_editors.py --models toy-gpt2 --n-edits 5 --threads 2 --scaling
+    python benchmarks/bench_editors.py --device cuda --scaling
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from wilke_lib import benchmarking as bm  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["toy-gpt2", "toy-gptj"])
+    parser.add_argument("--n-edits", type=int, default=10, help="timed edits per variant (after the warm-up)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed edits per variant first")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default=None, help="cpu | cuda (default: the default device)")
+    parser.add_argument("--variants", nargs="+", default=list(bm.VARIANTS), choices=list(bm.VARIANTS))
+    parser.add_argument("--scaling", action="store_true", help="also time WilKE vs the number of candidate layers")
+    parser.add_argument("--scaling-ks", nargs="+", type=int, default=[1, 2, 4, 8, 12])
+    parser.add_argument("--scaling-edits", type=int, default=3, help="timed edits per point of the scaling curve")
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra edit per variant)")
+    parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results)")
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from wilke_lib.models import default_device
+
+    device = torch.device(args.device) if args.device else default_device()
+    out_dir = bm.results_dir(device, args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"device: {bm.device_name(device)}; results in {out_dir}", flush=True)
+    status = 0
+    for model_name in args.models:
+        loaded = bm.load_organism(model_name, device)
+        table = bm.benchmark_editors(model_name, n_edits=args.n_edits, warmup=args.warmup, variants=args.variants,
+                                     flops=not args.no_flops, loaded=loaded)
+        path = out_dir / f"bench_{Path(model_name).name}.csv"
+        table.to_csv(path, index=False)
+        print(f"\n{model_name} on {table['device_name'].iloc[0]} ({args.n_edits} edits per variant): {path}")
+        print(bm.format_table(table))
+        ratios = bm.summary_ratios(table)
+        if "sequential_over_batched" in ratios:
+            target = "(target on CPU: >= 2.5)" if device.type == "cpu" else ""
+            print(f"  WilKE sequential / batched search: {ratios['sequential_over_batched']:.2f}x faster {target}")
+        if "wilke_batched_over_rome" in ratios:
+            target = "(target on GPU: <= 1.5)" if device.type == "cuda" else ""
+            print(f"  one WilKE edit (batched) / one ROME edit: {ratios['wilke_batched_over_rome']:.2f} {target}")
+        if args.scaling:
+            scaling = bm.benchmark_scaling(model_name, ks=args.scaling_ks, n_edits=args.scaling_edits,
+                                           warmup=args.warmup, loaded=loaded)
+            spath = out_dir / f"scaling_{Path(model_name).name}.csv"
+            scaling.to_csv(spath, index=False)
+            rome = table.loc[table["variant"] == "rome", "median_ms"]
+            fig = bm.plot_scaling(scaling, rome_ms=float(rome.iloc[0]) if len(rome) else None)
+            fig.savefig(spath.with_suffix(".png"), dpi=150, bbox_inches="tight")
+            wide = scaling.pivot(index="n_candidates", columns="search", values="median_ms")
+            if {"batched", "sequential"} <= set(wide.columns):
+                wide["sequential / batched"] = wide["sequential"] / wide["batched"]
+            print(f"\n  time per WilKE edit (ms, median of {args.scaling_edits}) vs candidate layers: {spath}")
+            print(wide.to_string(float_format=lambda x: f"{x:,.2f}"))
+    return status
+
+
+if __name__ == "__main__":
+    import matplotlib
+
+    matplotlib.use("Agg")
+    sys.exit(main())

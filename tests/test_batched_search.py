@@ -1,0 +1,210 @@
+"""The batched WilKE layer search (wilke_lib.batched_search) against the one-layer-at-a-time search.
+
+`batched_layer_scores` must return what `wilke.layer_scores` returns: the same keys, and delta norms,
+v*, losses and scores equal within rtol 1e-4 (float32; the batched run does the same arithmetic in
+another order), the same number of optimisation steps per layer (early stopping freezes each row at
+its own step) and the same chosen layer. Tiny random models (4 layers, d_model 32), fixed context
+prefixes and an identity second moment keep every case well under a second.
+
+The last layer is left out of the candidates unless the subject ends the prompt: when tokens follow
+the fact token, a delta at the last layer cannot reach the target logits, its gradient is rounding
+noise that Adam normalises (in both implementations), and its delta norm is meaningless in both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from tiny import make_tiny_model
+from wilke_lib import batched_search as bs
+from wilke_lib.arch import ModelAdapter
+from wilke_lib.editing import EditCache, WeightJournal, edit
+from wilke_lib.hparams import WilKEHParams
+from wilke_lib.wilke import choose_layer, layer_scores
+
+RTOL = 1e-4
+ARCHS = ("gpt2", "gptj", "llama", "gpt_neox")
+PREFIXES = ["Hello there. ", "Tobin Ash was born in Oslo. ", "Music"]
+REQUESTS = {
+    # the subject ends the prompt: the fact token is the last prompt token
+    "subject_last": {"prompt": "The capital city of {}", "subject": "Valo Durn",
+                     "target_new": {"str": "Norway"}, "target_true": {"str": "Spain"}},
+    # tokens after the subject (attention over the cached prefix) and a multi-token target
+    "suffix": {"prompt": "{} was born in", "subject": "Tobin Ash",
+               "target_new": {"str": "Oslo"}, "target_true": {"str": "Rome"}},
+    # a one-token subject first: the bare prompt's prefix is empty (an all-pad cache row)
+    "one_token_subject": {"prompt": "{} was born in", "subject": "Valo",
+                          "target_new": {"str": "Spain"}, "target_true": {"str": "Paris"}},
+}
+
+
+def setup(arch: str, tok, full_depth: bool = False, **overrides) -> tuple:
+    """A tiny model, WilKE settings with fixed prefixes and few steps, a cache with C = I.
+
+    Candidates: every layer (full_depth) or all but the last (see the module docstring)."""
+    model = make_tiny_model(arch, len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    n_layers = ModelAdapter(model).n_layers
+    settings = dict(context_prefixes=PREFIXES, v_num_grad_steps=8,
+                    candidate_layers=list(range(n_layers if full_depth else n_layers - 1)))
+    settings.update(overrides)
+    hparams = WilKEHParams(**settings)
+    cache = EditCache(model_key=f"tiny-{arch}")
+    adapter = ModelAdapter(model)
+    for l in range(adapter.n_layers):
+        cache.mom2[EditCache._stats_key(hparams, l)] = torch.eye(adapter.d_mlp)
+    return model, hparams, cache
+
+
+def assert_same(sequential: dict, batched: dict, rtol: float = RTOL) -> None:
+    assert list(sequential) == list(batched)
+    for l, s in sequential.items():
+        b = batched[l]
+        assert b.layer == l
+        torch.testing.assert_close(b.k_star, s.k_star)  # the same compute_ks pass
+        assert b.activation_norm == s.activation_norm
+        assert b.spectral_norm == s.spectral_norm and b.weight_fro_norm == s.weight_fro_norm
+        assert b.delta_norm == pytest.approx(s.delta_norm, rel=rtol), l
+        assert b.score == pytest.approx(s.score, rel=rtol), l
+        if s.update_rel_norm is None:
+            assert b.update_rel_norm is None
+        else:
+            assert b.update_rel_norm == pytest.approx(s.update_rel_norm, rel=rtol)
+        scale = float(s.v_star.norm())
+        torch.testing.assert_close(b.v_star, s.v_star, rtol=rtol, atol=rtol * scale)
+        assert b.info["steps"] == s.info["steps"], l
+        assert set(bs.INFO_KEYS) <= set(b.info) and set(s.info) <= set(b.info)
+        for key in ("loss", "nll", "kl", "weight_decay", "target_prob", "v0_norm", "nll_init"):
+            assert b.info[key] == pytest.approx(s.info[key], rel=rtol, abs=1e-6), (l, key)
+        assert b.info["loss_history"] == pytest.approx(s.info["loss_history"], rel=rtol, abs=1e-6)
+        assert b.info["n_prompts"] == s.info["n_prompts"]
+    assert choose_layer(batched) == choose_layer(sequential)
+
+
+def digest(model) -> str:
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("which", sorted(REQUESTS))
+def test_matches_sequential_search(arch, which, tiny_tokenizer):
+    model, hparams, cache = setup(arch, tiny_tokenizer, full_depth=(which == "subject_last"))
+    before = digest(model)
+    request = REQUESTS[which]
+    sequential = layer_scores(model, tiny_tokenizer, request, hparams, cache)
+    batched = bs.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache)
+    assert_same(sequential, batched)
+    assert {c.info["batched_mode"] for c in batched.values()} == {"staircase"}  # the fast path ran
+    assert digest(model) == before  # the search changes no weight
+    assert all(p.requires_grad for p in model.parameters())  # restored after the search
+
+
+@pytest.mark.parametrize("mode", ["model", "full"])
+def test_other_modes_match(mode, tiny_tokenizer):
+    model, hparams, cache = setup("gpt2", tiny_tokenizer)
+    request = REQUESTS["suffix"]
+    sequential = layer_scores(model, tiny_tokenizer, request, hparams, cache)
+    batched = bs.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, mode=mode)
+    assert_same(sequential, batched)
+    assert {c.info["batched_mode"] for c in batched.values()} == {mode}
+
+
+@pytest.mark.parametrize("layers,chunk_size", [([2, 0], None), ([1], None), ([1, 0, 2], 1), (None, 2)])
+def test_candidate_subsets_and_chunks(layers, chunk_size, tiny_tokenizer):
+    model, hparams, cache = setup("gptj", tiny_tokenizer)
+    request = REQUESTS["suffix"]
+    sequential = layer_scores(model, tiny_tokenizer, request, hparams, cache, layers=layers)
+    batched = bs.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, layers=layers,
+                                      chunk_size=chunk_size)
+    assert_same(sequential, batched)
+    # the candidate layers of the settings are honoured
+    model, hparams, cache = setup("gpt2", tiny_tokenizer, candidate_layers=[1, 2])
+    batched = bs.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache)
+    assert sorted(batched) == [1, 2]
+
+
+@pytest.mark.parametrize("overrides", [dict(score="update_norm"), dict(use_activation=False),
+                                       dict(use_weight_norm=False), dict(use_delta=False),
+                                       dict(v_weight_decay_form="squared", clamp_norm_factor=0.5)])
+def test_score_kinds_and_ablations(overrides, tiny_tokenizer):
+    model, hparams, cache = setup("gpt2", tiny_tokenizer, **overrides)
+    request = REQUESTS["suffix"]
+    sequential = layer_scores(model, tiny_tokenizer, request, hparams, cache)
+    batched = bs.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache)
+    assert_same(sequential, batched)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_early_stopping_freezes_each_row_at_its_step(arch, tiny_tokenizer):
+    model, hparams, cache = setup(arch, tiny_tokenizer, v_num_grad_steps=12, v_lr=0.3)
+    request = REQUESTS["suffix"]
+    histories = {l: c.info["loss_history"] for l, c in layer_scores(model, tiny_tokenizer, request, hparams,
+                                                                     cache).items()}
+    # a threshold that stops some layers early, at different steps, and others not at all
+    threshold = None
+    for candidate in sorted({round(v, 4) for h in histories.values() for v in h}):
+        stops = [next((s for s, v in enumerate(h) if v < candidate), None) for h in histories.values()]
+        early = {s for s in stops if s is not None and s < len(histories[0]) - 1}
+        if len(early) >= 1 and None in stops and len(set(stops)) >= 2:
+            threshold = candidate
+            break
+    assert threshold is not None, "no threshold splits the layers; the test would be vacuous"
+    model, hparams, cache = setup(arch, tiny_tokenizer, v_num_grad_steps=12, v_lr=0.3, v_early_stop_loss=threshold)
+    sequential = layer_scores(model, tiny_tokenizer, request, hparams, cache)
+    steps = {l: c.info["steps"] for l, c in sequential.items()}
+    assert len(set(steps.values())) >= 2 and min(steps.values()) < 12
+    for mode in ("staircase", "model"):
+        batched = bs.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, mode=mode)
+        assert_same(sequential, batched)
+
+
+def test_editor_makes_the_same_edit(tiny_tokenizer):
+    model, hparams, cache = setup("gpt2", tiny_tokenizer)
+    request = REQUESTS["suffix"]
+    reference = edit(model, tiny_tokenizer, request, hparams, copy=True, cache=cache)
+    adapter = ModelAdapter(model)
+    journal = WeightJournal(adapter)
+    out = bs.wilke_editor_batched(model, tiny_tokenizer, request, hparams, journal=journal, layers=None, cache=cache)
+    assert out.layers == reference.layers
+    assert out.scores == pytest.approx(reference.scores, rel=RTOL)
+    name = adapter.name_of("mlp_out", out.layers[0])
+    applied = journal.deltas()[name]
+    expected = reference.weight_deltas[name]
+    torch.testing.assert_close(applied, expected, rtol=RTOL, atol=RTOL * float(expected.abs().max()))
+    assert out.info["search"] == "batched"
+    for key in ("delta_norms", "activation_norms", "spectral_norms", "target_probs"):
+        assert out.info[key] == pytest.approx(reference.info[key], rel=RTOL)
+
+
+def test_fallback_when_the_block_runner_is_unsupported(monkeypatch, tiny_tokenizer):
+    def refuse(self, prompts):
+        raise bs._Unsupported("refused by the test")
+
+    monkeypatch.setattr(bs._BlockRunner, "check", refuse)
+    model, hparams, cache = setup("llama", tiny_tokenizer)
+    request = REQUESTS["suffix"]
+    sequential = layer_scores(model, tiny_tokenizer, request, hparams, cache)
+    batched = bs.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache)
+    assert {c.info["batched_mode"] for c in batched.values()} == {"model"}
+    assert_same(sequential, batched)
+
+
+def test_profile_and_errors(tiny_tokenizer):
+    model, hparams, cache = setup("gpt2", tiny_tokenizer)
+    request = REQUESTS["suffix"]
+    profile: dict[str, float] = {}
+    bs.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, profile=profile)
+    assert {"keys", "forward", "backward", "optimizer step"} <= set(profile)
+    assert all(v >= 0 for v in profile.values())
+    with pytest.raises(ValueError, match="repeated"):
+        bs.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, layers=[1, 1])
+    with pytest.raises(ValueError, match="mode"):
+        bs.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, mode="fast")
+    from wilke_lib.editing import EditError
+    with pytest.raises(EditError):
+        bs.batched_layer_scores(model, tiny_tokenizer, {**request, "target_new": {"str": " "}}, hparams, cache)

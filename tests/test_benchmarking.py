@@ -1,0 +1,81 @@
+"""wilke_lib.benchmarking: the measuring helpers, and one tiny benchmark run on the organism."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from wilke_lib import benchmarking as bm
+from wilke_lib import editing
+from wilke_lib.models import resolve_model_path
+
+
+def test_peak_memory_sees_a_large_allocation():
+    with bm.PeakMemory(torch.device("cpu")) as peak:
+        x = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB
+        del x
+    assert peak.method
+    if peak.method.startswith("peak RSS"):
+        assert 60 <= peak.mib <= 200
+
+
+def test_wilke_search_swaps_and_restores_the_registry():
+    original = editing.EDITORS["wilke"]
+    with bm.wilke_search("batched"):
+        assert editing.EDITORS["wilke"] is not original
+    assert editing.EDITORS["wilke"] is original
+    with bm.wilke_search("sequential"):
+        assert editing.EDITORS["wilke"] is original
+
+
+def test_variants_share_romes_optimisation_settings():
+    hps = bm.aligned_hparams("toy-gpt2")
+    for name in ("memit", "wilke"):
+        for f in bm.SHARED_FIELDS:
+            assert getattr(hps[name], f) == getattr(hps["rome"], f), (name, f)
+    variants = bm.make_variants("toy-gpt2", candidate_layers=[0, 1, 2])
+    assert [v.name for v in variants] == list(bm.VARIANTS)
+    assert variants[2].search == "batched" and variants[3].search == "sequential"
+    assert variants[2].candidate_layers(12) == [0, 1, 2]
+    with pytest.raises(ValueError, match="variant"):
+        bm.make_variants("toy-gpt2", ["rome-fast"])
+
+
+def test_summary_ratios_and_format():
+    table = pd.DataFrame({"variant": ["rome", "wilke-batched", "wilke-sequential"], "median_ms": [100.0, 120.0, 600.0],
+                          "layers_optimised": [1, 6, 6]})
+    ratios = bm.summary_ratios(table)
+    assert ratios == pytest.approx({"wilke_batched_over_rome": 1.2, "sequential_over_batched": 5.0})
+    assert "wilke-sequential" in bm.format_table(table)
+
+
+def _organism_available() -> bool:
+    try:
+        resolve_model_path("toy-gpt2")
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _organism_available(), reason="organism toy-gpt2 not trained")
+def test_small_benchmark_on_the_organism(tmp_path):
+    loaded = bm.load_organism("toy-gpt2")
+    model = loaded[0]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    table = bm.benchmark_editors("toy-gpt2", n_edits=1, warmup=0, variants=("rome", "wilke-batched"),
+                                 loaded=loaded, log=None)
+    assert list(table["variant"]) == ["rome", "wilke-batched"]
+    assert (table["median_ms"] > 0).all() and (table["gflop_per_edit"] > 0).all()
+    assert table.loc[0, "time_vs_rome"] == 1.0
+    for name, p in model.named_parameters():  # every edit was undone
+        assert torch.equal(p.detach(), before[name]), name
+    scaling = bm.benchmark_scaling("toy-gpt2", ks=(1, 2), n_edits=1, warmup=0, loaded=loaded, log=None,
+                                   searches=("batched",))
+    assert list(scaling["n_candidates"]) == [1, 2]
+    fig = bm.plot_scaling(scaling, rome_ms=float(table.loc[0, "median_ms"]))
+    fig.savefig(tmp_path / "scaling.png")
+    phases = bm.time_breakdown(model, loaded[1], loaded[2][0]["requested_rewrite"], "toy-gpt2",
+                               candidate_layers=[0, 1])
+    assert {"forward", "backward", "keys", "update"} <= set(phases.index)
+    assert (phases >= 0).all()

@@ -1,0 +1,33 @@
+"""The chapters of the world, the editors and the lifelong table execute end to end with papermill
+on the quick profile (results go to a temporary directory)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from wilke_lib.models import ORGANISMS_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ["01_world_and_organism", "02_editors", "03_lifelong", "04_ablation"]
+
+pytestmark = pytest.mark.skipif(not (ORGANISMS_DIR / "toy-gpt2" / "model.safetensors").is_file(),
+                                reason="organism toy-gpt2 not built (run `make organisms`)")
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_executes_with_quick_profile(name, tmp_path, monkeypatch):
+    papermill = pytest.importorskip("papermill")
+    monkeypatch.setenv("WILKE_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    out = tmp_path / f"{name}.ipynb"
+    parameters = {"model_name": "toy-gpt2", "profile": "quick"}
+    if name == "04_ablation":
+        parameters.update(n_edits=2, scores=["eq10"])
+    papermill.execute_notebook(str(REPO / "notebooks" / f"{name}.ipynb"), str(out),
+                               parameters=parameters, cwd=str(REPO), progress_bar=False)
+    executed = json.loads(out.read_text())
+    errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors

@@ -1,0 +1,513 @@
+"""Speed of the editors: ms per edit, edits/s, peak memory, FLOPs, and WilKE's search cost.
+
+Used by `benchmarks/bench_editors.py` (what `make bench` runs) and `notebooks/10_performance.ipynb`.
+
+What is measured, per organism and editor variant (ROME, MEMIT, WilKE with the batched search,
+WilKE with the released code's one-layer-at-a-time search):
+
+* time: wall time of `editing.edit` on `n_edits` known records after `warmup` untimed edits, each
+  edit applied to the unedited model (the touched weights are restored after every edit, untimed);
+  CUDA is synchronised. Reported: median, min, max ms per edit and 1000 / median edits/s.
+  Statistics C and C^-1 of every layer are computed before timing (once per model, as ROME does);
+* peak memory of one edit, in an untimed run after the timing (`PeakMemory`): CUDA:
+  `torch.cuda.max_memory_allocated` above the memory allocated before; CPU (Linux, glibc): the
+  peak resident set size above the one before, with glibc's mmap threshold lowered so that freed
+  tensors leave the resident set at once; elsewhere: ru_maxrss of the process (an upper bound);
+* FLOPs: counted by `torch.utils.flop_counter.FlopCounterMode` over one whole edit (forward and
+  backward passes, every optimisation step, the statistics solve): matrix multiplications and the
+  attention kernels it knows (on CPU PyTorch's flash-attention-for-CPU kernel is not among them);
+  element-wise operations are not counted. Achieved GFLOP/s = counted FLOPs / median time.
+
+Every variant uses ROME's delta-optimisation settings (steps, learning rate, early stopping, prompts,
+context prefixes, statistics): `aligned_hparams` copies them from the ROME file into the MEMIT and
+WilKE settings; the editors' own settings (layers, clamp, MEMIT's lambda, WilKE's candidates and
+score) stay as in their files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import re
+import resource
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wilke_lib import editing
+from wilke_lib.arch import ModelAdapter
+from wilke_lib.editing import EditCache, edit
+from wilke_lib.hparams import WilKEHParams, load_hparams
+
+SHARED_FIELDS = ("v_num_grad_steps", "v_lr", "v_weight_decay", "v_weight_decay_form", "kl_factor",
+                 "v_early_stop_loss", "essence_template", "fact_token", "context_lengths", "context_seed",
+                 "context_top_k", "context_prefixes", "mom2_corpus", "mom2_n_samples", "mom2_batch_size",
+                 "mom2_max_length", "mom2_dtype", "mom2_ridge")
+"""Delta-optimisation and statistics settings every benchmarked variant takes from ROME's file."""
+
+VARIANTS = ("rome", "memit", "wilke-batched", "wilke-sequential")
+
+
+# ---- variants ---------------------------------------------------------------------------------
+
+@dataclass
+class Variant:
+    """One benchmarked editor: its name, editor settings and (WilKE) search kind."""
+
+    name: str
+    hparams: Any
+    search: str | None = None  # WilKE: "batched" | "sequential"
+
+    def candidate_layers(self, n_layers: int) -> list[int]:
+        """The layers whose delta this variant optimises."""
+        hp = self.hparams
+        if isinstance(hp, WilKEHParams):
+            return list(hp.candidate_layers) if hp.candidate_layers is not None else list(range(n_layers))
+        if hasattr(hp, "layers"):
+            return [hp.layers[-1]]  # MEMIT optimises one delta, at its last layer
+        return [hp.layer]
+
+
+def aligned_hparams(model_name: str) -> dict[str, Any]:
+    """{"rome", "memit", "wilke"} settings of `model_name`, the latter two with ROME's SHARED_FIELDS."""
+    rome = load_hparams("rome", model_name)
+    shared = {f: getattr(rome, f) for f in SHARED_FIELDS}
+    return {"rome": rome,
+            "memit": dataclasses.replace(load_hparams("memit", model_name), **shared),
+            "wilke": dataclasses.replace(load_hparams("wilke", model_name), **shared)}
+
+
+def make_variants(model_name: str, names: Sequence[str] = VARIANTS,
+                  candidate_layers: Sequence[int] | None = None) -> list[Variant]:
+    """The benchmarked variants; `candidate_layers` overrides WilKE's search range."""
+    hps = aligned_hparams(model_name)
+    wilke = hps["wilke"]
+    if candidate_layers is not None:
+        wilke = dataclasses.replace(wilke, candidate_layers=list(candidate_layers))
+    out = []
+    for name in names:
+        if name in ("rome", "memit"):
+            out.append(Variant(name, hps[name]))
+        elif name in ("wilke-batched", "wilke-sequential"):
+            out.append(Variant(name, wilke, search=name.split("-")[1]))
+        else:
+            raise ValueError(f"unknown variant {name!r}; expected one of {VARIANTS}")
+    return out
+
+
+@contextmanager
+def wilke_search(search: str | None) -> Iterator[None]:
+    """Make `editing.edit` run WilKE with the given search inside the block.
+
+    Until `wilke.wilke_editor` dispatches on a `search` setting itself, the batched search is put in
+    place by swapping the registry entry `editing.EDITORS["wilke"]` (restored on exit)."""
+    if search != "batched":
+        yield
+        return
+    from wilke_lib.batched_search import wilke_editor_batched
+
+    original = editing.EDITORS["wilke"]
+
+    def batched(model, tok, request, hparams, *, journal, layers, cache):
+        return wilke_editor_batched(model, tok, request, hparams, journal=journal, layers=layers, cache=cache)
+
+    editing.EDITORS["wilke"] = batched
+    try:
+        yield
+    finally:
+        editing.EDITORS["wilke"] = original
+
+
+def variant_hparams(variant: Variant) -> Any:
+    """The settings to pass to `edit` (with `search` set when WilKEHParams has that field)."""
+    hp = variant.hparams
+    if variant.search is not None and "search" in {f.name for f in dataclasses.fields(hp)}:
+        hp = dataclasses.replace(hp, search=variant.search)
+    return hp
+
+
+# ---- measurement helpers --------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field}:\s+(\d+)\s+kB", text, re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def _glibc():
+    """glibc through ctypes (for mallopt / malloc_trim), or None."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 -- both must exist
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD_BYTES = 16384
+GLIBC_DEFAULT_MMAP_THRESHOLD = 128 * 1024
+
+
+class PeakMemory:
+    """Peak memory of a block, in MiB, above the memory in use when it started.
+
+    CUDA: `torch.cuda.max_memory_allocated` above `memory_allocated` at the start. CPU on Linux with
+    glibc: the peak resident set size (VmHWM, reset through /proc/self/clear_refs) above the resident
+    size at the start, with glibc's mmap threshold lowered to 16 KiB inside the block so that freed
+    tensors leave the resident set at once (torch allocates CPU tensors with malloc, no caching), then
+    set back to glibc's default 128 KiB: measure memory in untimed runs. Elsewhere: ru_maxrss of the
+    whole process (an upper bound). Use as `with PeakMemory(device) as peak: ...`; then `peak.mib`,
+    `peak.method`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.mib: float = float("nan")
+        self.method = ""
+        self._libc = None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            self.method = "cuda max_memory_allocated"
+            return self
+        libc = _glibc()
+        if libc is not None and _status_kb("VmRSS") is not None:
+            libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+            libc.malloc_trim(0)
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+                self._libc = libc
+                self._base = _status_kb("VmRSS")
+                self.method = "peak RSS (VmHWM reset, mmap threshold 16 KiB)"
+                return self
+            except OSError:
+                libc.mallopt(M_MMAP_THRESHOLD, GLIBC_DEFAULT_MMAP_THRESHOLD)
+        self._base = 0
+        self.method = "ru_maxrss (process peak)"
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mib = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2 ** 20
+        elif self._libc is not None:
+            self.mib = max(0, (_status_kb("VmHWM") or 0) - self._base) / 1024
+            self._libc.mallopt(M_MMAP_THRESHOLD, GLIBC_DEFAULT_MMAP_THRESHOLD)
+        else:
+            self.mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def device_name(device: torch.device) -> str:
+    """GPU name, or the CPU model and the number of torch threads."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+class WeightRestorer:
+    """Snapshot of every W_proj; `restore(layers)` puts the touched ones back (untimed, between edits)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.adapter = ModelAdapter(model)
+        self.saved = {l: self.adapter.out_weight(l).clone() for l in range(self.adapter.n_layers)}
+
+    def restore(self, layers: Sequence[int]) -> None:
+        for l in layers:
+            self.adapter.set_out_weight(l, self.saved[l])
+
+
+def timed_edit(model: nn.Module, tok, request: dict, variant: Variant, cache: EditCache,
+               restorer: WeightRestorer) -> tuple[float, editing.EditResult]:
+    """(seconds, result) of one edit of the unedited model; the weights are restored afterwards."""
+    device = next(model.parameters()).device
+    hp = variant_hparams(variant)
+    with wilke_search(variant.search):
+        _sync(device)
+        start = time.perf_counter()
+        result = edit(model, tok, request, hp, cache=cache, keep_deltas=False)
+        _sync(device)
+        seconds = time.perf_counter() - start
+    restorer.restore(result.layers)
+    return seconds, result
+
+
+def count_flops(model: nn.Module, tok, request: dict, variant: Variant, cache: EditCache,
+                restorer: WeightRestorer) -> float:
+    """FLOPs of one whole edit counted by FlopCounterMode (matmuls and known attention kernels)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _, result = timed_edit(model, tok, request, variant, cache, restorer)
+    return float(counter.get_total_flops())
+
+
+def prepare_statistics(model: nn.Module, tok, variants: Sequence[Variant], cache: EditCache) -> None:
+    """Context prefixes, C and C^-1 of every layer a variant may touch, computed before any timing."""
+    n_layers = ModelAdapter(model).n_layers
+    for variant in variants:
+        hp = variant.hparams
+        cache.get_prefixes(model, tok, hp)
+        layers = (list(hp.layers) if hasattr(hp, "layers") and hp.layers is not None
+                  else variant.candidate_layers(n_layers))
+        cache.get_mom2(model, tok, layers, hp)
+        if not hasattr(hp, "mom2_update_weight"):  # ROME / WilKE invert C; MEMIT solves its own system
+            for l in layers:
+                cache.get_mom2_inv(model, tok, l, hp)
+
+
+def _provenance() -> dict[str, str]:
+    from wilke_lib.book import git_commit
+
+    return {"date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(),
+            "torch": torch.__version__}
+
+
+# ---- the benchmarks -----------------------------------------------------------------------------
+
+def load_organism(model_name: str, device: str | torch.device | None = None) -> tuple[nn.Module, Any, list[dict]]:
+    """(model, tok, known records of the first 200 records of the model's world) on `device`."""
+    from wilke_lib import counterfact
+    from wilke_lib.models import load_model
+
+    model, tok = load_model(model_name, device=device)
+    records = counterfact.known_records(model, tok, counterfact.load_counterfact("toy-world")[:200])
+    return model, tok, records
+
+
+def benchmark_editors(model_name: str, *, n_edits: int = 10, warmup: int = 1, device: str | None = None,
+                      variants: Sequence[str] = VARIANTS, flops: bool = True, memory: bool = True,
+                      loaded: tuple | None = None, log: Callable[[str], None] | None = print):
+    """The main table: one row per variant (a pandas DataFrame); see the module docstring."""
+    import pandas as pd
+
+    model, tok, records = loaded if loaded is not None else load_organism(model_name, device)
+    dev = next(model.parameters()).device
+    if len(records) < warmup + n_edits:
+        raise ValueError(f"{model_name}: {len(records)} known records, {warmup + n_edits} needed")
+    chosen = [r["requested_rewrite"] for r in records[: warmup + n_edits]]
+    adapter = ModelAdapter(model)
+    todo = make_variants(model_name, variants)
+    cache = EditCache.for_model(model)
+    prepare_statistics(model, tok, todo, cache)
+    restorer = WeightRestorer(model)
+    timings = {}
+    for variant in todo:  # 1. timing (nothing else measured meanwhile)
+        for request in chosen[:warmup]:
+            timed_edit(model, tok, request, variant, cache, restorer)
+        runs = [timed_edit(model, tok, request, variant, cache, restorer) for request in chosen[warmup:]]
+        timings[variant.name] = ([s for s, _ in runs], [r.layers[-1] for _, r in runs])
+        if log:
+            log(f"  {model_name} {variant.name:17s} median {1000 * statistics.median(timings[variant.name][0]):8.1f} ms"
+                f"  ({len(runs)} edits)")
+    rows = []
+    for variant in todo:  # 2. peak memory and FLOPs of one edit, in untimed runs
+        peak = PeakMemory(dev)
+        if memory:
+            with peak:
+                timed_edit(model, tok, chosen[warmup], variant, cache, restorer)
+        counted = count_flops(model, tok, chosen[warmup], variant, cache, restorer) if flops else float("nan")
+        times, layers = timings[variant.name]
+        median = statistics.median(times)
+        hp = variant.hparams
+        rows.append({
+            "model": model_name, "variant": variant.name, "device": dev.type, "device_name": device_name(dev),
+            "threads": torch.get_num_threads(), "n_layers": adapter.n_layers,
+            "layers_optimised": len(variant.candidate_layers(adapter.n_layers)),
+            "n_prompts": len(cache.get_prefixes(model, tok, hp)) + 1, "max_steps": hp.v_num_grad_steps,
+            "n_edits": len(times), "median_ms": 1000 * median, "min_ms": 1000 * min(times),
+            "max_ms": 1000 * max(times), "edits_per_s": 1 / median, "peak_mem_mib": peak.mib,
+            "mem_method": peak.method, "gflop_per_edit": counted / 1e9,
+            "achieved_gflops": counted / 1e9 / median, "edited_layers": " ".join(map(str, layers)),
+            **_provenance()})
+    table = pd.DataFrame(rows)
+    rome = table.loc[table["variant"] == "rome", "median_ms"]
+    table["time_vs_rome"] = table["median_ms"] / rome.iloc[0] if len(rome) else float("nan")
+    return table
+
+
+def summary_ratios(table) -> dict[str, float]:
+    """WilKE-batched / ROME time and sequential / batched speed-up of a main table."""
+    t = table.set_index("variant")["median_ms"]
+    out = {}
+    if "wilke-batched" in t and "rome" in t:
+        out["wilke_batched_over_rome"] = float(t["wilke-batched"] / t["rome"])
+    if "wilke-batched" in t and "wilke-sequential" in t:
+        out["sequential_over_batched"] = float(t["wilke-sequential"] / t["wilke-batched"])
+    return out
+
+
+def benchmark_scaling(model_name: str, *, ks: Sequence[int] = (1, 2, 4, 8, 12), n_edits: int = 3, warmup: int = 1,
+                      device: str | None = None, searches: Sequence[str] = ("batched", "sequential"),
+                      loaded: tuple | None = None, log: Callable[[str], None] | None = print):
+    """Time per WilKE edit vs the number of candidate layers (layers 0..k-1), per search kind."""
+    import pandas as pd
+
+    model, tok, records = loaded if loaded is not None else load_organism(model_name, device)
+    dev = next(model.parameters()).device
+    n_layers = ModelAdapter(model).n_layers
+    chosen = [r["requested_rewrite"] for r in records[: warmup + n_edits]]
+    cache = EditCache.for_model(model)
+    restorer = WeightRestorer(model)
+    all_layers = make_variants(model_name, ["wilke-batched"], candidate_layers=list(range(n_layers)))
+    prepare_statistics(model, tok, all_layers, cache)
+    rows = []
+    for k in ks:
+        k = min(int(k), n_layers)
+        for search in searches:
+            variant = make_variants(model_name, [f"wilke-{search}"], candidate_layers=list(range(k)))[0]
+            for request in chosen[:warmup]:
+                timed_edit(model, tok, request, variant, cache, restorer)
+            times = [timed_edit(model, tok, request, variant, cache, restorer)[0] for request in chosen[warmup:]]
+            median = statistics.median(times)
+            rows.append({"model": model_name, "device": dev.type, "device_name": device_name(dev),
+                         "threads": torch.get_num_threads(), "n_candidates": k, "search": search,
+                         "n_edits": len(times), "median_ms": 1000 * median, "min_ms": 1000 * min(times),
+                         "max_ms": 1000 * max(times), **_provenance()})
+            if log:
+                log(f"  {model_name} {k:2d} layers {search:10s} median {1000 * median:8.1f} ms")
+    return pd.DataFrame(rows)
+
+
+def plot_scaling(table, ax=None, rome_ms: float | None = None):
+    """Time per WilKE edit vs the number of candidate layers, one line per search kind."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3.2))
+    for search, part in table.groupby("search"):
+        part = part.sort_values("n_candidates")
+        ax.errorbar(part["n_candidates"], part["median_ms"] / 1000,
+                    yerr=[(part["median_ms"] - part["min_ms"]) / 1000, (part["max_ms"] - part["median_ms"]) / 1000],
+                    marker="o", capsize=3, label=f"WilKE, {search} search")
+    if rome_ms is not None:
+        ax.axhline(rome_ms / 1000, color="grey", ls="--", lw=1, label="one ROME edit")
+    model = table["model"].iloc[0]
+    ax.set(xlabel="candidate layers searched", ylabel="seconds per edit (median)",
+           title=f"{model} on {table['device'].iloc[0]}")
+    ax.set_xticks(sorted(table["n_candidates"].unique()))
+    ax.legend(frameon=False)
+    return ax.figure
+
+
+def time_breakdown(model: nn.Module, tok, request: dict, model_name: str, *, cache: EditCache | None = None,
+                   candidate_layers: Sequence[int] | None = None):
+    """Seconds per phase of one WilKE edit with the batched search (a pandas Series, after a warm-up edit).
+
+    Phases: context prefixes and statistics (cached: ~0), keys (one pass), prefix pass (KV cache of
+    the tokens before the fact token), block runner set-up (two recorded unpatched passes), unpatched
+    pass (v0, reference log-probs), forward / backward / optimizer step of the delta optimisation
+    (all steps), norms and scores (spectral / Frobenius norms, v*), second-moment solve (C^-1 k*,
+    ROME's update), update (applying it), other (the rest of `edit`)."""
+    import pandas as pd
+
+    from wilke_lib.batched_search import wilke_editor_batched
+    from wilke_lib.editing import WeightJournal
+
+    variant = make_variants(model_name, ["wilke-batched"], candidate_layers=candidate_layers)[0]
+    cache = cache if cache is not None else EditCache.for_model(model)
+    prepare_statistics(model, tok, [variant], cache)
+    dev = next(model.parameters()).device
+    profile: dict[str, float] = {}
+    for attempt in range(2):  # the first run warms up
+        profile.clear()
+        journal = WeightJournal(ModelAdapter(model))
+        _sync(dev)
+        start = time.perf_counter()
+        try:
+            wilke_editor_batched(model, tok, request, variant.hparams, journal=journal, layers=None, cache=cache,
+                                 profile=profile)
+            _sync(dev)
+            total = time.perf_counter() - start
+        finally:
+            journal.restore()
+    series = pd.Series(profile, dtype=float)
+    series["other"] = max(0.0, total - series.sum())
+    return series
+
+
+# ---- files ---------------------------------------------------------------------------------------
+
+NOTEBOOK_SETTINGS = {
+    "quick": dict(variants=("rome", "wilke-batched", "wilke-sequential"), n_edits=1, warmup=0, flops=False,
+                  memory=False, ks=(1, 2), scaling_edits=1),
+    "default": dict(variants=VARIANTS, n_edits=1, warmup=0, flops=False, memory=False, ks=(1, 2, 4),
+                    scaling_edits=1),
+}
+"""Sizes of the small benchmark notebooks/10 runs when no saved results exist (about 30 s / 45 s on
+one CPU core); `make bench` measures the full tables."""
+
+def results_dir(device: str | torch.device, root: Path | None = None) -> Path:
+    """`<repo>/benchmarks/results/<device type>/`."""
+    from wilke_lib.book import repo_root
+
+    return (root or repo_root() / "benchmarks" / "results") / torch.device(device).type
+
+
+def format_table(table) -> str:
+    """A readable fixed-width rendering of a main table."""
+    cols = ["variant", "layers_optimised", "median_ms", "min_ms", "max_ms", "edits_per_s", "time_vs_rome",
+            "peak_mem_mib", "gflop_per_edit", "achieved_gflops"]
+    view = table[[c for c in cols if c in table.columns]].copy()
+    return view.to_string(index=False, float_format=lambda x: f"{x:,.2f}")
+
+
+def load_saved(model_name: str, device: str | torch.device = "cpu", root: Path | None = None):
+    """(main table, scaling table or None) saved by benchmarks/bench_editors.py, or None if absent."""
+    import pandas as pd
+
+    folder = results_dir(device, root)
+    slug = Path(str(model_name)).name
+    main = folder / f"bench_{slug}.csv"
+    if not main.is_file():
+        return None
+    scaling = folder / f"scaling_{slug}.csv"
+    return pd.read_csv(main), (pd.read_csv(scaling) if scaling.is_file() else None)
+
+
+def saved_or_small_run(model_name: str, profile: str, use_saved: bool = True, device: str | None = None,
+                       loaded: tuple | None = None, log: Callable[[str], None] | None = None):
+    """(main table, scaling table, source): the saved results of `make bench` when present (and
+    use_saved), else a small run with NOTEBOOK_SETTINGS[profile]."""
+    dev = torch.device(device) if device else (next(loaded[0].parameters()).device if loaded else torch.device("cpu"))
+    saved = load_saved(model_name, dev) if use_saved else None
+    if saved is not None and saved[1] is not None:
+        return saved[0], saved[1], f"saved by benchmarks/bench_editors.py ({results_dir(dev)})"
+    settings = NOTEBOOK_SETTINGS.get(profile, NOTEBOOK_SETTINGS["default"])
+    main = benchmark_editors(model_name, n_edits=settings["n_edits"], warmup=settings["warmup"],
+                             variants=settings["variants"], flops=settings["flops"], memory=settings["memory"],
+                             loaded=loaded, device=device, log=log)
+    scaling = benchmark_scaling(model_name, ks=settings["ks"], n_edits=settings["scaling_edits"],
+                                warmup=settings["warmup"], loaded=loaded, device=device, log=log)
+    return main, scaling, f"measured now (profile {profile!r}: {settings['n_edits']} edit(s) per variant)"

@@ -1,0 +1,164 @@
+"""The paper's lifelong experiments as data: Table 1, the curves of Fig. 43 and the ablation of
+Fig. 9 (Hu et al. 2024, Sec. 6 and Appendix F), run with `wilke_lib.lifelong` and compared with the
+numbers the paper reports (`wilke_lib/data/table1_reported.csv`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from wilke_lib import book, counterfact, hparams as hparams_lib, lifelong, metrics, models
+from wilke_lib.profiles import Profile
+
+# The paper's model each organism stands in for.
+PAPER_MODEL = {"toy-gpt2": "gpt2-xl", "toy-gptj": "gpt-j-6b", "gpt2-xl": "gpt2-xl",
+               "gpt-j-6b": "gpt-j-6b", "EleutherAI/gpt-j-6b": "gpt-j-6b"}
+EDITOR_LABELS = {"ft": "FT", "kn": "KN", "rome": "ROME", "memit": "MEMIT", "wilke": "WilKE"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An editor with hyper-parameter overrides on top of its file for the model."""
+
+    label: str
+    editor: str
+    overrides: dict = field(default_factory=dict)
+
+    def hparams(self, model_name: str):
+        base = hparams_lib.load_hparams(self.editor, model_name)
+        return dataclasses.replace(base, **self.overrides) if self.overrides else base
+
+
+def editor_variants(editors: tuple[str, ...]) -> list[Variant]:
+    return [Variant(EDITOR_LABELS.get(e, e), e) for e in editors]
+
+
+def ablation_variants(scores: tuple[str, ...] = ("eq10", "update_norm")) -> list[Variant]:
+    """Fig. 9: full WilKE and WilKE without delta, without sigma(x W_fc), without ||W_proj||_2,
+    for each layer score."""
+    dropped = {"full": {}, "w/o delta": {"use_delta": False},
+               "w/o activation": {"use_activation": False},
+               "w/o ||W_proj||": {"use_weight_norm": False}}
+    return [Variant(f"WilKE {score} {name}", "wilke", {"score": score, **switches})
+            for score in scores for name, switches in dropped.items()]
+
+
+def results_dir(model_name: str) -> Path:
+    """Where the runs of a model live (recomputed by the book, reused when present;
+    ``WILKE_RESULTS_DIR`` moves them, as for the analyses)."""
+    from wilke_lib.analysis.chapters import results_dir as chapter_results_dir
+
+    return chapter_results_dir(model_name, "lifelong")
+
+
+def run_variants(model_name: str, records: list[dict], variants: list[Variant],
+                 profile: Profile, out_dir: Path | None = None) -> dict[str, list[lifelong.RunResult]]:
+    """Every variant for every seed of the profile; finished runs are read back."""
+    out_dir = out_dir or results_dir(model_name)
+    configs, labels = [], []
+    for v in variants:
+        for seed in profile.seeds:
+            configs.append(lifelong.LifelongConfig(
+                model_name=model_name, editor=v.editor, hparams=v.hparams(model_name),
+                n_edits=profile.n_edits, seed=seed, checkpoints=profile.checkpoints,
+                out_dir=str(out_dir), eval_batch_size=profile.eval_batch_size))
+            labels.append(v.label)
+    runs = lifelong.run_many(models.load_model, records, configs)
+    grouped: dict[str, list[lifelong.RunResult]] = {}
+    for label, run in zip(labels, runs):
+        grouped.setdefault(label, []).append(run)
+    return grouped
+
+
+def table(grouped: dict[str, list[lifelong.RunResult]], model_name: str) -> pd.DataFrame:
+    """Table 1's format: mean and 95% CI (in %) over seeds of the metrics at the last step."""
+    rows = [metrics.summarise_runs([r.final for r in runs], model=model_name, editor=label)
+            for label, runs in grouped.items()]
+    return pd.concat(rows, ignore_index=True)
+
+
+def curves(grouped: dict[str, list[lifelong.RunResult]]) -> pd.DataFrame:
+    """Long table of every checkpoint of every run (Fig. 43 / Fig. 9), metrics as fractions."""
+    frames = []
+    for label, runs in grouped.items():
+        for run in runs:
+            frame = run.checkpoints[["step", *metrics.METRICS]].copy()
+            frame["editor"], frame["seed"] = label, run.config.seed
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def paper_rows(model_name: str) -> pd.DataFrame:
+    """The paper's Table 1 rows for the model this one stands in for (empty if none)."""
+    reported = book.paper_table1()
+    return reported[reported["model"] == PAPER_MODEL.get(model_name, model_name)]
+
+
+def side_by_side(ours: pd.DataFrame, model_name: str) -> pd.DataFrame:
+    """Our table and the paper's, as 'mean (ci)' strings, one row per editor and source."""
+    def fmt(frame: pd.DataFrame, source: str) -> pd.DataFrame:
+        out = pd.DataFrame({"editor": frame["editor"].values, "source": source})
+        for m in metrics.METRICS:
+            out[m] = [f"{v:.1f} ({c:.1f})" for v, c in zip(frame[m], frame[f"{m}_ci"])]
+        return out
+    paper = paper_rows(model_name)
+    parts = [fmt(ours, f"this companion ({model_name})")]
+    if len(paper):
+        parts.append(fmt(paper, f"paper ({PAPER_MODEL.get(model_name, model_name)})"))
+    return pd.concat(parts, ignore_index=True)
+
+
+def wilke_improvement(frame: pd.DataFrame, wilke_label: str = "WilKE") -> tuple[float, str]:
+    """Relative improvement of WilKE's S over the best other editor's S (the paper's 46.2% and
+    67.8%), and the name of that editor."""
+    others = frame[frame["editor"] != wilke_label]
+    best = others.loc[others["S"].idxmax()]
+    wilke_s = float(frame.loc[frame["editor"] == wilke_label, "S"].iloc[0])
+    return metrics.relative_improvement(wilke_s, float(best["S"])), str(best["editor"])
+
+
+def known_records_for(model, tok, records_source: str) -> list[dict]:
+    """The records the model already knows (Appendix F.1), in dataset order."""
+    return counterfact.known_records(model, tok, counterfact.load_counterfact(records_source))
+
+
+def single_edit_report(model, tok, record: dict, variants: list[Variant], model_name: str,
+                       cache=None) -> pd.DataFrame:
+    """One edit of `record` with each variant on a copy of the model: the greedy answers to the
+    rewrite prompt, a paraphrase and a neighbour before and after, the layer(s) and the time."""
+    from wilke_lib import editing, generation
+
+    rewrite = record["requested_rewrite"]
+    probes = {"rewrite": counterfact.rewrite_prompt(record),
+              "paraphrase": record["paraphrase_prompts"][0],
+              "neighbour": record["neighborhood_prompts"][0]}
+
+    def answers(m) -> dict[str, str]:
+        said = generation.predict_greedy(m, tok, list(probes.values()), max_new_tokens=3)
+        return {name: text.strip() for name, text in zip(probes, said)}
+
+    rows = [{"editor": "(unedited)", **answers(model), "layers": "", "seconds": 0.0}]
+    for v in variants:
+        result = editing.edit(model, tok, rewrite, v.hparams(model_name), copy=True, cache=cache)
+        rows.append({"editor": v.label, **answers(result.model),
+                     "layers": ",".join(map(str, result.layers)), "seconds": round(result.seconds, 2)})
+        del result
+    return pd.DataFrame(rows)
+
+
+def layer_score_table(model, tok, record: dict, hparams, cache) -> pd.DataFrame:
+    """WilKE's per-layer quantities for one record (Eq. 10): ||delta||, ||sigma(x W_fc)||,
+    ||W_proj||_2, the eq10 score, and the target probability the delta reached."""
+    from wilke_lib import wilke
+
+    candidates = wilke.layer_scores(model, tok, record["requested_rewrite"], hparams, cache)
+    return pd.DataFrame([{"layer": l, "delta_norm": c.delta_norm,
+                          "activation_norm": c.activation_norm, "spectral_norm": c.spectral_norm,
+                          "eq10": wilke.eq10_score(c.delta_norm, c.activation_norm,
+                                                   c.spectral_norm, hparams),
+                          "update_norm": c.update_rel_norm,
+                          "target_prob": c.info.get("target_prob")}
+                         for l, c in sorted(candidates.items())])
