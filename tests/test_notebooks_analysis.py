@@ -2,7 +2,8 @@
 
 Each notebook is executed with papermill into a temporary folder; results go to a temporary
 ``WILKE_RESULTS_DIR`` so that the book's cached runs under ``results/`` are neither read nor
-written. Skipped when the organism has not been trained (``make organisms``).
+written, and the figures the notebooks save under ``figures/`` are put back afterwards. Skipped
+when the organism has not been trained (``make organisms``).
 """
 
 from __future__ import annotations
@@ -32,8 +33,14 @@ def results_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("results")
 
 
+@pytest.fixture
+def keep_figures(tmp_path, monkeypatch):
+    """The book's figures under <repo>/figures/ are tracked: a quick run writes elsewhere."""
+    monkeypatch.setenv("WILKE_FIGURES_DIR", str(tmp_path / "figures"))
+
+
 @pytest.mark.parametrize("notebook", NOTEBOOKS)
-def test_analysis_notebook_runs_quick(notebook, tmp_path, results_dir, monkeypatch):
+def test_analysis_notebook_runs_quick(notebook, tmp_path, results_dir, keep_figures, monkeypatch):
     organism = ROOT / "organisms" / MODEL
     if not ((organism / "model.safetensors").is_file() and (organism / "config.json").is_file()):
         pytest.skip(f"organism {MODEL} not trained yet (no {organism}/model.safetensors): run `make organisms`")

@@ -22,6 +22,7 @@ def test_notebook_executes_with_quick_profile(name, tmp_path, monkeypatch):
     papermill = pytest.importorskip("papermill")
     monkeypatch.setenv("WILKE_RESULTS_DIR", str(tmp_path / "results"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("WILKE_FIGURES_DIR", str(tmp_path / "figures"))
     out = tmp_path / f"{name}.ipynb"
     parameters = {"model_name": "toy-gpt2", "profile": "quick"}
     if name == "04_ablation":

@@ -508,8 +508,6 @@ def optimize_deltas_batched(model: nn.Module, tok: PreTrainedTokenizerBase, requ
         delta = torch.zeros_like(v0, requires_grad=True)  # (L, d_model) float32
         optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
         position = {i: i for i in range(L)}  # copy i -> its place among the copies in the batch
-        n_in_batch = [L]
-        rows_of = {}
         fact_cols = prompts.fact_cols_t
 
         def add_delta(i: int):
@@ -518,10 +516,10 @@ def optimize_deltas_batched(model: nn.Module, tok: PreTrainedTokenizerBase, requ
                 if p is None:
                     return output
                 h = _hidden(output)
-                if runner is not None:
+                if runner is not None:  # copy-major rows, only the active copies in the batch
                     rows = p * N + torch.arange(N, device=h.device)
-                else:
-                    rows = torch.arange(N, device=h.device) * n_in_batch[0] + p
+                else:  # prompt-major rows (the model's KV cache repeats rows interleaved), every copy
+                    rows = torch.arange(N, device=h.device) * L + p
                 values = delta[i].to(h.dtype).unsqueeze(0).expand(N, -1)
                 new = h.index_put((rows, fact_cols), values, accumulate=True)
                 return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new

@@ -7,7 +7,8 @@ WilKE with the released code's one-layer-at-a-time search):
 
 * time: wall time of `editing.edit` on `n_edits` known records after `warmup` untimed edits, each
   edit applied to the unedited model (the touched weights are restored after every edit, untimed);
-  CUDA is synchronised. Reported: median, min, max ms per edit and 1000 / median edits/s.
+  CUDA is synchronised. The variants are interleaved (record 1 by every variant, then record 2, ...,
+  the order rotating) so that load changes on a shared machine hit all of them alike. Reported: median, min, max ms per edit and 1000 / median edits/s.
   Statistics C and C^-1 of every layer are computed before timing (once per model, as ROME does);
 * peak memory of one edit, in an untimed run after the timing (`PeakMemory`): CUDA:
   `torch.cuda.max_memory_allocated` above the memory allocated before; CPU (Linux, glibc): the
@@ -322,15 +323,22 @@ def benchmark_editors(model_name: str, *, n_edits: int = 10, warmup: int = 1, de
     cache = EditCache.for_model(model)
     prepare_statistics(model, tok, todo, cache)
     restorer = WeightRestorer(model)
-    timings = {}
-    for variant in todo:  # 1. timing (nothing else measured meanwhile)
+    for variant in todo:  # warm-up
         for request in chosen[:warmup]:
             timed_edit(model, tok, request, variant, cache, restorer)
-        runs = [timed_edit(model, tok, request, variant, cache, restorer) for request in chosen[warmup:]]
-        timings[variant.name] = ([s for s, _ in runs], [r.layers[-1] for _, r in runs])
-        if log:
-            log(f"  {model_name} {variant.name:17s} median {1000 * statistics.median(timings[variant.name][0]):8.1f} ms"
-                f"  ({len(runs)} edits)")
+    # 1. timing, interleaved: every record is edited by every variant in turn (the order rotating), so
+    #    that a change in the load of a shared machine hits every variant alike
+    timings: dict[str, tuple[list[float], list[int]]] = {v.name: ([], []) for v in todo}
+    for n, request in enumerate(chosen[warmup:]):
+        for variant in todo[n % len(todo):] + todo[:n % len(todo)]:
+            seconds, result = timed_edit(model, tok, request, variant, cache, restorer)
+            timings[variant.name][0].append(seconds)
+            timings[variant.name][1].append(result.layers[-1])
+    if log:
+        for variant in todo:
+            times = timings[variant.name][0]
+            log(f"  {model_name} {variant.name:17s} median {1000 * statistics.median(times):8.1f} ms"
+                f"  ({len(times)} edits)")
     rows = []
     for variant in todo:  # 2. peak memory and FLOPs of one edit, in untimed runs
         peak = PeakMemory(dev)
@@ -350,7 +358,7 @@ def benchmark_editors(model_name: str, *, n_edits: int = 10, warmup: int = 1, de
             "max_ms": 1000 * max(times), "edits_per_s": 1 / median, "peak_mem_mib": peak.mib,
             "mem_method": peak.method, "gflop_per_edit": counted / 1e9,
             "achieved_gflops": counted / 1e9 / median, "edited_layers": " ".join(map(str, layers)),
-            **_provenance()})
+            "times_ms": " ".join(f"{1000 * t:.1f}" for t in times), **_provenance()})
     table = pd.DataFrame(rows)
     rome = table.loc[table["variant"] == "rome", "median_ms"]
     table["time_vs_rome"] = table["median_ms"] / rome.iloc[0] if len(rome) else float("nan")
@@ -358,13 +366,24 @@ def benchmark_editors(model_name: str, *, n_edits: int = 10, warmup: int = 1, de
 
 
 def summary_ratios(table) -> dict[str, float]:
-    """WilKE-batched / ROME time and sequential / batched speed-up of a main table."""
-    t = table.set_index("variant")["median_ms"]
-    out = {}
-    if "wilke-batched" in t and "rome" in t:
-        out["wilke_batched_over_rome"] = float(t["wilke-batched"] / t["rome"])
-    if "wilke-batched" in t and "wilke-sequential" in t:
-        out["sequential_over_batched"] = float(t["wilke-sequential"] / t["wilke-batched"])
+    """Ratios of a main table: WilKE-batched / ROME time and the sequential / batched speed-up, as a
+    ratio of medians and (`*_paired`, when per-edit times were saved) the median over records of the
+    per-record ratio -- the edits of one record by the variants ran back to back, so the paired
+    ratio is the less sensitive to load changes."""
+    t = table.set_index("variant")
+    out: dict[str, float] = {}
+
+    def add(key: str, num: str, den: str) -> None:
+        if num in t.index and den in t.index:
+            out[key] = float(t.loc[num, "median_ms"] / t.loc[den, "median_ms"])
+            if "times_ms" in t.columns and isinstance(t.loc[num, "times_ms"], str):
+                a = [float(x) for x in t.loc[num, "times_ms"].split()]
+                b = [float(x) for x in t.loc[den, "times_ms"].split()]
+                if len(a) == len(b) and a:
+                    out[key + "_paired"] = statistics.median(x / y for x, y in zip(a, b))
+
+    add("wilke_batched_over_rome", "wilke-batched", "rome")
+    add("sequential_over_batched", "wilke-sequential", "wilke-batched")
     return out
 
 
@@ -382,21 +401,28 @@ def benchmark_scaling(model_name: str, *, ks: Sequence[int] = (1, 2, 4, 8, 12), 
     restorer = WeightRestorer(model)
     all_layers = make_variants(model_name, ["wilke-batched"], candidate_layers=list(range(n_layers)))
     prepare_statistics(model, tok, all_layers, cache)
-    rows = []
+    points = []
     for k in ks:
         k = min(int(k), n_layers)
         for search in searches:
             variant = make_variants(model_name, [f"wilke-{search}"], candidate_layers=list(range(k)))[0]
+            points.append((k, search, variant))
             for request in chosen[:warmup]:
                 timed_edit(model, tok, request, variant, cache, restorer)
-            times = [timed_edit(model, tok, request, variant, cache, restorer)[0] for request in chosen[warmup:]]
-            median = statistics.median(times)
-            rows.append({"model": model_name, "device": dev.type, "device_name": device_name(dev),
-                         "threads": torch.get_num_threads(), "n_candidates": k, "search": search,
-                         "n_edits": len(times), "median_ms": 1000 * median, "min_ms": 1000 * min(times),
-                         "max_ms": 1000 * max(times), **_provenance()})
-            if log:
-                log(f"  {model_name} {k:2d} layers {search:10s} median {1000 * median:8.1f} ms")
+    times: dict[tuple[int, str], list[float]] = {(k, s): [] for k, s, _ in points}
+    for n, request in enumerate(chosen[warmup:]):  # interleaved, as in benchmark_editors
+        for k, search, variant in points[n % len(points):] + points[:n % len(points)]:
+            times[(k, search)].append(timed_edit(model, tok, request, variant, cache, restorer)[0])
+    rows = []
+    for k, search, _ in points:
+        t = times[(k, search)]
+        median = statistics.median(t)
+        rows.append({"model": model_name, "device": dev.type, "device_name": device_name(dev),
+                     "threads": torch.get_num_threads(), "n_candidates": k, "search": search,
+                     "n_edits": len(t), "median_ms": 1000 * median, "min_ms": 1000 * min(t),
+                     "max_ms": 1000 * max(t), **_provenance()})
+        if log:
+            log(f"  {model_name} {k:2d} layers {search:10s} median {1000 * median:8.1f} ms")
     return pd.DataFrame(rows)
 
 

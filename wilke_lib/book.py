@@ -5,6 +5,7 @@ import platform
 import subprocess
 from datetime import datetime, timezone
 from importlib import metadata
+import os
 from pathlib import Path
 
 __all__ = ["repo_root", "git_commit", "versions", "provenance", "show_provenance", "save_figure", "paper_table1",
@@ -77,8 +78,11 @@ def show_provenance(parameters: dict) -> None:
 
 
 def save_figure(fig, model_name: str, name: str) -> Path:
-    """Save ``fig`` as ``<repo>/figures/<model>/<name>.png`` (dpi 150) and return the path."""
-    path = repo_root() / "figures" / model_slug(model_name) / f"{name}.png"
+    """Save ``fig`` as ``<repo>/figures/<model>/<name>.png`` (dpi 150) and return the path;
+    ``WILKE_FIGURES_DIR`` replaces ``<repo>/figures`` (the tests use it, so that a quick run does
+    not overwrite the book's figures)."""
+    root = os.environ.get("WILKE_FIGURES_DIR")
+    path = (Path(root) if root else repo_root() / "figures") / model_slug(model_name) / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150, bbox_inches="tight")
     return path

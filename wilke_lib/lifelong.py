@@ -292,17 +292,20 @@ def _truncate_jsonl(path: Path, last_step: int) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------- records
 def split_records(known: Sequence[dict], n_edits: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """P (edited) and Q (retention set): the first 2n known records shuffled with
-    `random.Random(seed)`, split in halves. Raises ValueError if fewer than 2n are known."""
+    """P (edited) and Q (retention set): all known records shuffled with `random.Random(seed)`,
+    the first n edited and the next n kept for retention (App. F.2). Shuffling all of them, not
+    only the first 2n, matters when n is small and the file is ordered (CounterFact and the
+    synthetic world list records relation by relation). Raises ValueError if fewer than 2n are
+    known."""
     if n_edits < 1:
         raise ValueError(f"n_edits must be >= 1, got {n_edits}")
     if len(known) < 2 * n_edits:
         raise ValueError(f"the lifelong protocol needs 2 * n_edits = {2 * n_edits} known records "
                          f"(n_edits={n_edits} edited + {n_edits} for retention), but only {len(known)} "
                          f"known records are available; lower n_edits to at most {len(known) // 2}")
-    pool = list(known[: 2 * n_edits])
+    pool = list(known)
     random.Random(seed).shuffle(pool)
-    return pool[:n_edits], pool[n_edits:]
+    return pool[:n_edits], pool[n_edits:2 * n_edits]
 
 
 def _known_cached(model: nn.Module, tok: Any, records: Sequence[dict], config: LifelongConfig,

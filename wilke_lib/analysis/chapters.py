@@ -270,9 +270,9 @@ class Groups:
 
 
 def contrast_groups(model: nn.Module, tok, records: Sequence[dict], model_name: str, hparams: Any, *,
-                    source: str = "detected", n_steps: int, seed: int, n_flash: int, n_normal: int,
+                    source: str = "detected", n_steps: int, seed: int, n_flash: int | None, n_normal: int,
                     cache: Any = None, progress: bool = True, **detector: Any) -> Groups:
-    """Up to `n_flash` flash records and `n_normal` normal ones.
+    """Up to `n_flash` flash records (None: all) and `n_normal` normal ones.
 
     `source="detected"`: from `flash_analysis` (notebook 05's run, read back from the cache); when
     it flags nothing, the records with the largest norm jumps stand in (labelled so). Otherwise
@@ -291,7 +291,8 @@ def contrast_groups(model: nn.Module, tok, records: Sequence[dict], model_name: 
                               progress=progress, **detector)
     flash, label = analysis.flash_records[:n_flash], "flash (detected)"
     if not flash:  # stand-ins: the largest tenth of the steps by norm jump, at most n_flash
-        k = min(n_flash, max(1, math.ceil(0.1 * len(analysis.sequence))))
+        k = max(1, math.ceil(0.1 * len(analysis.sequence)))
+        k = k if n_flash is None else min(n_flash, k)
         flash, label = analysis.largest_jumps(k), "largest norm jumps (no flash detected)"
     ids = set(_case_ids(flash))
     normal = [r for r in analysis.normal_records if r["case_id"] not in ids][:n_normal]
