@@ -270,8 +270,17 @@ def test_wilke_ablations_and_update_norm(tok, corpus_file, stats_dir):
     fro = ModelAdapter(model).out_weight(chosen).float().norm()
     assert result.scores[chosen] == pytest.approx(float(applied.norm() / fro), rel=1e-3)
     assert chosen == min(result.scores, key=result.scores.get)
-    with pytest.raises(ValueError, match="eq10"):
-        WilKEHParams(score="update_norm", use_delta=False)
+    # update_norm = ||delta|| * ||C^-1 k|| / (k^T C^-1 k) / ||W||_F; each switch drops one factor
+    delta_norm = result.info["delta_norms"][chosen]
+    k_star = candidates[chosen].k_star
+    c_inv_k = cache.get_mom2_inv(model, tok, chosen, hparams) @ k_star
+    key_gain = float(c_inv_k.norm() / (k_star @ c_inv_k))
+    expected = {"no_delta": key_gain / float(fro), "no_activation": delta_norm / float(fro),
+                "no_weight_norm": delta_norm * key_gain}
+    for label, value in expected.items():
+        ablated = WilKEHParams(**{**vars(hparams), **variants[label]})
+        scored = edit(model, tok, REQUEST, ablated, copy=True, cache=cache).scores
+        assert scored[chosen] == pytest.approx(value, rel=1e-3), label
 
 
 # ---- rollback -----------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ from wilke_lib.editing import EditCache, EditError, EditorOutput, WeightJournal
 from wilke_lib.hparams import WilKEHParams
 from wilke_lib.rome import (DeltaResult, RomeOutcome, _hidden, apply_rank_one, compute_ks, encode, fact_token_index,
                             fill, frozen, model_device, pad_id_of, prepare_request, rank_one_update)
-from wilke_lib.wilke import LayerCandidate, candidate_layers, choose_layer, eq10_score
+from wilke_lib.wilke import LayerCandidate, candidate_layers, choose_layer, eq10_score, update_norm_score
 
 log = logging.getLogger(__name__)
 
@@ -652,7 +652,7 @@ def batched_layer_scores(model: nn.Module, tok: PreTrainedTokenizerBase, request
             with _timed(profile, "second-moment solve", device):
                 dW = rank_one_update(weight, cache.get_mom2_inv(model, tok, layer, hparams), k_star, v_star)
                 update_rel = float(dW.norm()) / fro
-            score = update_rel
+            score = update_norm_score(update_rel, delta_norm, fro, hparams)
         else:
             score = eq10_score(delta_norm, activation_norm, spectral, hparams)
         out[layer] = LayerCandidate(layer, k_star, v_star, result.delta, delta_norm, activation_norm, spectral, fro,

@@ -153,8 +153,12 @@ class WilKEHParams(ROMEHParams):
     candidate_layers: None = every layer of the model; or a list / "a..b" range.
     score: "eq10"        -> ||delta^l|| / (||W_proj^l||_2 * ||sigma(x W_fc^l)||)  (Eq. 10 as a ratio of norms)
            "update_norm" -> ||dW^l||_F / ||W_proj^l||_F of ROME's update at l (the released code's criterion)
-    use_delta / use_activation / use_weight_norm: the three factors of Eq. 10; switching one off replaces
-    it by 1 (the ablation of Section 6.3). They only apply to score "eq10".
+    use_delta / use_activation / use_weight_norm: the three factors of the score; switching one off
+    replaces it by 1 (the ablation of Section 6.3). For "update_norm", which factorises as
+    ||delta|| * ||C^-1 k|| / (k^T C^-1 k) / ||W||_F (the update is rank one), the key term
+    ||C^-1 k|| / (k^T C^-1 k) plays the part of the activation.
+    search: "batched" (every candidate's delta optimised together, `wilke_lib.batched_search`) or
+    "sequential" (one layer at a time, as the released code does); the same scores.
     `layer` is unused by the search (kept so that WilKE files can be read as ROME settings).
     """
 
@@ -164,6 +168,7 @@ class WilKEHParams(ROMEHParams):
     use_delta: bool = True
     use_activation: bool = True
     use_weight_norm: bool = True
+    search: str = "batched"
     editor: ClassVar[str] = "wilke"
 
     def __post_init__(self) -> None:
@@ -173,9 +178,8 @@ class WilKEHParams(ROMEHParams):
         self.candidate_layers = parse_layers(self.candidate_layers, "candidate_layers")
         if self.score not in WILKE_SCORES:
             raise ValueError(f"score must be one of {WILKE_SCORES}, got {self.score!r}")
-        if self.score == "update_norm" and not (self.use_delta and self.use_activation and self.use_weight_norm):
-            raise ValueError("the ablation switches use_delta/use_activation/use_weight_norm apply to score "
-                             "'eq10' only; score 'update_norm' has no factors to drop")
+        if self.search not in ("batched", "sequential"):
+            raise ValueError(f"search must be 'batched' or 'sequential', got {self.search!r}")
 
 
 @dataclass(kw_only=True)

@@ -58,6 +58,19 @@ def eq10_score(delta_norm: float, activation_norm: float, spectral_norm: float, 
     return numerator / denominator if denominator > 0 else float("inf")
 
 
+def update_norm_score(update_rel: float, delta_norm: float, fro_norm: float, hparams: WilKEHParams) -> float:
+    """The released code's criterion ||dW^l||_F / ||W_proj^l||_F with the ablated factors replaced by 1.
+
+    ROME's update is rank one, dW = delta (C^-1 k)^T / (k^T C^-1 k), so ||dW||_F = ||delta|| * g with
+    the key term g = ||C^-1 k|| / (k^T C^-1 k); g is recovered here as update_rel * ||W||_F / ||delta||.
+    """
+    if hparams.use_delta and hparams.use_activation and hparams.use_weight_norm:
+        return update_rel
+    key_gain = update_rel * fro_norm / delta_norm if delta_norm > 0 else float("inf")
+    return ((delta_norm if hparams.use_delta else 1.0) * (key_gain if hparams.use_activation else 1.0)
+            / (fro_norm if hparams.use_weight_norm else 1.0))
+
+
 def candidate_layers(model: nn.Module, hparams: WilKEHParams) -> list[int]:
     """hparams.candidate_layers, or every layer; checked against the model's depth."""
     n_layers = ModelAdapter(model).n_layers
@@ -90,7 +103,7 @@ def layer_scores(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, 
         if hparams.score == "update_norm":
             dW = rank_one_update(weight, cache.get_mom2_inv(model, tok, layer, hparams), k_star, v_star)
             update_rel = float(dW.norm()) / fro
-            score = update_rel
+            score = update_norm_score(update_rel, delta_norm, fro, hparams)
         else:
             score = eq10_score(delta_norm, activation_norm, spectral, hparams)
         out[layer] = LayerCandidate(layer, k_star, v_star, delta, delta_norm, activation_norm, spectral, fro,
@@ -108,7 +121,10 @@ def wilke_editor(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, 
     """`editing.EDITORS["wilke"]`: search (unless layers=[l] is given) and apply ROME's update at l*."""
     if layers is not None and len(layers) != 1:
         raise ValueError(f"WilKE edits one layer; layers={layers} (pass [l*] to skip the search)")
-    candidates = layer_scores(model, tok, request, hparams, cache, layers=layers)
+    search = layer_scores
+    if hparams.search == "batched":
+        from wilke_lib.batched_search import batched_layer_scores as search
+    candidates = search(model, tok, request, hparams, cache, layers=layers)
     chosen = layers[0] if layers is not None else choose_layer(candidates)
     best = candidates[chosen]
     dW = rank_one_update(ModelAdapter(model).out_weight(chosen), cache.get_mom2_inv(model, tok, chosen, hparams),
@@ -118,7 +134,7 @@ def wilke_editor(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, 
     searched = layers is None
     info: dict[str, Any] = dict(outcome.info)
     info.update(
-        searched=searched, score_kind=hparams.score, dW_norm=float(dW.norm()),
+        searched=searched, score_kind=hparams.score, search=hparams.search, dW_norm=float(dW.norm()),
         delta_norms={l: c.delta_norm for l, c in candidates.items()},
         activation_norms={l: c.activation_norm for l, c in candidates.items()},
         spectral_norms={l: c.spectral_norm for l, c in candidates.items()},
