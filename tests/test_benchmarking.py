@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from wilke_lib import benchmarking as bm
-from wilke_lib import editing
 from wilke_lib.models import resolve_model_path
 
 
@@ -20,13 +19,11 @@ def test_peak_memory_sees_a_large_allocation():
         assert 60 <= peak.mib <= 200
 
 
-def test_wilke_search_swaps_and_restores_the_registry():
-    original = editing.EDITORS["wilke"]
-    with bm.wilke_search("batched"):
-        assert editing.EDITORS["wilke"] is not original
-    assert editing.EDITORS["wilke"] is original
-    with bm.wilke_search("sequential"):
-        assert editing.EDITORS["wilke"] is original
+def test_variant_settings_select_the_search():
+    variants = {v.name: v for v in bm.make_variants("toy-gpt2")}
+    assert bm.variant_hparams(variants["wilke-batched"]).search == "batched"
+    assert bm.variant_hparams(variants["wilke-sequential"]).search == "sequential"
+    assert bm.variant_hparams(variants["rome"]) is variants["rome"].hparams
 
 
 def test_variants_share_romes_optimisation_settings():

@@ -663,8 +663,8 @@ def batched_layer_scores(model: nn.Module, tok: PreTrainedTokenizerBase, request
 def wilke_editor_batched(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, hparams: WilKEHParams, *,
                          journal: WeightJournal, layers: list[int] | None, cache: EditCache,
                          profile: dict[str, float] | None = None) -> EditorOutput:
-    """`wilke.wilke_editor` with the batched search (the same output; used by the benchmarks until
-    wilke_editor dispatches on a `search` setting itself)."""
+    """`wilke.wilke_editor` with search "batched" (the same output) and a per-phase timing `profile`
+    (`benchmarking.time_breakdown` uses it; `editing.edit` goes through `wilke.wilke_editor`)."""
     if layers is not None and len(layers) != 1:
         raise ValueError(f"WilKE edits one layer; layers={layers} (pass [l*] to skip the search)")
     device = model_device(model)

@@ -34,8 +34,7 @@ import re
 import resource
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -105,33 +104,10 @@ def make_variants(model_name: str, names: Sequence[str] = VARIANTS,
     return out
 
 
-@contextmanager
-def wilke_search(search: str | None) -> Iterator[None]:
-    """Make `editing.edit` run WilKE with the given search inside the block.
-
-    Until `wilke.wilke_editor` dispatches on a `search` setting itself, the batched search is put in
-    place by swapping the registry entry `editing.EDITORS["wilke"]` (restored on exit)."""
-    if search != "batched":
-        yield
-        return
-    from wilke_lib.batched_search import wilke_editor_batched
-
-    original = editing.EDITORS["wilke"]
-
-    def batched(model, tok, request, hparams, *, journal, layers, cache):
-        return wilke_editor_batched(model, tok, request, hparams, journal=journal, layers=layers, cache=cache)
-
-    editing.EDITORS["wilke"] = batched
-    try:
-        yield
-    finally:
-        editing.EDITORS["wilke"] = original
-
-
 def variant_hparams(variant: Variant) -> Any:
-    """The settings to pass to `edit` (with `search` set when WilKEHParams has that field)."""
+    """The settings to pass to `edit`: WilKE's with `search` set to the variant's search."""
     hp = variant.hparams
-    if variant.search is not None and "search" in {f.name for f in dataclasses.fields(hp)}:
+    if variant.search is not None:
         hp = dataclasses.replace(hp, search=variant.search)
     return hp
 
@@ -253,12 +229,11 @@ def timed_edit(model: nn.Module, tok, request: dict, variant: Variant, cache: Ed
     """(seconds, result) of one edit of the unedited model; the weights are restored afterwards."""
     device = next(model.parameters()).device
     hp = variant_hparams(variant)
-    with wilke_search(variant.search):
-        _sync(device)
-        start = time.perf_counter()
-        result = edit(model, tok, request, hp, cache=cache, keep_deltas=False)
-        _sync(device)
-        seconds = time.perf_counter() - start
+    _sync(device)
+    start = time.perf_counter()
+    result = edit(model, tok, request, hp, cache=cache, keep_deltas=False)
+    _sync(device)
+    seconds = time.perf_counter() - start
     restorer.restore(result.layers)
     return seconds, result
 
@@ -448,8 +423,9 @@ def plot_scaling(table, ax=None, rome_ms: float | None = None):
 
 
 def time_breakdown(model: nn.Module, tok, request: dict, model_name: str, *, cache: EditCache | None = None,
-                   candidate_layers: Sequence[int] | None = None):
-    """Seconds per phase of one WilKE edit with the batched search (a pandas Series, after a warm-up edit).
+                   candidate_layers: Sequence[int] | None = None, warmup: bool = True):
+    """Seconds per phase of one WilKE edit with the batched search (a pandas Series; after a warm-up edit
+    unless warmup=False).
 
     Phases: context prefixes and statistics (cached: ~0), keys (one pass), prefix pass (KV cache of
     the tokens before the fact token), block runner set-up (two recorded unpatched passes), unpatched
@@ -466,7 +442,7 @@ def time_breakdown(model: nn.Module, tok, request: dict, model_name: str, *, cac
     prepare_statistics(model, tok, [variant], cache)
     dev = next(model.parameters()).device
     profile: dict[str, float] = {}
-    for attempt in range(2):  # the first run warms up
+    for attempt in range(2 if warmup else 1):  # the first of two runs warms up
         profile.clear()
         journal = WeightJournal(ModelAdapter(model))
         _sync(dev)
@@ -487,12 +463,12 @@ def time_breakdown(model: nn.Module, tok, request: dict, model_name: str, *, cac
 
 NOTEBOOK_SETTINGS = {
     "quick": dict(variants=("rome", "wilke-batched", "wilke-sequential"), n_edits=1, warmup=0, flops=False,
-                  memory=False, ks=(1, 2), scaling_edits=1),
+                  memory=False, ks=(1, 2, 4), scaling_searches=("batched",), scaling_edits=1, breakdown_warmup=False),
     "default": dict(variants=VARIANTS, n_edits=1, warmup=0, flops=False, memory=False, ks=(1, 2, 4),
-                    scaling_edits=1),
+                    scaling_searches=("batched", "sequential"), scaling_edits=1, breakdown_warmup=True),
 }
-"""Sizes of the small benchmark notebooks/10 runs when no saved results exist (about 30 s / 45 s on
-one CPU core); `make bench` measures the full tables."""
+"""Sizes of the small benchmark notebooks/10 runs when no saved results exist (about 20 s / 30 s of
+benchmarking on one CPU core of the organisms); `make bench` measures the full tables."""
 
 def results_dir(device: str | torch.device, root: Path | None = None) -> Path:
     """`<repo>/benchmarks/results/<device type>/`."""
@@ -535,5 +511,6 @@ def saved_or_small_run(model_name: str, profile: str, use_saved: bool = True, de
                              variants=settings["variants"], flops=settings["flops"], memory=settings["memory"],
                              loaded=loaded, device=device, log=log)
     scaling = benchmark_scaling(model_name, ks=settings["ks"], n_edits=settings["scaling_edits"],
-                                warmup=settings["warmup"], loaded=loaded, device=device, log=log)
+                                warmup=settings["warmup"], searches=settings["scaling_searches"], loaded=loaded,
+                                device=device, log=log)
     return main, scaling, f"measured now (profile {profile!r}: {settings['n_edits']} edit(s) per variant)"

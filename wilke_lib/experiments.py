@@ -162,3 +162,12 @@ def layer_score_table(model, tok, record: dict, hparams, cache) -> pd.DataFrame:
                           "update_norm": c.update_rel_norm,
                           "target_prob": c.info.get("target_prob")}
                          for l, c in sorted(candidates.items())])
+
+
+def layer_choices(grouped: dict[str, list[lifelong.RunResult]]) -> pd.DataFrame:
+    """How often each variant edited each layer (rows: variants, columns: layers), over all steps
+    and seeds: when every variant picks the same layer, an ablation cannot change the outcome."""
+    counts = {label: pd.Series([layer for run in runs for layers in run.steps["edit_layers"]
+                                for layer in (layers or [])]).value_counts()
+              for label, runs in grouped.items()}
+    return pd.DataFrame(counts).T.fillna(0).astype(int).sort_index(axis=1)
