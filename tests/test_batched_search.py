@@ -24,7 +24,7 @@ from wilke_lib import batched_search as bs
 from wilke_lib.arch import ModelAdapter
 from wilke_lib.editing import EditCache, WeightJournal, edit
 from wilke_lib.hparams import WilKEHParams
-from wilke_lib.wilke import choose_layer, layer_scores
+from wilke_lib.wilke import choose_layer, layer_scores, wilke_editor
 
 RTOL = 1e-4
 ARCHS = ("gpt2", "gptj", "llama", "gpt_neox")
@@ -173,7 +173,8 @@ def test_editor_makes_the_same_edit(tiny_tokenizer):
     reference = edit(model, tiny_tokenizer, request, sequential, copy=True, cache=cache)
     adapter = ModelAdapter(model)
     journal = WeightJournal(adapter)
-    out = bs.wilke_editor_batched(model, tiny_tokenizer, request, hparams, journal=journal, layers=None, cache=cache)
+    out = wilke_editor(model, tiny_tokenizer, request, dataclasses.replace(hparams, search="batched"), journal=journal,
+                       layers=None, cache=cache)
     assert out.layers == reference.layers
     assert out.scores == pytest.approx(reference.scores, rel=RTOL)
     name = adapter.name_of("mlp_out", out.layers[0])

@@ -66,15 +66,15 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from wilke_lib.arch import ModelAdapter
-from wilke_lib.editing import EditCache, EditError, EditorOutput, WeightJournal
+from wilke_lib.editing import EditCache, EditError
 from wilke_lib.hparams import WilKEHParams
-from wilke_lib.rome import (DeltaResult, RomeOutcome, _hidden, apply_rank_one, compute_ks, encode, fact_token_index,
-                            fill, frozen, model_device, pad_id_of, prepare_request, rank_one_update)
-from wilke_lib.wilke import LayerCandidate, candidate_layers, choose_layer, eq10_score, update_norm_score
+from wilke_lib.rome import (DeltaResult, _hidden, compute_ks, encode, fact_token_index, fill, frozen, model_device,
+                            pad_id_of, prepare_request, rank_one_update)
+from wilke_lib.wilke import LayerCandidate, candidate_layers, eq10_score, update_norm_score
 
 log = logging.getLogger(__name__)
 
-__all__ = ["batched_layer_scores", "optimize_deltas_batched", "build_prompts", "wilke_editor_batched", "MODES"]
+__all__ = ["batched_layer_scores", "optimize_deltas_batched", "build_prompts", "MODES"]
 
 MODES = ("staircase", "model", "full")
 INFO_KEYS = ("nll_init", "nll", "kl", "weight_decay", "loss", "steps", "loss_history", "target_prob", "v0_norm",
@@ -658,35 +658,3 @@ def batched_layer_scores(model: nn.Module, tok: PreTrainedTokenizerBase, request
         out[layer] = LayerCandidate(layer, k_star, v_star, result.delta, delta_norm, activation_norm, spectral, fro,
                                     score, update_rel, dict(result.info))
     return out
-
-
-def wilke_editor_batched(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, hparams: WilKEHParams, *,
-                         journal: WeightJournal, layers: list[int] | None, cache: EditCache,
-                         profile: dict[str, float] | None = None) -> EditorOutput:
-    """`wilke.wilke_editor` with search "batched" (the same output) and a per-phase timing `profile`
-    (`benchmarking.time_breakdown` uses it; `editing.edit` goes through `wilke.wilke_editor`)."""
-    if layers is not None and len(layers) != 1:
-        raise ValueError(f"WilKE edits one layer; layers={layers} (pass [l*] to skip the search)")
-    device = model_device(model)
-    candidates = batched_layer_scores(model, tok, request, hparams, cache, layers=layers, profile=profile)
-    chosen = layers[0] if layers is not None else choose_layer(candidates)
-    best = candidates[chosen]
-    with _timed(profile, "second-moment solve", device):
-        dW = rank_one_update(ModelAdapter(model).out_weight(chosen), cache.get_mom2_inv(model, tok, chosen, hparams),
-                             best.k_star, best.v_star)
-    with _timed(profile, "update", device):
-        outcome = RomeOutcome(chosen, best.k_star, best.v_star, best.delta, dW, dict(best.info))
-        apply_rank_one(model, outcome, journal)
-    searched = layers is None
-    info: dict[str, Any] = dict(outcome.info)
-    info.update(
-        searched=searched, score_kind=hparams.score, dW_norm=float(dW.norm()), search="batched",
-        delta_norms={l: c.delta_norm for l, c in candidates.items()},
-        activation_norms={l: c.activation_norm for l, c in candidates.items()},
-        spectral_norms={l: c.spectral_norm for l, c in candidates.items()},
-        weight_fro_norms={l: c.weight_fro_norm for l, c in candidates.items()},
-        update_rel_norms={l: c.update_rel_norm for l, c in candidates.items()},
-        target_probs={l: c.info.get("target_prob") for l, c in candidates.items()},
-    )
-    scores = {l: c.score for l, c in candidates.items()} if searched else None
-    return EditorOutput(layers=[chosen], scores=scores, info=info)

@@ -430,11 +430,11 @@ def time_breakdown(model: nn.Module, tok, request: dict, model_name: str, *, cac
     Phases: context prefixes and statistics (cached: ~0), keys (one pass), prefix pass (KV cache of
     the tokens before the fact token), block runner set-up (two recorded unpatched passes), unpatched
     pass (v0, reference log-probs), forward / backward / optimizer step of the delta optimisation
-    (all steps), norms and scores (spectral / Frobenius norms, v*), second-moment solve (C^-1 k*,
-    ROME's update), update (applying it), other (the rest of `edit`)."""
+    (all steps), norms and scores (spectral / Frobenius norms, v*), other (the rest of the edit:
+    ROME's rank-one update at the chosen layer and applying it)."""
     import pandas as pd
 
-    from wilke_lib.batched_search import wilke_editor_batched
+    from wilke_lib.wilke import wilke_editor
     from wilke_lib.editing import WeightJournal
 
     variant = make_variants(model_name, ["wilke-batched"], candidate_layers=candidate_layers)[0]
@@ -448,8 +448,8 @@ def time_breakdown(model: nn.Module, tok, request: dict, model_name: str, *, cac
         _sync(dev)
         start = time.perf_counter()
         try:
-            wilke_editor_batched(model, tok, request, variant.hparams, journal=journal, layers=None, cache=cache,
-                                 profile=profile)
+            wilke_editor(model, tok, request, variant.hparams, journal=journal, layers=None, cache=cache,
+                         profile=profile)
             _sync(dev)
             total = time.perf_counter() - start
         finally:

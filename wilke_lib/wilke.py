@@ -117,13 +117,20 @@ def choose_layer(candidates: dict[int, LayerCandidate]) -> int:
 
 
 def wilke_editor(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, hparams: WilKEHParams, *,
-                 journal: WeightJournal, layers: list[int] | None, cache: EditCache) -> EditorOutput:
-    """`editing.EDITORS["wilke"]`: search (unless layers=[l] is given) and apply ROME's update at l*."""
+                 journal: WeightJournal, layers: list[int] | None, cache: EditCache,
+                 profile: dict[str, float] | None = None) -> EditorOutput:
+    """`editing.EDITORS["wilke"]`: search (unless layers=[l] is given) and apply ROME's update at l*.
+
+    profile: with the batched search, a dict that accumulates seconds per phase (benchmarks)."""
     if layers is not None and len(layers) != 1:
         raise ValueError(f"WilKE edits one layer; layers={layers} (pass [l*] to skip the search)")
-    search = layer_scores
     if hparams.search == "batched":
-        from wilke_lib.batched_search import batched_layer_scores as search
+        from functools import partial
+
+        from wilke_lib.batched_search import batched_layer_scores
+        search = partial(batched_layer_scores, profile=profile)
+    else:
+        search = layer_scores
     candidates = search(model, tok, request, hparams, cache, layers=layers)
     chosen = layers[0] if layers is not None else choose_layer(candidates)
     best = candidates[chosen]
