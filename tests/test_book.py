@@ -158,3 +158,18 @@ def test_runner_executes_and_reports_failures(tmp_path):
     assert executed.cells[-1].outputs[0]["text"] == "org/toy-a quick 7\n"
     assert (book / "toy-a" / "02_bad.ipynb").exists()  # the failed run is kept, with its traceback
     assert "total:" in proc.stdout and (book / "_timings.csv").exists()
+
+
+def test_figures_built_without_pyplot_display_as_png():
+    """The analysis plots never touch pyplot; the book's pages must still show them as images."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from matplotlib.figure import Figure
+
+    from wilke_lib import book
+
+    shell = InteractiveShell.instance()
+    book.enable_figure_display()
+    fig = Figure()
+    fig.subplots().plot([1, 2])
+    data, _ = shell.display_formatter.format(fig)
+    assert data.get("image/png", b"").startswith(b"\x89PNG")

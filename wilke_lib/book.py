@@ -93,3 +93,29 @@ def paper_table1():
     import pandas as pd
 
     return pd.read_csv(Path(__file__).parent / "data" / "table1_reported.csv")
+
+
+def _figure_png(fig) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def enable_figure_display() -> None:
+    """Show matplotlib figures built without pyplot (``wilke_lib.analysis.plots``) as PNG images in
+    notebooks: IPython registers a PNG formatter for figures only once pyplot is imported."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+    from matplotlib.figure import Figure
+
+    shell.display_formatter.formatters["image/png"].for_type(Figure, _figure_png)
+
+
+enable_figure_display()
