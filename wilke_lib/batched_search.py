@@ -69,7 +69,7 @@ from wilke_lib.arch import ModelAdapter
 from wilke_lib.editing import EditCache, EditError
 from wilke_lib.hparams import WilKEHParams
 from wilke_lib.rome import (DeltaResult, _hidden, compute_ks, encode, fact_token_index, fill, frozen, model_device,
-                            pad_id_of, prepare_request, rank_one_update)
+                            pad_id_of, prepare_request, rank_one_update, rewrite_rows)
 from wilke_lib.wilke import LayerCandidate, candidate_layers, eq10_score, update_norm_score
 
 log = logging.getLogger(__name__)
@@ -153,13 +153,7 @@ def build_prompts(tok: PreTrainedTokenizerBase, request: dict, hparams: Any, pre
     """The rows of `rome.optimize_delta` (same prompts, fact tokens and target positions), split."""
     prepared = prepare_request(tok, request)
     target = prepared.target_new_ids
-    n_tgt = len(target)
-    seqs, cols, positions = [], [], []
-    for prefix in prefixes:
-        prompt_ids = encode(tok, prefix + prepared.prompt)
-        seqs.append(prompt_ids + target[:-1])
-        cols.append(fact_token_index(tok, prepared.template, prepared.subject, prefix, hparams.fact_token))
-        positions.append([len(prompt_ids) - 1 + t for t in range(n_tgt)])
+    seqs, cols, positions = rewrite_rows(tok, prepared, hparams, prefixes)
     essence = hparams.essence_template
     essence_ids = encode(tok, fill(essence, prepared.subject))
     essence_col = fact_token_index(tok, essence, prepared.subject, "", hparams.fact_token)

@@ -289,6 +289,20 @@ class DeltaResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def rewrite_rows(tok: PreTrainedTokenizerBase, prepared: PreparedRequest, hparams: Any,
+                 prefixes: Sequence[str]) -> tuple[list[list[int]], list[int], list[list[int]]]:
+    """The rows of the NLL term of ROME Eq. 4: for each prefix c_j, the token ids of c_j + p followed
+    by target_new but its last token (teacher forcing), the fact-token column, and the positions
+    whose next-token logits score the target tokens."""
+    seqs, cols, positions = [], [], []
+    for prefix in prefixes:
+        prompt_ids = encode(tok, prefix + prepared.prompt)
+        seqs.append(prompt_ids + prepared.target_new_ids[:-1])
+        cols.append(fact_token_index(tok, prepared.template, prepared.subject, prefix, hparams.fact_token))
+        positions.append([len(prompt_ids) - 1 + t for t in range(len(prepared.target_new_ids))])
+    return seqs, cols, positions
+
+
 def optimize_delta(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, module: nn.Module,
                    hparams: Any, prefixes: Sequence[str]) -> DeltaResult:
     """Optimise a vector delta added to `module`'s output at the fact token of every prompt.
@@ -303,12 +317,7 @@ def optimize_delta(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict
     device = model_device(model)
     target = prepared.target_new_ids
     n_tgt = len(target)
-    seqs, cols, positions = [], [], []
-    for prefix in prefixes:
-        prompt_ids = encode(tok, prefix + prepared.prompt)
-        seqs.append(prompt_ids + target[:-1])
-        cols.append(fact_token_index(tok, prepared.template, prepared.subject, prefix, hparams.fact_token))
-        positions.append([len(prompt_ids) - 1 + t for t in range(n_tgt)])
+    seqs, cols, positions = rewrite_rows(tok, prepared, hparams, prefixes)
     n_rewrite = len(seqs)
     essence = hparams.essence_template
     seqs.append(encode(tok, fill(essence, prepared.subject)))
