@@ -28,6 +28,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausal
                           PreTrainedTokenizerFast)
 
 from wilke_lib import world as world_lib
+from wilke_lib.models import default_device
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def known_fact_rates(model, tok, records: list[dict]) -> dict[str, float]:
 
 def train(cfg: OrganismConfig, out_dir: Path, device: str | None = None) -> dict:
     """Train one organism from scratch and save it (weights, tokenizer, config, log) to out_dir."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device else default_device()
     torch.manual_seed(cfg.train_seed)
     rng = random.Random(cfg.train_seed)
     world = world_lib.build_world(cfg.world_seed)
