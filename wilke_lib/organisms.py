@@ -51,10 +51,11 @@ class OrganismConfig:
     world_seed: int = world_lib.DEFAULT_SEED
     train_seed: int = 0
     epochs: int = 14
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 150
     weight_decay: float = 0.01
+    sentences_per_row: int = 3  # training rows hold 1..3 corpus sentences, so facts are recalled after any context
 
 
 ORGANISMS = {
@@ -89,6 +90,33 @@ def build_model(cfg: OrganismConfig, tok: PreTrainedTokenizerFast) -> torch.nn.M
     raise ValueError(f"organism arch {cfg.arch!r}: supported are 'gpt2' and 'gptj'")
 
 
+def pack_rows(texts: list[str], tok: PreTrainedTokenizerFast, max_sentences: int, max_tokens: int,
+              rng: random.Random) -> list[list[int]]:
+    """Token rows of 1..max_sentences consecutive (shuffled) sentences joined by spaces, each ending
+    in EOS and at most max_tokens long.
+
+    Single-sentence rows put every subject at the same few absolute positions; an editor's context
+    prefixes (ROME's c_j) then move the subject somewhere the organism never recalled a fact from,
+    and one delta has to serve prompts the model reads differently. Documents of several facts, as
+    in real pre-training text, teach recall at any position.
+    """
+    rows, i = [], 0
+    order = list(range(len(texts)))
+    rng.shuffle(order)
+    while i < len(order):
+        take = rng.randint(1, max_sentences)
+        while take > 1:
+            row = tok(" ".join(texts[j] for j in order[i:i + take]))["input_ids"] + [tok.eos_token_id]
+            if len(row) <= max_tokens:
+                break
+            take -= 1
+        else:
+            row = tok(texts[order[i]])["input_ids"] + [tok.eos_token_id]
+        rows.append(row)
+        i += take
+    return rows
+
+
 def length_bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random
                             ) -> list[list[int]]:
     """Batches of similar length (less padding), in random order."""
@@ -112,7 +140,7 @@ def lr_at(step: int, total: int, cfg: OrganismConfig) -> float:
     """Linear warm-up then cosine decay to a tenth."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -139,11 +167,11 @@ def train(cfg: OrganismConfig, out_dir: Path, device: str | None = None) -> dict
     world = world_lib.build_world(cfg.world_seed)
     texts = world_lib.corpus(world)
     tok = train_tokenizer(texts, cfg.vocab_size)
-    encoded = [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]
-    too_long = max(len(e) for e in encoded)
+    too_long = max(len(tok(t)["input_ids"]) + 1 for t in texts)
     if too_long > cfg.n_positions:
         raise ValueError(f"{cfg.name}: a corpus sentence has {too_long} tokens, more than "
                          f"n_positions={cfg.n_positions}")
+    encoded = pack_rows(texts, tok, cfg.sentences_per_row, cfg.n_positions, rng)  # re-packed every epoch
     model = build_model(cfg, tok).to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.98))
@@ -153,6 +181,8 @@ def train(cfg: OrganismConfig, out_dir: Path, device: str | None = None) -> dict
     bar = tqdm(total=total, desc=f"training {cfg.name}", unit="step")
     for epoch in range(cfg.epochs):
         epoch_loss, n_batches = 0.0, 0
+        if epoch:
+            encoded = pack_rows(texts, tok, cfg.sentences_per_row, cfg.n_positions, rng)
         for batch in length_bucketed_batches([len(e) for e in encoded], cfg.batch_size, rng):
             ids, mask = collate([encoded[i] for i in batch], tok.pad_token_id)
             ids, mask = ids.to(device), mask.to(device)
