@@ -19,10 +19,10 @@ TORCH_VERSION   ?= 2.13.0
 # pinned torch then comes from the configured indexes / local wheels.
 TORCH_CPU_INDEX ?=
 
-.PHONY: venv test book book-only toc organisms bench clean distclean help
+.PHONY: venv test book book-only toc organisms bench bench-success clean distclean help
 
 help:
-	@echo "targets: venv test book book-only toc organisms bench clean distclean"
+	@echo "targets: venv test book book-only toc organisms bench bench-success clean distclean"
 	@echo "variables: PROFILE=$(PROFILE) MODELS='$(MODELS)' NB_ARGS='$(NB_ARGS)'"
 
 $(PY):
@@ -68,6 +68,10 @@ organisms: venv
 
 bench: venv
 	$(PY) benchmarks/bench_editors.py
+
+# Success and rollback of one edit per editor on 100 known records of each organism (about 25 min on 2 CPU cores).
+bench-success: venv
+	$(PY) benchmarks/single_edit_success.py
 
 clean:
 	rm -rf book/_build .pytest_cache *.egg-info build dist

@@ -312,6 +312,24 @@ def test_rollback_restores_original_answer(arch, tok, corpus_file, stats_dir):
     assert greedy_matches(model, tok, [prompt], [answer]) == [True]
 
 
+def test_edit_and_rollback_leaves_the_original_untouched(tok, corpus_file, stats_dir):
+    from wilke_lib.experiments import edit_and_rollback
+
+    model = fresh_model("gpt2", tok)
+    before = digest(model)
+    template, subject, answer = known_prompt(model, tok)
+    record = {"case_id": 7, "requested_rewrite": {"prompt": template, "subject": subject,
+                                                  "target_new": {"str": NEW}, "target_true": {"str": answer}}}
+    hparams = ROMEHParams(layer=2, **FAST, **mom2(corpus_file))
+    row = edit_and_rollback(model, tok, record, hparams, EditCache.for_model(model, stats_dir=stats_dir))
+    assert digest(model) == before
+    assert row["case_id"] == 7 and row["editor"] == "rome" and row["layers"] == [2]
+    assert row["success"] == greedy_matches(edit(model, tok, record["requested_rewrite"], hparams, copy=True,
+                                                 cache=EditCache.for_model(model, stats_dir=stats_dir)).model,
+                                            tok, [template.format(subject)], [NEW])[0]
+    assert row["seconds"] > 0 and row["rollback_seconds"] > 0
+
+
 # ---- impossible edits ---------------------------------------------------------------------------
 
 BAD_REQUESTS = {

@@ -171,3 +171,25 @@ def layer_choices(grouped: dict[str, list[lifelong.RunResult]]) -> pd.DataFrame:
                                 for layer in (layers or [])]).value_counts()
               for label, runs in grouped.items()}
     return pd.DataFrame(counts).T.fillna(0).astype(int).sort_index(axis=1)
+
+
+def evenly_spaced(records: list[dict], n: int) -> list[dict]:
+    """n records spread over the list (every k-th), the sample the editor tests and benchmarks use."""
+    return records[:: max(1, len(records) // n)][:n]
+
+
+def edit_and_rollback(model, tok, record: dict, hparams, cache) -> dict:
+    """One edit of `record` on a copy of the model, then its rollback on the edited copy (the
+    protocol of Appendix F). Success means the greedy answer to the rewrite prompt is target_new
+    after the edit and target_true again after the rollback."""
+    from wilke_lib import editing, generation
+
+    rewrite = record["requested_rewrite"]
+    prompt = [counterfact.rewrite_prompt(record)]
+    result = editing.edit(model, tok, rewrite, hparams, copy=True, cache=cache, keep_deltas=False)
+    edited = generation.greedy_matches(result.model, tok, prompt, [rewrite["target_new"]["str"]])[0]
+    undo = editing.rollback(result.model, tok, rewrite, hparams, result, cache=cache, keep_deltas=False)
+    restored = generation.greedy_matches(undo.model, tok, prompt, [rewrite["target_true"]["str"]])[0]
+    return {"case_id": record["case_id"], "editor": result.editor, "layers": result.layers,
+            "success": bool(edited), "rollback_restored": bool(restored),
+            "seconds": result.seconds, "rollback_seconds": undo.seconds}

@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Single-edit success of every editor on the organisms (`make bench-success`).
+
+For each model and editor: n known records spread over the model's world, each edited on a fresh
+copy of the model and then rolled back on the edited copy (`experiments.edit_and_rollback`).
+Prints, per editor, the share of edits after which the rewrite prompt answers target_new, the share
+of rollbacks after which it answers target_true again, and the median seconds per edit. Rows are
+appended to `benchmarks/results/<device>/single_edit_<model>.jsonl` as they finish; a rerun skips
+the (editor, record) pairs already there, so an interrupted run resumes.
+
+    python benchmarks/single_edit_success.py                         # both organisms, 100 records
+    python benchmarks/single_edit_success.py --models toy-gpt2 --editors rome wilke --records 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from wilke_lib import benchmarking, counterfact, editing, experiments, hparams, models  # noqa: E402
+
+EDITORS = ["rome", "memit", "wilke", "ft", "kn"]
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    by_editor: dict[str, list[dict]] = {}
+    for row in rows:
+        by_editor.setdefault(row["editor"], []).append(row)
+    return [{"editor": editor, "n": len(group),
+             "success": sum(r["success"] for r in group) / len(group),
+             "rollback_restored": sum(r["rollback_restored"] for r in group) / len(group),
+             "median_seconds": statistics.median(r["seconds"] for r in group),
+             "layers": sorted({l for r in group for l in r["layers"]})}
+            for editor, group in by_editor.items()]
+
+
+def run_model(model_name: str, editors: list[str], n_records: int, path: Path) -> list[dict]:
+    model, tok = models.load_model(model_name)
+    known = counterfact.known_records(model, tok, counterfact.load_counterfact("toy-world"))
+    records = experiments.evenly_spaced(known, n_records)
+    done = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    seen = {(r["editor"], r["case_id"]) for r in done}
+    cache = editing.EditCache.for_model(model)
+    with path.open("a") as sink:
+        for editor in editors:
+            hp = hparams.load_hparams(editor, model_name)
+            todo = [r for r in records if (editor, r["case_id"]) not in seen]
+            for record in tqdm(todo, desc=f"{model_name} {editor}", unit="edit"):
+                row = experiments.edit_and_rollback(model, tok, record, hp, cache)
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+                done.append(row)
+    wanted = {r["case_id"] for r in records}
+    return [r for r in done if r["case_id"] in wanted and r["editor"] in editors]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["toy-gpt2", "toy-gptj"])
+    parser.add_argument("--editors", nargs="+", default=EDITORS, choices=EDITORS)
+    parser.add_argument("--records", type=int, default=100, help="known records per model")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny models: 1 is fastest)")
+    parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out_dir = benchmarking.results_dir(models.default_device(), args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for model_name in args.models:
+        path = out_dir / f"single_edit_{Path(model_name).name}.jsonl"
+        summary = summarise(run_model(model_name, args.editors, args.records, path))
+        print(f"\n{model_name}: {args.records} known records, one edit each on a fresh copy, then rollback ({path})")
+        print("| editor | success | rollback restored | median s/edit | layers edited |")
+        print("|---|---|---|---|---|")
+        for s in summary:
+            print(f"| {s['editor']} | {s['success']:.0%} | {s['rollback_restored']:.0%} | "
+                  f"{s['median_seconds']:.2f} | {','.join(map(str, s['layers']))} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
