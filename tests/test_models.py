@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,8 @@ import torch
 
 from tiny import make_tiny_model
 from wilke_lib import models
-from wilke_lib.models import default_device, load_model, model_identity, resolve_dtype, resolve_model_path
+from wilke_lib.models import (checkpoint_fingerprint, default_device, load_model, model_identity, resolve_dtype,
+                              resolve_model_path)
 
 
 def _save_tiny(directory: Path, arch: str, tok) -> torch.nn.Module:
@@ -39,6 +42,10 @@ def test_identity_differs_between_models(tiny_tokenizer):
     small = make_tiny_model("gpt2", len(tiny_tokenizer), n_layers=2)
     large = make_tiny_model("gpt2", len(tiny_tokenizer), n_layers=3)
     assert model_identity(small) != model_identity(large)
+    retrained = copy.deepcopy(small)  # same configuration, other weights: a retrained organism
+    with torch.no_grad():
+        next(retrained.parameters()).add_(1e-3)
+    assert model_identity(retrained) != model_identity(small)
 
 
 def test_default_device_follows_cuda(monkeypatch):
@@ -96,3 +103,15 @@ def test_built_organism_and_other_names_resolve(tmp_path, monkeypatch):
 
 def test_organisms_dir_is_beside_the_package():
     assert models.ORGANISMS_DIR == Path(models.__file__).resolve().parents[1] / "organisms"
+
+
+def test_checkpoint_fingerprint_follows_the_weights(tmp_path, tiny_tokenizer):
+    model = make_tiny_model("gpt2", len(tiny_tokenizer), n_layers=2)
+    model.save_pretrained(tmp_path / "a")
+    first = checkpoint_fingerprint(tmp_path / "a")
+    assert first and first == checkpoint_fingerprint(tmp_path / "a")
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    model.save_pretrained(tmp_path / "a")
+    assert checkpoint_fingerprint(tmp_path / "a") != first
+    assert checkpoint_fingerprint("some-org/some-hub-model") == ""

@@ -59,10 +59,11 @@ def run_variants(model_name: str, records: list[dict], variants: list[Variant],
     """Every variant for every seed of the profile; finished runs are read back."""
     out_dir = out_dir or results_dir(model_name)
     configs, labels = [], []
+    fingerprint = models.checkpoint_fingerprint(model_name)
     for v in variants:
         for seed in profile.seeds:
             configs.append(lifelong.LifelongConfig(
-                model_name=model_name, editor=v.editor, hparams=v.hparams(model_name),
+                model_name=model_name, model_fingerprint=fingerprint, editor=v.editor, hparams=v.hparams(model_name),
                 n_edits=profile.n_edits, seed=seed, checkpoints=profile.checkpoints,
                 out_dir=str(out_dir), eval_batch_size=profile.eval_batch_size))
             labels.append(v.label)

@@ -74,6 +74,24 @@ def resolve_model_path(name: str | Path) -> str:
     return name
 
 
+def checkpoint_fingerprint(name: str | Path, edge_bytes: int = 1 << 20) -> str:
+    """8 hex digits identifying the weight files of a local model (names, sizes, first and last MiB
+    of each), without loading it; "" for a hub id. Results cached under a model *name* carry it,
+    so that a retrained organism does not reuse its predecessor's results."""
+    path = Path(resolve_model_path(name))
+    if not path.is_dir():
+        return ""
+    h = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt")):
+        size = file.stat().st_size
+        h.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as handle:
+            h.update(handle.read(edge_bytes))
+            handle.seek(max(0, size - edge_bytes))
+            h.update(handle.read(edge_bytes))
+    return h.hexdigest()[:8]
+
+
 @contextmanager
 def quiet_loading():
     """No per-tensor loading bar (it fills the book's pages); restored afterwards."""
@@ -117,17 +135,33 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def weights_fingerprint(model: nn.Module, samples_per_tensor: int = 4096) -> str:
+    """8 hex digits of the sha256 of an evenly strided sample of every parameter (as float32).
+
+    Cheap even for GPT-J (a few thousand values per tensor), and different for two trainings of
+    the same configuration, which share everything else."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            flat = param.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // samples_per_tensor)]
+            h.update(name.encode())
+            h.update(sample.to(device="cpu", dtype=torch.float32).numpy().tobytes())
+    return h.hexdigest()[:8]
+
+
 def model_identity(model: PreTrainedModel) -> str:
     """Short stable string identifying the (unedited) model, used as a cache key.
 
-    `<basename of name_or_path>-<8 hex of the config hash>-<n_params>`. The hash
-    ignores entries that saving, loading or casting change, so a model and its
-    saved-and-reloaded copy share the identity. Weights are not hashed: caches
-    keyed by it (e.g. the second-moment statistics) are meant for the unedited model.
+    `<basename of name_or_path>-<8 hex of the config hash>-<8 hex of the weights>-<n_params>`.
+    The config hash ignores entries that saving or loading change, and the weights fingerprint
+    (`weights_fingerprint`) makes a retrained model a different model; a model and its
+    saved-and-reloaded copy share the identity. Caches keyed by it (e.g. the second-moment
+    statistics) are meant for the unedited model: compute it before editing.
     """
     config = model.config.to_dict()
     for key in _VOLATILE_CONFIG_KEYS:
         config.pop(key, None)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
     basename = Path(str(getattr(model.config, "_name_or_path", "") or "")).name or model.config.model_type
-    return f"{basename}-{digest}-{count_parameters(model)}"
+    return f"{basename}-{digest}-{weights_fingerprint(model)}-{count_parameters(model)}"
