@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from wilke_lib import counterfact, editing, generation, hparams, models
+from wilke_lib import counterfact, editing, experiments, generation, hparams, models
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("model_name")
@@ -25,7 +25,7 @@ args = parser.parse_args()
 torch.set_num_threads(1)
 model, tok = models.load_model(args.model_name)
 known = counterfact.known_records(model, tok, counterfact.load_counterfact("toy-world")[:400])
-chosen = known[:: max(1, len(known) // args.records)][:args.records]
+chosen = experiments.evenly_spaced(known, args.records)
 cache = editing.EditCache.for_model(model)
 base = hparams.load_hparams("rome", args.model_name)
 print("layer steps clamp   ES     PS   s/edit")

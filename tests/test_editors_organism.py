@@ -23,13 +23,13 @@ pytestmark = [
 def setup():
     from wilke_lib.counterfact import known_records, load_counterfact
     from wilke_lib.editing import EditCache
+    from wilke_lib.experiments import evenly_spaced
     from wilke_lib.models import load_model
 
     model, tok = load_model(ORGANISM)
     known = known_records(model, tok, load_counterfact("toy-world"))
     assert len(known) >= N_RECORDS, f"the organism knows only {len(known)} records"
-    step = max(1, len(known) // N_RECORDS)
-    records = known[::step][:N_RECORDS]
+    records = evenly_spaced(known, N_RECORDS)
     return model, tok, records, EditCache.for_model(model)
 
 
