@@ -19,10 +19,10 @@ TORCH_VERSION   ?= 2.13.0
 # pinned torch then comes from the configured indexes / local wheels.
 TORCH_CPU_INDEX ?=
 
-.PHONY: venv test book book-only toc organisms bench bench-success clean distclean help
+.PHONY: venv test book book-only toc organisms organism-report runs bench bench-success clean distclean help
 
 help:
-	@echo "targets: venv test book book-only toc organisms bench bench-success clean distclean"
+	@echo "targets: venv test book book-only toc organisms organism-report runs bench bench-success clean distclean"
 	@echo "variables: PROFILE=$(PROFILE) MODELS='$(MODELS)' NB_ARGS='$(NB_ARGS)'"
 
 $(PY):
@@ -64,7 +64,17 @@ toc: venv
 	$(PY) scripts/make_toc.py --book-dir book
 
 organisms: venv
-	$(PY) -m wilke_lib.organisms --all
+	$(PY) -m wilke_lib.organisms train --all
+
+# The paper's lifelong runs (1,024 edits x 3 seeds) that are missing from runs/, one per CPU core,
+# resumable; RUNS_ARGS="--dry-run" lists them, "--executor slurm" sends them to a cluster.
+RUNS_ARGS ?=
+runs: venv
+	$(PY) -m wilke_lib.run_matrix $(RUNS_ARGS)
+
+# Where each organism keeps its facts: organisms/<name>/report.json and a table (about 5 min each).
+organism-report: venv
+	$(PY) -m wilke_lib.organisms report --all
 
 bench: venv
 	$(PY) benchmarks/bench_editors.py

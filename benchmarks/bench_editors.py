@@ -22,11 +22,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from wilke_lib import benchmarking as bm  # noqa: E402
+from wilke_lib.bench import editors as bm
+from wilke_lib.bench.measure import device_name
+from wilke_lib.models import default_device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,12 +44,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from wilke_lib.models import default_device
-
     device = torch.device(args.device) if args.device else default_device()
     out_dir = bm.results_dir(device, args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"device: {bm.device_name(device)}; results in {out_dir}", flush=True)
+    print(f"device: {device_name(device)}; results in {out_dir}", flush=True)
     status = 0
     for model_name in args.models:
         loaded = bm.load_organism(model_name, device)

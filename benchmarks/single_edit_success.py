@@ -23,11 +23,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from wilke_lib import benchmarking, counterfact, editing, experiments, hparams, models  # noqa: E402
+from wilke_lib import counterfact, editing, experiments, hparams, models
+from wilke_lib.bench.editors import results_dir
 
 EDITORS = ["rome", "memit", "wilke", "ft", "kn"]
 
@@ -73,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out_dir = benchmarking.results_dir(models.default_device(), args.out)
+    out_dir = results_dir(models.default_device(), args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     for model_name in args.models:
         path = out_dir / f"single_edit_{Path(model_name).name}.jsonl"

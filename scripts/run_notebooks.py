@@ -28,15 +28,12 @@ from pathlib import Path
 
 import yaml
 
+from wilke_lib.results import model_slug
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = ["toy-gpt2", "toy-gptj"]
 KERNEL = "wilke"
 TIMING_FIELDS = ["notebook", "model", "profile", "seconds", "status", "finished"]
-
-
-def model_slug(model_name: str) -> str:
-    """Directory name used for a model's executed notebooks and figures."""
-    return Path(str(model_name).rstrip("/")).name or str(model_name)
 
 
 def parse_value(text: str):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -24,3 +26,18 @@ def tiny_model(request: pytest.FixtureRequest, tiny_tokenizer: PreTrainedTokeniz
     """A fresh (so tests may edit it) 4-layer, d_model 32 random model, one per architecture."""
     return make_tiny_model(request.param, len(tiny_tokenizer),
                            eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _results_outside_the_repository(tmp_path_factory: pytest.TempPathFactory):
+    """Runs, cached analyses and figures of the tests go to a temporary folder, never to the book's."""
+    root = tmp_path_factory.mktemp("wilke")
+    saved = {k: os.environ.get(k) for k in ("WILKE_RUNS_DIR", "WILKE_RESULTS_DIR", "WILKE_FIGURES_DIR")}
+    for key in saved:
+        os.environ[key] = str(root / key.split("_")[1].lower())
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import matplotlib
@@ -15,9 +16,14 @@ import torch
 from matplotlib.figure import Figure
 
 from tiny import make_tiny_model
+from wilke_lib.analysis import aie as aie_mod
 from wilke_lib.analysis import causal_trace as ct
-from wilke_lib.analysis import flash, plots, strength, toxicity
+from wilke_lib.analysis import flash, per_layer, plots, strength, toxicity, verdicts
 from wilke_lib.arch import ModelAdapter
+from wilke_lib.editing import EditCache
+from wilke_lib.hparams import ROMEHParams
+from wilke_lib.lifelong import toxicity as monitor
+from wilke_lib.results import cache_key
 
 TEMPLATE = "The mother tongue of {} is"
 SUBJECT = "Valo Durn"
@@ -27,14 +33,12 @@ def _record(case_id: int, subject: str = SUBJECT, true: str = "Welsh", new: str 
     return {"case_id": case_id,
             "requested_rewrite": {"prompt": TEMPLATE, "subject": subject, "relation_id": "P103",
                                   "target_new": {"str": new, "id": "Q1"}, "target_true": {"str": true, "id": "Q2"}},
-            "paraphrase_prompts": [f"Some text. {subject} speaks"], "neighborhood_prompts": []}
+            "paraphrase_prompts": [f"Some text. {subject} speaks"],
+            "neighborhood_prompts": ["The mother tongue of Nyra Cask is"]}
 
 
 def _rome_setup(model):
     """ROME settings for tiny models: fixed prefixes, few steps, identity second moment (no corpus)."""
-    from wilke_lib.editing import EditCache
-    from wilke_lib.hparams import ROMEHParams
-
     hp = ROMEHParams(layer=1, v_num_grad_steps=4, context_prefixes=["Hello there. "])
     cache = EditCache(model_key="tiny-test")
     d_mlp = ModelAdapter(model).d_mlp
@@ -92,7 +96,7 @@ def test_trace_given_target_and_aie(tiny_tokenizer):
     assert res.target_id == tiny_tokenizer(" French", add_special_tokens=False)["input_ids"][0]
     last = res.subject_range[1] - 1
     assert np.isfinite(res.scores[last]).all() and np.isnan(np.delete(res.scores, last, axis=0)).all()
-    aie = ct.average_indirect_effect(model, tiny_tokenizer, [_record(0), _record(1, "Mira Quell")],
+    aie = aie_mod.average_indirect_effect(model, tiny_tokenizer, [_record(0), _record(1, "Mira Quell")],
                                      kind="mlp", window=2, progress=False)
     assert aie.aie.shape == (4,) and aie.per_record.shape == (2, 4)
     assert aie.peak_layer == int(np.argmax(aie.aie)) and aie.case_ids == [0, 1]
@@ -105,66 +109,45 @@ def test_toxicity_of_edit_and_exact_inverse_is_zero(tiny_model):
     original = adapter.out_weight(layer).clone()
     d_w = torch.randn(adapter.d_model, adapter.d_mlp, generator=torch.Generator().manual_seed(0))
     adapter.add_to_out_weight(layer, d_w)
-    assert toxicity.toxicity(adapter.out_weight(layer), original).abs().max() > 0.1
+    assert monitor.toxicity(adapter.out_weight(layer), original).abs().max() > 0.1
     adapter.add_to_out_weight(layer, -d_w)
-    tox = toxicity.toxicity(adapter.out_weight(layer), original)
+    tox = monitor.toxicity(adapter.out_weight(layer), original)
     eps = torch.finfo(original.dtype).eps * float(original.abs().max() + d_w.abs().max())
     assert tox.abs().max() <= eps
 
 
-def test_recorder_norms_and_snapshots(tiny_tokenizer):
+def test_monitor_norms_and_snapshots(tiny_tokenizer):
     model = make_tiny_model("gpt2", len(tiny_tokenizer))
     adapter = ModelAdapter(model)
-    recorder = toxicity.ToxicityRecorder(model, tiny_tokenizer, [1, 2], records=[_record(7)],
-                                         snapshot_steps=(2,), size=8, keep_full=True)
+    watch = monitor.ToxicityMonitor(model, [1, 2])
     d_w = torch.full((adapter.d_model, adapter.d_mlp), 0.01)
     adapter.add_to_out_weight(1, d_w)
-    recorder(1, {"case_id": 7, "ES": 1.0})
-    adapter.add_to_out_weight(1, -d_w)
-    recorder(2, {"case_id": 7, "ES": 0.0})
-    rec = recorder.result()
-    assert rec.table["toxicity_1"].iloc[0] == pytest.approx(float(torch.linalg.norm(d_w)), rel=1e-4)
-    assert rec.table["toxicity_1"].iloc[1] < 1e-5 and (rec.table["toxicity_2"] == 0).all()
-    assert rec.table["norm"].tolist() == rec.table["norm_1"].tolist()
-    assert rec.table["rollback_success"].between(0, 1).all()
-    assert rec.snapshots[2][1].shape == (8, 8) and rec.full[2][1].shape == (adapter.d_model, adapter.d_mlp)
-    assert toxicity.downsample(np.ones((32, 128)), 64).shape == (32, 64)
-    assert list(toxicity.toxicity_snapshots(rec, 1)) == [2]
-    assert isinstance(flash.detect_flash(rec.table, original_norm=rec.original_norms[1]), pd.DataFrame)
+    row = watch.row()
+    assert row["toxicity_norms"]["1"] == pytest.approx(float(torch.linalg.norm(d_w)), rel=1e-4)
+    assert row["toxicity_norms"]["2"] == 0 and row["original_norms"]["1"] < row["layer_norms"]["1"]
+    snap = watch.snapshot(4)
+    assert set(snap) == {"step4/layer1", "step4/layer2"} and snap["step4/layer1"].shape == (adapter.d_model, 64)
+    assert monitor.downsample(torch.ones(32, 128), 64).shape == (32, 64)
+    assert [s for s in range(1, 20) if monitor.is_snapshot_step(s)] == [2, 4, 8, 16]
 
 
-def test_recording_save_load(tmp_path):
-    rec = toxicity.ToxicityRecording(layers=[1], original_norms={1: 2.0},
-                                     table=pd.DataFrame({"step": [1], "norm": [2.5]}),
-                                     snapshots={1: {1: np.zeros((2, 2))}})
-    back = toxicity.ToxicityRecording.load(rec.save(tmp_path / "rec.pt"))
-    assert back.table.equals(rec.table) and back.original_norms == {1: 2.0} and back.snapshots[1][1].shape == (2, 2)
-
-
-def test_norm_trajectory_forward_fills(tmp_path):
-    name = "transformer.h.5.mlp.c_proj.weight"
-    steps = pd.DataFrame({"step": [1, 2, 3],
-                          "weight_norms_after_rollback": [{name: 11.0}, {}, {"transformer.h.4.mlp.c_proj.weight": 3.0,
-                                                                               name: 12.5}]})
-    traj = toxicity.norm_trajectory(steps, 5, original_norm=10.0)
-    assert traj["norm"].tolist() == [11.0, 11.0, 12.5]
-    assert traj["ratio"].iloc[-1] == pytest.approx(1.25)
-    steps.to_json(tmp_path / "steps.jsonl", orient="records", lines=True)
-    assert toxicity.norm_trajectory(tmp_path, 5)["norm"].tolist() == [11.0, 11.0, 12.5]
-
-
-def test_per_layer_flash_and_lifelong_toxicity_on_rome(tiny_tokenizer):
+def test_per_layer_flash_and_the_lifelong_toxicity_run_on_rome(tiny_tokenizer, results_in_tmp):
     model = make_tiny_model("gpt2", len(tiny_tokenizer))
     hp, cache = _rome_setup(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    table = toxicity.per_layer_flash(model, tiny_tokenizer, _record(0), hp, layers=[0, 2], cache=cache)
+    table = per_layer.per_layer_flash(model, tiny_tokenizer, _record(0), hp, layers=[0, 2], cache=cache)
     assert table["layer"].tolist() == [0, 2] and table["error"].isna().all()
     assert np.isfinite(table[["norm_original", "norm_edited", "norm_rolled_back", "toxicity_norm"]]).all().all()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    run = toxicity.lifelong_rome_toxicity(model, tiny_tokenizer, [_record(0), _record(1, "Mira Quell")], hp,
-                                          snapshot_steps=(2,), size=16, cache=cache, progress=False)
+    recs = [_record(i, s) for i, s in enumerate(["Valo Durn", "Mira Quell", "Tobin Ash", "Sela Varn"])]
+    run = toxicity.toxicity_run(model, tiny_tokenizer, recs, "tiny", hp, n_steps=2, seed=0, cache=cache,
+                                known=lambda *a, **k: list(recs))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert run.layers == [1] and run.table["step"].tolist() == [1, 2]
-    assert (run.table["toxicity_norm"] > 0).all() and run.snapshots[2][1].shape == (16, 16)
+    assert (run.table["toxicity_norm"] > 0).all() and run.snapshots[2][1].shape == (ModelAdapter(model).d_model, 64)
+    assert list(toxicity.toxicity_snapshots(run)) == [2]
+    assert run.table["rollback_success"].between(0, 1).all()
+    assert isinstance(flash.detect_flash(run.table, original_norm=run.original_norms[1]), pd.DataFrame)
 
 
 # --------------------------------------------------------------------------- flash detector
@@ -230,7 +213,7 @@ def _renders(fig) -> bool:
 def test_plot_functions_return_figures(tiny_tokenizer):
     model = make_tiny_model("gpt2", len(tiny_tokenizer))
     traces = ct.trace_all_kinds(model, tiny_tokenizer, TEMPLATE, SUBJECT, n_samples=2, window=2)
-    aie = ct.average_indirect_effect(model, tiny_tokenizer, [_record(0)], kind="mlp", n_samples=2, progress=False)
+    aie = aie_mod.average_indirect_effect(model, tiny_tokenizer, [_record(0)], kind="mlp", n_samples=2, progress=False)
     traj = pd.DataFrame({"step": [1, 2, 3], "norm": [1.0, 1.5, 3.0], "original_norm": 1.0})
     layer_table = pd.DataFrame({"layer": [0, 1], "norm_original": [1.0, 1.0], "norm_edited": [1.2, 9.0],
                                 "norm_rolled_back": [1.0, 2.0]})
@@ -252,15 +235,11 @@ def test_plot_functions_return_figures(tiny_tokenizer):
 
 
 # --------------------------------------------------------------------------- chapter experiments (notebooks 05-09)
-from wilke_lib.analysis import chapters  # noqa: E402
-
-
 @pytest.fixture
 def results_in_tmp(tmp_path, monkeypatch):
-    """Point `chapters.results_dir` (via book.repo_root) at a temporary folder."""
-    import wilke_lib.book
-
-    monkeypatch.setattr(wilke_lib.book, "repo_root", lambda: tmp_path)
+    """Results (runs, caches) under a temporary folder."""
+    monkeypatch.setenv("WILKE_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("WILKE_RUNS_DIR", str(tmp_path / "runs"))
     return tmp_path
 
 
@@ -273,41 +252,39 @@ def _recording(norms: dict[int, list[float]], original: dict[int, float]) -> tox
     first = next(iter(norms))
     table["norm"], table["toxicity_norm"] = table[f"norm_{first}"], table[f"toxicity_{first}"]
     table["rollback_success"], table["edit_success"], table["failed"] = 1.0, 1.0, False
-    return toxicity.ToxicityRecording(layers=list(norms), original_norms=original, table=table)
+    return toxicity.ToxicityRecording(layers=list(norms), original_norms=original, table=table, snapshots={})
 
 
-def test_snapshot_steps_and_cache_key():
-    assert chapters.snapshot_steps_for(20) == (2, 4, 8, 16, 20)
-    assert chapters.snapshot_steps_for(16) == (2, 4, 8, 16) and chapters.snapshot_steps_for(1) == (1,)
-    assert chapters.cache_key({"a": 1}, [1, 2]) == chapters.cache_key({"a": 1}, [1, 2])
-    assert chapters.cache_key({"a": 1}) != chapters.cache_key({"a": 2})
-    assert ct.default_window(48) == 10 and ct.default_window(28) == 10 and ct.default_window(12) == 3
-    assert chapters.layers_to_edit(12, 4, 3) == [0, 3, 4, 8] and chapters.layers_to_edit(3) == [0, 1, 2]
+def test_cache_key_and_small_helpers():
+    assert cache_key({"a": 1}, [1, 2]) == cache_key({"a": 1}, [1, 2])
+    assert cache_key({"a": 1}) != cache_key({"a": 2})
+    assert aie_mod.default_window(48) == 10 and aie_mod.default_window(28) == 10 and aie_mod.default_window(12) == 3
+    assert per_layer.layers_to_edit(12, 4, 3) == [0, 3, 4, 8] and per_layer.layers_to_edit(3) == [0, 1, 2]
     assert _renders(plots.strength_figure({1: pd.Series([1.0, 2.0], index=[0, 4])}, {2: [1.0, 2.0, 3.0]}))
 
 
 def test_toxicity_summary_and_verdicts():
     staircase = [10.0 + 0.01 * s + (5.0 if s >= 10 else 0.0) for s in range(1, 21)]
     rec = _recording({3: staircase}, {3: 10.0})
-    summary = chapters.toxicity_summary(rec)
+    summary = toxicity.toxicity_summary(rec)
     assert summary["steps"] == 20 and summary["top_share"] > 0.5 and summary["buildup_rho"] > 0.8
     assert summary["final_ratio"] == pytest.approx(staircase[-1] / 10.0)
-    smooth = chapters.toxicity_summary(_recording({3: [10.0 + 0.01 * s for s in range(1, 20)]}, {3: 10.0}))
-    table = chapters.toxicity_verdicts(summary, smooth, n_flash=1)
+    smooth = toxicity.toxicity_summary(_recording({3: [10.0 + 0.01 * s for s in range(1, 20)]}, {3: 10.0}))
+    table = toxicity.toxicity_verdicts(summary, smooth, n_flash=1)
     assert list(table.columns) == ["phenomenon", "paper", "this model", "observed"]
     assert table["observed"].tolist() == ["yes", "yes", "yes", "no", "yes"]
-    sentence = chapters.verdict_sentence(table, "The model")
+    sentence = verdicts.verdict_sentence(table, "The model")
     assert sentence.startswith("The model shows *toxicity buildup*") and "does not show" in sentence
-    assert len(chapters.toxicity_verdicts(summary, None, n_flash=0)) == 4
+    assert len(toxicity.toxicity_verdicts(summary, None, n_flash=0)) == 4
 
 
 def test_memit_verdicts_and_sentence():
     rec = _recording({0: [10.0 + 0.01 * s for s in range(1, 21)],
                       1: [10.0 + 0.01 * s + (3.0 if s >= 5 else 0.0) for s in range(1, 21)]}, {0: 10.0, 1: 10.0})
-    table = chapters.memit_verdicts(rec)
+    table = toxicity.memit_verdicts(rec)
     spikes = table.filter(like="steps with a jump").iloc[:, 0].tolist()
     assert table["layer"].tolist() == [0, 1] and spikes == [0, 1]
-    text = chapters.memit_sentence(table, 2.5, "toy")
+    text = toxicity.memit_sentence(table, 2.5, "toy")
     assert "2 of MEMIT's 2 layers" in text and "layer(s) 1" in text and "2.5" in text
     assert _renders(plots.recording_norms_figure(rec, flash_steps=[5]))
     assert _renders(plots.recording_norms_figure(rec, layers=[1]))
@@ -323,81 +300,82 @@ def test_per_layer_strength_and_tracing_verdicts():
                          "activation_strength": 1e-3 if (layer == 2 and group == "flash") else 1.0 + layer,
                          "delta_strength": 2.0 + 0.1 * layer})
     table = pd.DataFrame(rows)
-    summary = chapters.per_layer_summary(table, 2)
+    summary = per_layer.per_layer_summary(table, 2)
     assert summary.loc[summary.case_id == 1, "layer_of_max"].item() == 2
-    assert chapters.per_layer_verdicts(summary, 2)["observed"].tolist() == ["yes", "yes", "yes"]
-    assert chapters.strength_verdicts(table, 2)["observed"].tolist() == ["yes", "yes", "yes"]
+    assert per_layer.per_layer_verdicts(summary, 2)["observed"].tolist() == ["yes", "yes", "yes"]
+    assert strength.strength_verdicts(table, 2)["observed"].tolist() == ["yes", "yes", "yes"]
     with_gain = table.assign(update_gain=1 / table["activation_strength"])
-    assert chapters.strength_verdicts(with_gain, 2)["observed"].tolist() == ["yes", "yes", "yes", "yes"]
-    assert set(chapters.by_case(table, "flash", "activation_strength")) == {1, 2}
-    assert list(chapters.per_layer_panels(table, {"flash": "F"}))[0] == "F: case 1"
+    assert strength.strength_verdicts(with_gain, 2)["observed"].tolist() == ["yes", "yes", "yes", "yes"]
+    assert set(strength.by_case(table, "flash", "activation_strength")) == {1, 2}
+    assert list(per_layer.per_layer_panels(table, {"flash": "F"}))[0] == "F: case 1"
     peaks = {"flash": pd.Series([0, 1, 0]), "normal": pd.Series([3, 5, 8, 10])}
-    assert chapters.tracing_verdicts(peaks, 12, 6)["observed"].tolist() == ["yes", "yes", "yes", "yes"]
+    assert aie_mod.tracing_verdicts(peaks, 12, 6)["observed"].tolist() == ["yes", "yes", "yes", "yes"]
     same = {"flash": pd.Series([0, 1]), "normal": pd.Series([0, 0, 0, 1, 8])}
-    assert chapters.tracing_verdicts(same, 12, 6)["observed"].tolist() == ["yes", "no", "yes", "no"]
-    assert chapters.tracing_verdicts({"flash": pd.Series([0])}, 12, 6)["observed"].tolist() == ["n/a"]
+    assert aie_mod.tracing_verdicts(same, 12, 6)["observed"].tolist() == ["yes", "no", "yes", "no"]
+    assert aie_mod.tracing_verdicts({"flash": pd.Series([0])}, 12, 6)["observed"].tolist() == ["n/a"]
 
 
-def test_recorded_run_flash_analysis_and_groups(tiny_tokenizer, results_in_tmp, monkeypatch):
+def test_flash_analysis_groups_and_flash_free_run(tiny_tokenizer, results_in_tmp):
     model = make_tiny_model("gpt2", len(tiny_tokenizer))
     hp, cache = _rome_setup(model)
-    recs = [_record(i, s) for i, s in enumerate(["Valo Durn", "Mira Quell", "Tobin Ash", "Sela Varn"])]
-    monkeypatch.setattr(chapters, "known_records_cached", lambda *args, **kwargs: list(recs))
+    recs = [_record(i, s) for i, s in enumerate(["Valo Durn", "Mira Quell", "Tobin Ash", "Sela Varn", "Orrin Pike",
+                                                 "Kesta Lum", "Danu Fell", "Ilsa Morrow"])]
+    everything = lambda *args, **kwargs: list(recs)  # noqa: E731 -- every record counts as known
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    run = chapters.flash_analysis(model, tiny_tokenizer, recs, "tiny", hp, n_steps=3, seed=0, cache=cache,
-                                  progress=False)
+    run = flash.flash_analysis(model, tiny_tokenizer, recs, "tiny", hp, n_steps=3, seed=0, cache=cache,
+                               known=everything)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert len(run.sequence) == 3 and run.recording.table["step"].tolist() == [1, 2, 3]
+    assert [r["case_id"] for r in run.sequence] == run.recording.table["case_id"].tolist()
     assert (results_in_tmp / "results" / "tiny" / "flash_records.json").exists()
     flash_ids = {r["case_id"] for r in run.flash_records}
     assert not flash_ids & {r["case_id"] for r in run.normal_records}
     assert list(run.table().columns) == ["Record", "Content"]
-    again = chapters.recorded_run(model, tiny_tokenizer, run.sequence, hp, model_name="tiny", name="rome_lifelong",
-                                  compute=False)
-    assert again is not None and again.table.equals(run.recording.table)
-    assert chapters.recorded_run(model, tiny_tokenizer, run.sequence[:1], hp, model_name="tiny", name="x",
-                                 compute=False) is None
-    groups = chapters.contrast_groups(model, tiny_tokenizer, recs, "tiny", hp, n_steps=3, seed=0, n_flash=1,
-                                      n_normal=2, cache=cache, progress=False)
+    again = flash.flash_analysis(model, tiny_tokenizer, recs, "tiny", hp, n_steps=3, seed=0, known=everything)
+    assert again.recording.table.equals(run.recording.table)  # read back, not recomputed
+    groups = flash.contrast_groups(model, tiny_tokenizer, recs, "tiny", hp, n_steps=3, seed=0, n_flash=1,
+                                   n_normal=2, cache=cache, known=everything)
     assert len(groups.flash) == 1 and groups.analysis is not None
     assert groups.flash_label == ("flash (detected)" if flash_ids else "largest norm jumps (no flash detected)")
     assert list(groups.table().columns) == ["group", "Record", "Content"]
-    free = chapters.flash_free_run(model, tiny_tokenizer, run, hp, model_name="tiny", cache=cache, progress=False)
-    assert len(free.table) == 3 - len(flash_ids)
+    free = flash.flash_free_run(model, tiny_tokenizer, recs, run, hp, model_name="tiny", seed=0, cache=cache,
+                                known=everything)
+    assert len(free.table) == 3 and (not flash_ids or not flash_ids & set(free.table["case_id"]))
 
 
 def test_per_layer_norms_and_strength_tables_are_cached(tiny_tokenizer, results_in_tmp):
     model = make_tiny_model("gpt2", len(tiny_tokenizer))
     hp, cache = _rome_setup(model)
+    hp = dataclasses.replace(hp, update_form="averaged")  # the update's key is k*: the gain below is 1 / ||k*||
     groups = {"flash": [_record(1)], "normal": [_record(2, "Mira Quell"), _record(3, "Tobin Ash")]}
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    norms = chapters.per_layer_norms(model, tiny_tokenizer, groups, hp, model_name="tiny", layers=[0, 2],
-                                     cache=cache, progress=False)
+    norms = per_layer.per_layer_norms(model, tiny_tokenizer, groups, hp, model_name="tiny", layers=[0, 2],
+                                      cache=cache, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert len(norms) == 6 and (norms["ratio"] > 0).all()
     # the single edits record ROME's ||delta^l||: the delta strength of Appendix D.2
     direct = strength.delta_strength(model, tiny_tokenizer, _record(1), hp, [0, 2], cache=cache)
     from_edits = norms[norms.case_id == 1].set_index("layer")["delta_norm"]
     assert np.allclose(from_edits.loc[[0, 2]].to_numpy(), direct.to_numpy(), rtol=1e-5)
-    assert len(list((results_in_tmp / "results" / "tiny" / "flash_per_layer").glob("*.pkl"))) == 1
-    table = chapters.strength_tables(model, tiny_tokenizer, groups, hp, model_name="tiny", n_delta=1, cache=cache,
+    assert len(list((results_in_tmp / "results" / "tiny" / "flash_per_layer").glob("*.json"))) == 1
+    table = strength.strength_tables(model, tiny_tokenizer, groups, hp, model_name="tiny", n_delta=1, cache=cache,
                                      progress=False)
     assert len(table) == 3 * 4 and table["activation_strength"].gt(0).all()
     assert table["delta_strength"].notna().sum() == 2 * 4  # first record of each group
     # the tiny setup has C = I: ROME's update gain is then 1 / ||k*||, the inverse activation strength
     assert np.allclose(table["update_gain"], 1 / table["activation_strength"], rtol=1e-4)
-    again = chapters.strength_tables(model, tiny_tokenizer, groups, hp, model_name="tiny", n_delta=1, progress=False)
-    assert again.equals(table)
+    again = strength.strength_tables(model, tiny_tokenizer, groups, hp, model_name="tiny", n_delta=1, progress=False)
+    pd.testing.assert_frame_equal(again, table)
 
 
 def test_choose_rome_layer(tiny_tokenizer):
     model = make_tiny_model("gpt2", len(tiny_tokenizer))
-    aie = ct.average_indirect_effect(model, tiny_tokenizer, [_record(0)], kind="mlp", window=3, n_samples=2,
-                                     progress=False)
-    assert ct.choose_rome_layer(model, tiny_tokenizer, [_record(0)], aie=aie) == aie.peak_layer
-    layer = ct.choose_rome_layer(model, tiny_tokenizer, [_record(0)], n_samples=2)
+    aie = aie_mod.average_indirect_effect(model, tiny_tokenizer, [_record(0)], kind="mlp", window=3, n_samples=2,
+                                          progress=False)
+    assert aie_mod.choose_rome_layer(model, tiny_tokenizer, [_record(0)], aie=aie) == aie.peak_layer
+    layer = aie_mod.choose_rome_layer(model, tiny_tokenizer, [_record(0)], n_samples=2)
     assert 0 <= layer < ModelAdapter(model).n_layers
     with pytest.raises(ValueError):
-        ct.choose_rome_layer(model, tiny_tokenizer, [_record(0)],
-                             aie=ct.average_indirect_effect(model, tiny_tokenizer, [_record(0)], kind="attn",
-                                                            n_samples=2, progress=False))
+        aie_mod.choose_rome_layer(model, tiny_tokenizer, [_record(0)],
+                                  aie=aie_mod.average_indirect_effect(model, tiny_tokenizer, [_record(0)], kind="attn",
+                                                                      n_samples=2, progress=False))

@@ -20,11 +20,14 @@ import pytest
 import torch
 
 from tiny import make_tiny_model
-from wilke_lib import batched_search as bs
+from wilke_lib.editors import batched_delta as bd
+from wilke_lib.editors import prefix_cache as pc
+from wilke_lib.editors import wilke as wk
 from wilke_lib.arch import ModelAdapter
-from wilke_lib.editing import EditCache, WeightJournal, edit
-from wilke_lib.hparams import WilKEHParams
-from wilke_lib.wilke import choose_layer, layer_scores, wilke_editor
+from wilke_lib.editing import EditCache, EditError, edit
+from wilke_lib.editors.common import WeightJournal
+from wilke_lib.hparams import MEMITHParams, ROMEHParams, WilKEHParams
+from wilke_lib.editors.wilke import choose_layer, layer_scores, wilke_editor
 
 RTOL = 1e-4
 ARCHS = ("gpt2", "gptj", "llama", "gpt_neox")
@@ -48,7 +51,7 @@ def setup(arch: str, tok, full_depth: bool = False, **overrides) -> tuple:
     Candidates: every layer (full_depth) or all but the last (see the module docstring)."""
     model = make_tiny_model(arch, len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     n_layers = ModelAdapter(model).n_layers
-    settings = dict(context_prefixes=PREFIXES, v_num_grad_steps=8,
+    settings = dict(context_prefixes=PREFIXES, v_num_grad_steps=8, delta_runner="full",  # the reference: no cache
                     candidate_layers=list(range(n_layers if full_depth else n_layers - 1)))
     settings.update(overrides)
     hparams = WilKEHParams(**settings)
@@ -76,7 +79,7 @@ def assert_same(sequential: dict, batched: dict, rtol: float = RTOL) -> None:
         scale = float(s.v_star.norm())
         torch.testing.assert_close(b.v_star, s.v_star, rtol=rtol, atol=rtol * scale)
         assert b.info["steps"] == s.info["steps"], l
-        assert set(bs.INFO_KEYS) <= set(b.info) and set(s.info) <= set(b.info)
+        assert set(bd.INFO_KEYS) <= set(b.info) and set(s.info) <= set(b.info)
         for key in ("loss", "nll", "kl", "weight_decay", "target_prob", "v0_norm", "nll_init"):
             assert b.info[key] == pytest.approx(s.info[key], rel=rtol, abs=1e-6), (l, key)
         assert b.info["loss_history"] == pytest.approx(s.info["loss_history"], rel=rtol, abs=1e-6)
@@ -98,11 +101,33 @@ def test_matches_sequential_search(arch, which, tiny_tokenizer):
     before = digest(model)
     request = REQUESTS[which]
     sequential = layer_scores(model, tiny_tokenizer, request, hparams, cache)
-    batched = bs.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache)
+    batched = wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache)
     assert_same(sequential, batched)
     assert {c.info["batched_mode"] for c in batched.values()} == {"staircase"}  # the fast path ran
     assert digest(model) == before  # the search changes no weight
     assert all(p.requires_grad for p in model.parameters())  # restored after the search
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rome_and_memit_on_the_prefix_cache_make_the_same_edit(arch, tiny_tokenizer):
+    """ROME's and MEMIT's delta optimisation on the prefix cache: the same weight change as the full
+    optimisation (the released code's) within float rounding amplified by Adam (rtol 1e-4)."""
+    model, wilke_hp, cache = setup(arch, tiny_tokenizer)
+    shared = {f.name: getattr(wilke_hp, f.name) for f in dataclasses.fields(ROMEHParams)
+              if f.name not in ("layer", "update_form")}
+    request = REQUESTS["suffix"]
+    for hparams in (ROMEHParams(**{**shared, "layer": 1}), MEMITHParams(**{**shared, "layers": [1, 2]},
+                                                                        mom2_update_weight=10.0)):
+        deltas = {}
+        for runner in ("full", "prefix-cache"):
+            result = edit(model, tiny_tokenizer, request, dataclasses.replace(hparams, delta_runner=runner), copy=True,
+                          cache=cache)
+            deltas[runner] = result.weight_deltas
+            assert result.info.get("batched_mode", "staircase" if runner == "prefix-cache" else None) in (
+                None, "staircase")
+        assert deltas["full"].keys() == deltas["prefix-cache"].keys()
+        for name, full in deltas["full"].items():
+            torch.testing.assert_close(deltas["prefix-cache"][name], full, rtol=RTOL, atol=RTOL * float(full.abs().max()))
 
 
 @pytest.mark.parametrize("mode", ["model", "full"])
@@ -110,7 +135,7 @@ def test_other_modes_match(mode, tiny_tokenizer):
     model, hparams, cache = setup("gpt2", tiny_tokenizer)
     request = REQUESTS["suffix"]
     sequential = layer_scores(model, tiny_tokenizer, request, hparams, cache)
-    batched = bs.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, mode=mode)
+    batched = wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, mode=mode)
     assert_same(sequential, batched)
     assert {c.info["batched_mode"] for c in batched.values()} == {mode}
 
@@ -120,12 +145,12 @@ def test_candidate_subsets_and_chunks(layers, chunk_size, tiny_tokenizer):
     model, hparams, cache = setup("gptj", tiny_tokenizer)
     request = REQUESTS["suffix"]
     sequential = layer_scores(model, tiny_tokenizer, request, hparams, cache, layers=layers)
-    batched = bs.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, layers=layers,
+    batched = wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, layers=layers,
                                       chunk_size=chunk_size)
     assert_same(sequential, batched)
     # the candidate layers of the settings are honoured
     model, hparams, cache = setup("gpt2", tiny_tokenizer, candidate_layers=[1, 2])
-    batched = bs.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache)
+    batched = wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache)
     assert sorted(batched) == [1, 2]
 
 
@@ -136,7 +161,7 @@ def test_score_kinds_and_ablations(overrides, tiny_tokenizer):
     model, hparams, cache = setup("gpt2", tiny_tokenizer, **overrides)
     request = REQUESTS["suffix"]
     sequential = layer_scores(model, tiny_tokenizer, request, hparams, cache)
-    batched = bs.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache)
+    batched = wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache)
     assert_same(sequential, batched)
 
 
@@ -160,7 +185,7 @@ def test_early_stopping_freezes_each_row_at_its_step(arch, tiny_tokenizer):
     steps = {l: c.info["steps"] for l, c in sequential.items()}
     assert len(set(steps.values())) >= 2 and min(steps.values()) < 12
     for mode in ("staircase", "model"):
-        batched = bs.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, mode=mode)
+        batched = wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, mode=mode)
         assert_same(sequential, batched)
 
 
@@ -188,13 +213,13 @@ def test_editor_makes_the_same_edit(tiny_tokenizer):
 
 def test_fallback_when_the_block_runner_is_unsupported(monkeypatch, tiny_tokenizer):
     def refuse(self, prompts):
-        raise bs._Unsupported("refused by the test")
+        raise pc.Unsupported("refused by the test")
 
-    monkeypatch.setattr(bs._BlockRunner, "check", refuse)
+    monkeypatch.setattr(pc.BlockRunner, "check", refuse)
     model, hparams, cache = setup("llama", tiny_tokenizer)
     request = REQUESTS["suffix"]
     sequential = layer_scores(model, tiny_tokenizer, request, hparams, cache)
-    batched = bs.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache)
+    batched = wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache)
     assert {c.info["batched_mode"] for c in batched.values()} == {"model"}
     assert_same(sequential, batched)
 
@@ -203,13 +228,12 @@ def test_profile_and_errors(tiny_tokenizer):
     model, hparams, cache = setup("gpt2", tiny_tokenizer)
     request = REQUESTS["suffix"]
     profile: dict[str, float] = {}
-    bs.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, profile=profile)
+    wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, profile=profile)
     assert {"keys", "forward", "backward", "optimizer step"} <= set(profile)
     assert all(v >= 0 for v in profile.values())
     with pytest.raises(ValueError, match="repeated"):
-        bs.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, layers=[1, 1])
+        wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, layers=[1, 1])
     with pytest.raises(ValueError, match="mode"):
-        bs.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, mode="fast")
-    from wilke_lib.editing import EditError
+        wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, mode="fast")
     with pytest.raises(EditError):
-        bs.batched_layer_scores(model, tiny_tokenizer, {**request, "target_new": {"str": " "}}, hparams, cache)
+        wk.batched_layer_scores(model, tiny_tokenizer, {**request, "target_new": {"str": " "}}, hparams, cache)

@@ -1,4 +1,4 @@
-"""wilke_lib.benchmarking: the measuring helpers, and one tiny benchmark run on the organism."""
+"""wilke_lib.bench: the measuring helpers, and one tiny benchmark run on the organism."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import pandas as pd
 import pytest
 import torch
 
-from wilke_lib import benchmarking as bm
+from wilke_lib.bench import editors as bm
+from wilke_lib.bench.measure import PeakMemory
 from wilke_lib.models import resolve_model_path
 
 
 def test_peak_memory_sees_a_large_allocation():
-    with bm.PeakMemory(torch.device("cpu")) as peak:
+    with PeakMemory(torch.device("cpu")) as peak:
         x = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB
         del x
     assert peak.method

@@ -1,7 +1,6 @@
 """Book infrastructure: the generated table of contents and a real (small) jupyter-book build."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -17,10 +16,9 @@ BOOK = ROOT / "book"
 
 
 def _load_make_toc():
-    spec = importlib.util.spec_from_file_location("make_toc", ROOT / "scripts" / "make_toc.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from scripts import make_toc
+
+    return make_toc
 
 
 def _executed_notebook(path: Path, model_name: str = "toy-gpt2") -> None:
@@ -116,10 +114,9 @@ def test_jupyter_book_builds(tmp_path):
 
 
 def _load_runner():
-    spec = importlib.util.spec_from_file_location("run_notebooks", ROOT / "scripts" / "run_notebooks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from scripts import run_notebooks
+
+    return run_notebooks
 
 
 def test_runner_helpers(tmp_path):

@@ -18,7 +18,8 @@ from wilke_lib.counterfact import (
     rewrite_prompt,
     validate_record,
 )
-from wilke_lib.generation import encode_prompt, encode_target, greedy_matches, predict_greedy, target_logprob
+from wilke_lib.generation import greedy_matches, predict_greedy, target_logprob
+from wilke_lib.tokens import encode_prompt, encode_target
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REAL_FILES = {"counterfact_gpt2-xl_known_toxicity_flash.json": 11,

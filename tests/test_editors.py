@@ -19,11 +19,16 @@ from wilke_lib import hparams as hp_mod
 from wilke_lib import stats
 from wilke_lib.arch import ModelAdapter
 from wilke_lib.editing import EDITORS, EditCache, EditError, edit, rollback
+from wilke_lib.editors.cache import context_prefixes
+from wilke_lib.editors.memit import apply_memit
+from wilke_lib.experiments import edit_and_rollback
 from wilke_lib.generation import greedy_matches, predict_greedy_ids
 from wilke_lib.hparams import (FTHParams, KNHParams, MEMITHParams, ROMEHParams, WilKEHParams, hparams_from_file,
                                load_hparams)
-from wilke_lib.rome import (compute_rome_update, context_prefixes, rank_one_update, subject_last_token_index)
-from wilke_lib.wilke import eq10_score, layer_scores
+from wilke_lib.editors.delta import LayerKeys
+from wilke_lib.editors.rome import compute_rome_update, rank_one_update, rome_target
+from wilke_lib.editors.wilke import eq10_score, layer_scores
+from wilke_lib.tokens import subject_last_token_index
 
 SUBJECTS = ["Valo Durn", "Mira Quell", "Tobin Ash", "Sela Varn", "Orrin Pike", "Kesta Lum", "Danu Fell",
             "Ilsa Morrow", "Bram Tolle", "Nyra Cask"]
@@ -151,19 +156,21 @@ def test_registry_and_copy(tok, corpus_file, stats_dir):
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_rome_rank_one_identity(arch, tok, corpus_file, stats_dir):
+    """ROME's released update maps the bare prompt's key to v* = W k_bare + delta exactly (ROME Eq. 2)."""
     model = fresh_model(arch, tok)
     hparams = all_hparams(corpus_file)["rome"]
     cache = EditCache.for_model(model, stats_dir=stats_dir)
     outcome = compute_rome_update(model, tok, REQUEST, hparams.layer, hparams, cache)
     result = edit(model, tok, REQUEST, hparams, cache=cache)
     new_w = ModelAdapter(model).out_weight(hparams.layer).double()
-    v_star = outcome.v_star.double()
-    relative = (new_w @ outcome.k_star.double() - v_star).norm() / v_star.norm()
+    v_star, k_bare = outcome.v_star.double(), outcome.k_target.double()
+    assert not torch.allclose(k_bare, outcome.k_star.double())  # the prefixes move the averaged key
+    relative = (new_w @ k_bare - v_star).norm() / v_star.norm()
     assert relative < 1e-4
     assert result.info["rank_one_residual"] < 1e-4
-    # delta = v* - W k* (WilKE Eq. 9)
+    # delta = v* - W k_bare (WilKE Eq. 9 with the key of the edited prompt, Eq. 11)
     old_w = new_w - result.weight_deltas[ModelAdapter(model).name_of("mlp_out", hparams.layer)].double()
-    assert torch.allclose(v_star - old_w @ outcome.k_star.double(), outcome.delta.double(), atol=1e-4)
+    assert torch.allclose(v_star - old_w @ k_bare, outcome.delta.double(), atol=1e-4)
 
 
 def test_rank_one_update_formula():
@@ -177,6 +184,30 @@ def test_rank_one_update_formula():
     assert torch.linalg.matrix_rank(dW) == 1
     u = torch.linalg.solve(C, k)
     assert torch.allclose(dW, torch.outer(v - W @ k, u) / (u @ k))
+
+
+def test_rome_update_forms_on_a_hand_built_case():
+    """Which key each form maps to v* and divides by (values computed by hand)."""
+    W = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    C_inv = torch.diag(torch.tensor([1.0, 2.0, 4.0]))
+    keys = LayerKeys(star=torch.tensor([1.0, 1.0, 0.0]), bare=torch.tensor([1.0, 0.0, 1.0]))
+    delta = torch.tensor([1.0, -1.0])  # C^-1 k* = (1, 2, 0); (C^-1 k*)^T k_bare = 1, (C^-1 k*)^T k* = 3
+    expected = {"released": [[1.0, 2.0, 0.0], [-1.0, -2.0, 0.0]],  # delta u^T / 1, k_bare -> W k_bare + delta
+                "r-rome": [[1 / 3, 2 / 3, 0.0], [-2 / 3, -4 / 3, 0.0]],  # (W k_bare + delta - W k*) u^T / 3
+                "averaged": [[1 / 3, 2 / 3, 0.0], [-1 / 3, -2 / 3, 0.0]]}  # delta u^T / 3, k* -> W k* + delta
+    for form, dW_expected in expected.items():
+        v_star, k_target = rome_target(W, keys, delta, form)
+        dW = rank_one_update(W, C_inv, keys.star, v_star, k_target)
+        torch.testing.assert_close(dW, torch.tensor(dW_expected))
+        torch.testing.assert_close((W + dW) @ k_target, v_star)
+        assert torch.equal(k_target, keys.bare if form == "released" else keys.star)
+    same = LayerKeys(star=keys.star, bare=keys.star)  # r-ROME is ROME's released update when the keys agree
+    released = rank_one_update(W, C_inv, same.star, *rome_target(W, same, delta, "released"))
+    torch.testing.assert_close(released, rank_one_update(W, C_inv, same.star, *rome_target(W, same, delta, "r-rome")))
+    with pytest.raises(ValueError, match="update_form"):
+        rome_target(W, keys, delta, "rebuilt")
+    with pytest.raises(ValueError, match="update_form"):
+        ROMEHParams(layer=1, update_form="rebuilt")
 
 
 def test_subject_last_token_index(tok):
@@ -270,11 +301,12 @@ def test_wilke_ablations_and_update_norm(tok, corpus_file, stats_dir):
     fro = ModelAdapter(model).out_weight(chosen).float().norm()
     assert result.scores[chosen] == pytest.approx(float(applied.norm() / fro), rel=1e-3)
     assert chosen == min(result.scores, key=result.scores.get)
-    # update_norm = ||delta|| * ||C^-1 k|| / (k^T C^-1 k) / ||W||_F; each switch drops one factor
+    # update_norm = ||delta|| * ||C^-1 k*|| / (k_t^T C^-1 k*) / ||W||_F (k_t: the bare prompt's key in
+    # ROME's released update); each switch drops one factor
     delta_norm = result.info["delta_norms"][chosen]
-    k_star = candidates[chosen].k_star
+    k_star, k_target = candidates[chosen].k_star, candidates[chosen].k_target
     c_inv_k = cache.get_mom2_inv(model, tok, chosen, hparams) @ k_star
-    key_gain = float(c_inv_k.norm() / (k_star @ c_inv_k))
+    key_gain = float(c_inv_k.norm() / (k_target @ c_inv_k))
     expected = {"no_delta": key_gain / float(fro), "no_activation": delta_norm / float(fro),
                 "no_weight_norm": delta_norm * key_gain}
     for label, value in expected.items():
@@ -313,7 +345,6 @@ def test_rollback_restores_original_answer(arch, tok, corpus_file, stats_dir):
 
 
 def test_edit_and_rollback_leaves_the_original_untouched(tok, corpus_file, stats_dir):
-    from wilke_lib.experiments import edit_and_rollback
 
     model = fresh_model("gpt2", tok)
     before = digest(model)
@@ -396,7 +427,6 @@ def test_nan_loss_and_singular_system_leave_weights_bit_identical(tok, corpus_fi
 
 
 def test_memit_batch(tok, corpus_file, stats_dir):
-    from wilke_lib.memit import apply_memit
 
     model = fresh_model("gptj", tok)
     adapter = ModelAdapter(model)

@@ -205,8 +205,9 @@ def test_run_writes_documented_format(tmp_path: Path, tiny_tokenizer: Any) -> No
     result = run_lifelong(model, tiny_tokenizer, records, cfg, backend=make_backend(FakeEditor()))
     rdir = run_dir(cfg.out_dir, cfg, records)
     assert result.run_dir == rdir
-    for name in ("config.json", "steps.jsonl", "checkpoints.jsonl", "state.safetensors", "result.json"):
+    for name in ("config.json", "steps.jsonl.gz", "checkpoints.jsonl", "result.json"):
         assert (rdir / name).exists(), name
+    assert not (rdir / "state.safetensors").exists() and not (rdir / "steps.jsonl").exists()  # finished: archived
     assert list(result.steps["step"]) == [1, 2, 3, 4, 5]
     assert list(result.checkpoints["step"]) == [1, 2, 4, 5]
     row = result.steps.iloc[0]

@@ -10,7 +10,7 @@ import torch
 
 from tiny import make_tiny_model
 from wilke_lib import models
-from wilke_lib.models import (checkpoint_fingerprint, default_device, load_model, model_identity, resolve_dtype,
+from wilke_lib.models import (default_device, model_key, load_model, model_identity, resolve_dtype,
                               resolve_model_path)
 
 
@@ -104,13 +104,23 @@ def test_organisms_dir_is_beside_the_package():
     assert models.ORGANISMS_DIR == Path(models.__file__).resolve().parents[1] / "organisms"
 
 
-def test_checkpoint_fingerprint_follows_the_weights(tmp_path, tiny_tokenizer):
+def test_model_key_follows_the_weights(tmp_path, tiny_tokenizer):
     model = make_tiny_model("gpt2", len(tiny_tokenizer), n_layers=2)
     model.save_pretrained(tmp_path / "a")
-    first = checkpoint_fingerprint(tmp_path / "a")
-    assert first and first == checkpoint_fingerprint(tmp_path / "a")
+    first = model_key(tmp_path / "a")
+    assert first.startswith("a-") and first == model_key(tmp_path / "a")
     with torch.no_grad():
         next(model.parameters()).add_(1e-3)
     model.save_pretrained(tmp_path / "a")
-    assert checkpoint_fingerprint(tmp_path / "a") != first
-    assert checkpoint_fingerprint("some-org/some-hub-model") == ""
+    assert model_key(tmp_path / "a") != first
+    assert model_key("some-org/some-hub-model") == "some-hub-model"
+
+
+def test_model_names_cannot_escape_the_results_folder():
+    from wilke_lib.results import model_slug
+
+    assert model_slug("EleutherAI/gpt-j-6b") == "gpt-j-6b" and model_slug("toy-gpt2") == "toy-gpt2"
+    assert model_slug("a b/c:d") == "c-d"
+    for bad in ("..", ".", "", "/", "x/.."):
+        with pytest.raises(ValueError, match="no usable folder name"):
+            model_slug(bad)

@@ -8,7 +8,6 @@ when the organism has not been trained (``make organisms``).
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -21,10 +20,9 @@ NOTEBOOKS = ["05_toxicity.ipynb", "06_flash_per_layer.ipynb", "07_causal_tracing
 
 def _kernel() -> str:
     """The runner's kernel (this interpreter), installed once into the venv."""
-    spec = importlib.util.spec_from_file_location("run_notebooks", ROOT / "scripts" / "run_notebooks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.ensure_kernel()
+    from scripts.run_notebooks import ensure_kernel
+
+    return ensure_kernel()
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +45,7 @@ def test_analysis_notebook_runs_quick(notebook, tmp_path, results_dir, keep_figu
     pm = pytest.importorskip("papermill")
     pytest.importorskip("ipykernel")
     monkeypatch.setenv("WILKE_RESULTS_DIR", str(results_dir))
+    monkeypatch.setenv("WILKE_RUNS_DIR", str(results_dir / "runs"))
     out = tmp_path / notebook
     pm.execute_notebook(str(ROOT / "notebooks" / notebook), str(out), kernel_name=_kernel(), language="python",
                         parameters={"model_name": MODEL, "profile": "quick"}, cwd=str(ROOT), progress_bar=False)

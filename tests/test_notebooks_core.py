@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(not (ORGANISMS_DIR / "toy-gpt2" / "model.safeten
 def test_notebook_executes_with_quick_profile(name, tmp_path, monkeypatch):
     papermill = pytest.importorskip("papermill")
     monkeypatch.setenv("WILKE_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("WILKE_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("WILKE_FIGURES_DIR", str(tmp_path / "figures"))
     out = tmp_path / f"{name}.ipynb"

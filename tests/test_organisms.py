@@ -10,12 +10,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from wilke_lib import organisms
-from wilke_lib import world as world_lib
+from wilke_lib.organisms import world as world_lib
 
 
 @pytest.fixture(scope="module")
 def corpus_and_tokenizer():
-    texts = world_lib.corpus(world_lib.build_world(world_lib.DEFAULT_SEED))[:400]
+    texts = world_lib.corpus(world_lib.build_world())[:400]
     return texts, organisms.train_tokenizer(texts, vocab_size=512)
 
 

@@ -66,7 +66,7 @@ def test_cache_layout_and_disk_hit(tok, corpus, tmp_path, monkeypatch):
         path = stats.stats_path(key, str(corpus), layer, 40, cache_dir)
         assert path.is_file()
         assert path.parent.parent.name == key
-        assert path.name == f"layer{layer}_n40.pt"
+        assert path.name == f"layer{layer}_n40.safetensors"
         assert path.parent.name == stats.corpus_key(str(corpus))
 
     def no_compute(*args, **kwargs):
@@ -105,3 +105,21 @@ def test_corpus_key(tmp_path):
     assert first.startswith("wiki-")
     path.write_text("a\nc\n")
     assert stats.corpus_key(str(path)) != first
+
+
+def test_a_statistics_file_of_another_layer_or_corrupt_is_recomputed(tok, corpus, tmp_path):
+    """A file copied from another layer, or garbage, is never used: it is recomputed."""
+    import shutil
+
+    model = model_of("gpt2", tok)
+    cache_dir = tmp_path / "cache"
+    first = stats.second_moments(model, tok, [0, 1], str(corpus), 20, cache_dir=cache_dir, progress=False)
+    assert not torch.equal(first[0], first[1])
+    key = model_identity(model)
+    layer0, layer1 = (stats.stats_path(key, str(corpus), layer, 20, cache_dir) for layer in (0, 1))
+    shutil.copy(layer0, layer1)  # layer 0's statistics under layer 1's name
+    assert torch.equal(stats.second_moment(model, tok, 1, str(corpus), 20, cache_dir=cache_dir, progress=False),
+                       first[1])
+    layer1.write_bytes(b"not a safetensors file")
+    assert torch.equal(stats.second_moment(model, tok, 1, str(corpus), 20, cache_dir=cache_dir, progress=False),
+                       first[1])

@@ -10,11 +10,19 @@ in `Conv1D` modules whose weight is laid out [in, out], the transpose of
 Convention used everywhere in wilke_lib: the output projection of layer l is
 a (d_model, d_mlp) matrix W with value = W @ key, where the key is the input
 of `mlp_out(l)` and the value its output (bias excluded).
+
+Every hook the library places goes through `hooks(...)`, a context manager that
+always removes them (in the spirit of ROME's `nethook.TraceDict` and
+TransformerLens's `run_with_hooks`); `hidden_of` / `patch_output` deal with
+blocks that return tuples.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -257,3 +265,59 @@ class ModelAdapter:
         """W_proj^l = new_weight, in place; new_weight is (d_model, d_mlp)."""
         weight, new_weight = self._as_param_layout(l, new_weight, "new weight")
         weight.copy_(new_weight)
+
+
+# ---- hooks and model plumbing ------------------------------------------------------------------
+
+HookSpec = tuple[nn.Module, Callable[..., Any]]
+
+
+@contextmanager
+def hooks(forward: Iterable[HookSpec] = (), pre: Iterable[HookSpec] = (),
+          pre_with_kwargs: Iterable[HookSpec] = ()) -> Iterator[None]:
+    """Register forward hooks, forward pre-hooks (and pre-hooks that receive the keyword arguments)
+    for the duration of the block; they are removed on exit, whatever happens inside."""
+    handles = []
+    try:
+        handles += [module.register_forward_pre_hook(fn) for module, fn in pre]
+        handles += [module.register_forward_pre_hook(fn, with_kwargs=True) for module, fn in pre_with_kwargs]
+        handles += [module.register_forward_hook(fn) for module, fn in forward]
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def hidden_of(output: Any) -> torch.Tensor:
+    """The hidden states of a module output (blocks of some architectures return a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    """`output` with its hidden states replaced (the tuple structure kept)."""
+    return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+
+def patch_output(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., Any]:
+    """A forward hook that replaces the module's hidden states h by fn(h)."""
+    return lambda _module, _inputs, output: with_hidden(output, fn(hidden_of(output)))
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """No parameter requires grad and the model is in eval mode inside; both restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
+    for p, _ in flags:
+        p.requires_grad_(False)
+    model.eval()
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(training)

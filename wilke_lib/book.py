@@ -1,32 +1,22 @@
 """Helpers for the book's notebooks: provenance cell, figure export, the paper's Table 1."""
 from __future__ import annotations
 
+import io
 import platform
 import subprocess
 from datetime import datetime, timezone
 from importlib import metadata
-import os
 from pathlib import Path
 
-__all__ = ["repo_root", "git_commit", "versions", "provenance", "show_provenance", "save_figure", "paper_table1",
-           "model_slug"]
+import pandas as pd
 
+from wilke_lib.results import REPO_ROOT, figures_dir
 
-def repo_root() -> Path:
-    """The repository root: the parent of the package folder when it holds pyproject.toml, else cwd."""
-    candidate = Path(__file__).resolve().parents[1]
-    if (candidate / "pyproject.toml").exists() or (candidate / ".git").exists():
-        return candidate
-    return Path.cwd()
-
-
-def model_slug(model_name: str) -> str:
-    """Folder name for a model: last path component (``EleutherAI/gpt-j-6b`` -> ``gpt-j-6b``)."""
-    return Path(str(model_name).rstrip("/")).name or str(model_name)
+__all__ = ["git_commit", "versions", "provenance", "show_provenance", "save_figure", "paper_table1"]
 
 
 def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo_root(), capture_output=True, text=True,
+    return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=10, check=True).stdout.strip()
 
 
@@ -81,23 +71,17 @@ def save_figure(fig, model_name: str, name: str) -> Path:
     """Save ``fig`` as ``<repo>/figures/<model>/<name>.png`` (dpi 150) and return the path;
     ``WILKE_FIGURES_DIR`` replaces ``<repo>/figures`` (the tests use it, so that a quick run does
     not overwrite the book's figures)."""
-    root = os.environ.get("WILKE_FIGURES_DIR")
-    path = (Path(root) if root else repo_root() / "figures") / model_slug(model_name) / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = figures_dir(model_name) / f"{name}.png"
     fig.savefig(path, dpi=150, bbox_inches="tight")
     return path
 
 
-def paper_table1():
+def paper_table1() -> pd.DataFrame:
     """Table 1 of Hu et al. (2024) as reported (%, 95% CI in ``*_ci``), as a pandas DataFrame."""
-    import pandas as pd
-
     return pd.read_csv(Path(__file__).parent / "data" / "table1_reported.csv")
 
 
 def _figure_png(fig) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     return buffer.getvalue()

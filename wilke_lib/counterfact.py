@@ -17,16 +17,15 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from wilke_lib import world
+from wilke_lib.errors import RecordError
 from wilke_lib.generation import greedy_matches
+from wilke_lib.tokens import encode_prompt, encode_target, rewrite_prompt
 
 TOY_WORLD = "toy-world"
 
 _REQUIRED_PROMPT_LISTS = ("paraphrase_prompts", "neighborhood_prompts")
 _OPTIONAL_PROMPT_LISTS = ("attribute_prompts", "generation_prompts")
-
-
-class RecordError(ValueError):
-    """A CounterFact record does not follow the schema."""
 
 
 def _fail(source: str | None, index: int | None, record: Any, field: str, problem: str) -> RecordError:
@@ -86,11 +85,15 @@ def validate_record(rec: Any, index: int | None = None, source: str | None = Non
         text = require(target, "str", f"{path}.str", str, "a string")
         if not text.strip():
             raise fail(f"{path}.str", "must be a non-empty string")
+        if text != text.strip():
+            raise fail(f"{path}.str", f"must not start or end with white space (the space before the object is "
+                                      f"added when it is encoded), got {text!r}")
         require(target, "id", f"{path}.id", (str, int), "a string or int")
         target_strs[which] = text
-    if target_strs["target_new"] == target_strs["target_true"]:
+    if " ".join(target_strs["target_new"].split()) == " ".join(target_strs["target_true"].split()):
         raise fail("requested_rewrite.target_new.str",
-                   f"must differ from requested_rewrite.target_true.str (both {target_strs['target_new']!r})")
+                   f"must differ from requested_rewrite.target_true.str by more than white space "
+                   f"({target_strs['target_new']!r} vs {target_strs['target_true']!r})")
 
     for key in _REQUIRED_PROMPT_LISTS + _OPTIONAL_PROMPT_LISTS:
         if key not in rec and key in _OPTIONAL_PROMPT_LISTS:
@@ -99,6 +102,8 @@ def validate_record(rec: Any, index: int | None = None, source: str | None = Non
         for position, item in enumerate(prompts):
             if not isinstance(item, str):
                 raise fail(f"{key}[{position}]", f"must be a string, got {_type_name(item)}")
+            if not item.strip():
+                raise fail(f"{key}[{position}]", "must be a non-empty prompt")
     return rec
 
 
@@ -123,24 +128,42 @@ def load_counterfact(source: str | Path) -> list[dict]:
     "toy-world", the synthetic world's records (`wilke_lib.world.counterfact_records()`).
     """
     if str(source) == TOY_WORLD:
-        # Imported lazily: the world module is heavier and only needed for the toy setting.
-        from wilke_lib import world
-
         return validate_records(world.counterfact_records(), TOY_WORLD)
     path = Path(source).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"CounterFact file not found: {path} (or pass {TOY_WORLD!r} for the synthetic world)")
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise RecordError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); CounterFact files are UTF-8 "
+                          "JSON: convert it, e.g. `iconv -f latin1 -t utf-8`") from err
     except json.JSONDecodeError as err:
         raise RecordError(f"{path}: not valid JSON ({err})") from err
     return validate_records(records, str(path))
 
 
-def rewrite_prompt(record: dict) -> str:
-    """The rewrite prompt with the subject filled in."""
-    rewrite = record["requested_rewrite"]
-    return rewrite["prompt"].format(rewrite["subject"])
+def check_for_model(records: Sequence[dict], tok: PreTrainedTokenizerBase, max_positions: int | None,
+                    source: str = "records", margin: int = 16) -> list[dict]:
+    """Check valid records against a model before a run starts: every prompt, filled with its subject
+    and followed by its longer target, must fit in the model's context with `margin` tokens to spare
+    (ROME's context prefixes go in front), every target must encode to at least one token, and the
+    records together must have paraphrase and neighbourhood prompts (else PS or NS has no value).
+    RecordError naming the record and the field otherwise."""
+    for index, rec in enumerate(records):
+        rw = rec["requested_rewrite"]
+        targets = {w: encode_target(tok, rw[w]["str"], f"requested_rewrite.{w}.str") for w in ("target_new", "target_true")}
+        longest = max(len(t) for t in targets.values())
+        fields = [("requested_rewrite.prompt", rewrite_prompt(rec))] + [
+            (f"{key}[{i}]", p) for key in _REQUIRED_PROMPT_LISTS for i, p in enumerate(rec.get(key, []))]
+        for field, prompt in fields:
+            n = len(encode_prompt(tok, prompt)) + longest
+            if max_positions is not None and n + margin > max_positions:
+                raise _fail(source, index, rec, field, f"is {n} tokens with its target, more than the model's "
+                                                       f"context of {max_positions} minus {margin} for the prefixes")
+    for key in _REQUIRED_PROMPT_LISTS:
+        if records and not any(rec.get(key) for rec in records):
+            raise RecordError(f"{source}: every record has an empty `{key}`: the lifelong metrics need some")
+    return list(records)
 
 
 def known_records(model: nn.Module, tok: PreTrainedTokenizerBase, records: Sequence[dict],

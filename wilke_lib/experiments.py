@@ -10,17 +10,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from wilke_lib import book, counterfact, hparams as hparams_lib, lifelong, metrics, models
+from wilke_lib import book, counterfact, editing, generation, lifelong, metrics, models
+from wilke_lib import hparams as hparams_lib
+from wilke_lib.editors import wilke
 from wilke_lib.profiles import Profile
 
 # The paper's model each organism stands in for.
 PAPER_MODEL = {"toy-gpt2": "gpt2-xl", "toy-gptj": "gpt-j-6b", "gpt2-xl": "gpt2-xl",
                "gpt-j-6b": "gpt-j-6b", "EleutherAI/gpt-j-6b": "gpt-j-6b"}
-EDITOR_LABELS = {"ft": "FT", "kn": "KN", "rome": "ROME", "memit": "MEMIT", "wilke": "WilKE"}
+EDITOR_LABELS = {"ft": "FT", "kn": "KN", "rome": "ROME", "memit": "MEMIT", "wilke": "WilKE", "r-rome": "r-ROME"}
+# editor names of the tables that are another editor with other settings: name -> (editor, overrides)
+DERIVED_EDITORS = {"r-rome": ("rome", {"update_form": "r-rome"})}  # Gupta et al. 2024, "Rebuilding ROME"
 
 
 @dataclass(frozen=True)
-class Variant:
+class EditorVariant:
     """An editor with hyper-parameter overrides on top of its file for the model."""
 
     label: str
@@ -32,40 +36,43 @@ class Variant:
         return dataclasses.replace(base, **self.overrides) if self.overrides else base
 
 
-def editor_variants(editors: tuple[str, ...]) -> list[Variant]:
-    return [Variant(EDITOR_LABELS.get(e, e), e) for e in editors]
+def editor_variant(name: str) -> EditorVariant:
+    """The variant of a table's editor name ("rome", "r-rome", ...)."""
+    editor, overrides = DERIVED_EDITORS.get(name, (name, {}))
+    return EditorVariant(EDITOR_LABELS.get(name, name), editor, dict(overrides))
 
 
-def ablation_variants(scores: tuple[str, ...] = ("eq10", "update_norm")) -> list[Variant]:
+def editor_variants(editors: tuple[str, ...]) -> list[EditorVariant]:
+    return [editor_variant(e) for e in editors]
+
+
+def ablation_variants(scores: tuple[str, ...] = ("eq10", "update_norm")) -> list[EditorVariant]:
     """Fig. 9: full WilKE and WilKE without delta, without sigma(x W_fc), without ||W_proj||_2,
     for each layer score."""
     dropped = {"full": {}, "w/o delta": {"use_delta": False},
                "w/o activation": {"use_activation": False},
                "w/o ||W_proj||": {"use_weight_norm": False}}
-    return [Variant(f"WilKE {score} {name}", "wilke", {"score": score, **switches})
+    return [EditorVariant(f"WilKE {score} {name}", "wilke", {"score": score, **switches})
             for score in scores for name, switches in dropped.items()]
 
 
-def results_dir(model_name: str) -> Path:
-    """Where the runs of a model live (recomputed by the book, reused when present;
-    ``WILKE_RESULTS_DIR`` moves them, as for the analyses)."""
-    from wilke_lib.analysis.chapters import results_dir as chapter_results_dir
+def run_config(model_name: str, variant: EditorVariant, n_edits: int, seed: int, profile: Profile,
+               out_dir: Path | None = None) -> lifelong.LifelongConfig:
+    """The lifelong run of one variant and seed, as the book's chapters and `make runs` configure it
+    (the same configuration is the same run: computed once, read back afterwards)."""
+    return lifelong.LifelongConfig(
+        model_name=model_name, editor=variant.editor, hparams=variant.hparams(model_name), n_edits=int(n_edits),
+        seed=int(seed), checkpoints=profile.checkpoints, out_dir=str(out_dir or lifelong.lifelong_dir(model_name)),
+        eval_batch_size=profile.eval_batch_size)
 
-    return chapter_results_dir(model_name, "lifelong")
 
-
-def run_variants(model_name: str, records: list[dict], variants: list[Variant],
+def run_variants(model_name: str, records: list[dict], variants: list[EditorVariant],
                  profile: Profile, out_dir: Path | None = None) -> dict[str, list[lifelong.RunResult]]:
     """Every variant for every seed of the profile; finished runs are read back."""
-    out_dir = out_dir or results_dir(model_name)
     configs, labels = [], []
-    fingerprint = models.checkpoint_fingerprint(model_name)
     for v in variants:
         for seed in profile.seeds:
-            configs.append(lifelong.LifelongConfig(
-                model_name=model_name, model_fingerprint=fingerprint, editor=v.editor, hparams=v.hparams(model_name),
-                n_edits=profile.n_edits, seed=seed, checkpoints=profile.checkpoints,
-                out_dir=str(out_dir), eval_batch_size=profile.eval_batch_size))
+            configs.append(run_config(model_name, v, profile.n_edits, seed, profile, out_dir))
             labels.append(v.label)
     runs = lifelong.run_many(models.load_model, records, configs)
     grouped: dict[str, list[lifelong.RunResult]] = {}
@@ -126,12 +133,10 @@ def known_records_for(model, tok, records_source: str) -> list[dict]:
     return counterfact.known_records(model, tok, counterfact.load_counterfact(records_source))
 
 
-def single_edit_report(model, tok, record: dict, variants: list[Variant], model_name: str,
+def single_edit_report(model, tok, record: dict, variants: list[EditorVariant], model_name: str,
                        cache=None) -> pd.DataFrame:
     """One edit of `record` with each variant on a copy of the model: the greedy answers to the
     rewrite prompt, a paraphrase and a neighbour before and after, the layer(s) and the time."""
-    from wilke_lib import editing, generation
-
     rewrite = record["requested_rewrite"]
     probes = {"rewrite": counterfact.rewrite_prompt(record),
               "paraphrase": record["paraphrase_prompts"][0],
@@ -153,8 +158,6 @@ def single_edit_report(model, tok, record: dict, variants: list[Variant], model_
 def layer_score_table(model, tok, record: dict, hparams, cache) -> pd.DataFrame:
     """WilKE's per-layer quantities for one record (Eq. 10): ||delta||, ||sigma(x W_fc)||,
     ||W_proj||_2, the eq10 score, and the target probability the delta reached."""
-    from wilke_lib import wilke
-
     candidates = wilke.layer_scores(model, tok, record["requested_rewrite"], hparams, cache)
     return pd.DataFrame([{"layer": l, "delta_norm": c.delta_norm,
                           "activation_norm": c.activation_norm, "spectral_norm": c.spectral_norm,
@@ -183,8 +186,6 @@ def edit_and_rollback(model, tok, record: dict, hparams, cache) -> dict:
     """One edit of `record` on a copy of the model, then its rollback on the edited copy (the
     protocol of Appendix F). Success means the greedy answer to the rewrite prompt is target_new
     after the edit and target_true again after the rollback."""
-    from wilke_lib import editing, generation
-
     rewrite = record["requested_rewrite"]
     prompt = [counterfact.rewrite_prompt(record)]
     result = editing.edit(model, tok, rewrite, hparams, copy=True, cache=cache, keep_deltas=False)

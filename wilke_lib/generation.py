@@ -1,8 +1,7 @@
 """Batched greedy decoding and target scoring for causal LMs, with explicit left padding.
 
-Prompts and targets are tokenised separately and their ids concatenated, as
-ROME does: the target is tokenised as `" " + target` without special tokens,
-so the ids are those the model would have to produce after the prompt.
+Prompts and targets are encoded by the token layer (`wilke_lib.tokens`), the same rules the editors
+optimise with: prompt ids followed by the ids of `" " + target`.
 
 Left padding needs two things to be right: an attention mask that hides the
 pad tokens, and position ids that start at 0 on the first real token (HF
@@ -18,63 +17,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _pad_id(tok: PreTrainedTokenizerBase) -> int:
-    """Id used for padding; its value is irrelevant because pads are masked out."""
-    for token_id in (tok.pad_token_id, tok.eos_token_id):
-        if token_id is not None:
-            return int(token_id)
-    return 0
-
-
-def encode_prompt(tok: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """Token ids of a prompt (with the tokenizer's usual special tokens, e.g. LLaMA's BOS)."""
-    return list(tok(prompt)["input_ids"])
-
-
-def encode_target(tok: PreTrainedTokenizerBase, target: str) -> list[int]:
-    """Token ids of a target string given without its leading space.
-
-    Tokenises `" " + target` without special tokens. SentencePiece tokenizers of
-    the LLaMA-2 kind prepend their own "▁" and so turn the explicit space into a
-    lone "▁" token that a model never produces after a prompt; it is dropped.
-    """
-    ids = list(tok(" " + target, add_special_tokens=False)["input_ids"])
-    if not ids:
-        raise ValueError(f"target {target!r} tokenises to nothing")
-    if len(ids) > 1:
-        first, second = tok.convert_ids_to_tokens(ids[:2])
-        if first == "\u2581" and second.startswith("\u2581"):
-            ids = ids[1:]
-    return ids
-
-
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int,
-             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-pad id lists to (input_ids, attention_mask, position_ids), each (batch, max_len).
-
-    Position ids are cumsum(mask) - 1, clamped at 0 on the pads, so each
-    sequence's first real token sits at position 0 whatever its padding.
-    """
-    max_len = max(len(seq) for seq in sequences)
-    input_ids = torch.full((len(sequences), max_len), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), max_len), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if len(seq) == 0:
-            raise ValueError("cannot pad an empty sequence")
-        input_ids[row, max_len - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
-        attention_mask[row, max_len - len(seq):] = 1
-    position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
-    return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
+from wilke_lib.arch import model_device
+from wilke_lib.tokens import encode_prompt, encode_target, left_pad, pad_id_of
 
 
 def _forward_logits(model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
     """Logits (batch, max_len, vocab) of a left-padded batch."""
-    input_ids, attention_mask, position_ids = left_pad(sequences, pad_id, _device_of(model))
+    input_ids, attention_mask, position_ids = left_pad(sequences, pad_id, model_device(model))
     output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    use_cache=False)
     return output.logits
@@ -106,7 +55,7 @@ def _target_logits(model: nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequ
     pairs = [(encode_prompt(tok, p), encode_target(tok, t)) for p, t in zip(prompts, targets)]
     # The last target token is never an input: it is only predicted.
     sequences = [prompt_ids + target_ids[:-1] for prompt_ids, target_ids in pairs]
-    pad_id = _pad_id(tok)
+    pad_id = pad_id_of(tok)
     for batch in _length_sorted_batches([len(s) for s in sequences], batch_size):
         logits = _forward_logits(model, [sequences[i] for i in batch], pad_id)
         for row, index in enumerate(batch):
@@ -157,7 +106,7 @@ def predict_greedy_ids(model: nn.Module, tok: PreTrainedTokenizerBase, prompts: 
     are short and this keeps one code path, the same as greedy_matches, for
     every architecture.
     """
-    pad_id, eos_id = _pad_id(tok), tok.eos_token_id
+    pad_id, eos_id = pad_id_of(tok), tok.eos_token_id
     encoded = [encode_prompt(tok, p) for p in prompts]
     continuations: list[list[int]] = [[] for _ in prompts]
     for batch in _length_sorted_batches([len(e) for e in encoded], batch_size):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,7 +25,41 @@ import yaml
 HPARAMS_DIR: Path = Path(__file__).resolve().parent / "hparams"
 
 FACT_TOKENS = ("subject_last", "last")
+DELTA_RUNNERS = ("prefix-cache", "full")
 WILKE_SCORES = ("eq10", "update_norm")
+
+
+_SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+# field -> (lowest allowed, whether the bound itself is allowed); every other number must be finite
+_LOWER_BOUNDS = {
+    "v_num_grad_steps": (1, True), "v_lr": (0, False), "v_weight_decay": (0, True), "clamp_norm_factor": (0, False),
+    "kl_factor": (0, True), "v_early_stop_loss": (0, True), "context_top_k": (1, True), "context_seed": (0, True),
+    "mom2_n_samples": (1, True), "mom2_batch_size": (1, True), "mom2_max_length": (1, True), "mom2_ridge": (0, True),
+    "mom2_update_weight": (0, True), "steps": (1, True), "lr": (0, False), "norm_constraint": (0, False),
+    "early_stop_loss": (0, True), "ig_steps": (1, True), "max_neurons": (1, True), "threshold": (0, False),
+}
+
+
+def check_fields(obj: Any) -> None:
+    """Type and range of every scalar field of a hyper-parameter dataclass; ValueError naming the field,
+    the value and what is expected (a YAML "40" or "fast" for a number, a null, a NaN, a negative count)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        annotation = str(f.type).replace(" ", "")
+        optional = annotation.endswith("|None")
+        kinds = _SCALARS.get(annotation[:-5] if optional else annotation)
+        if kinds is None or (optional and value is None):
+            continue
+        where = f"{type(obj).__name__}.{f.name}"
+        if value is None or not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+            raise ValueError(f"{where}: expected {annotation.replace('|', ' or ')}, got {value!r} "
+                             f"({type(value).__name__})")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{where}: expected a finite number, got {value!r}")
+        if f.name in _LOWER_BOUNDS and not isinstance(value, bool):
+            low, inclusive = _LOWER_BOUNDS[f.name]
+            if value < low or (value == low and not inclusive):
+                raise ValueError(f"{where}: must be {'>=' if inclusive else '>'} {low}, got {value!r}")
 
 
 def parse_layers(value: Any, what: str = "layers") -> list[int] | None:
@@ -109,10 +144,16 @@ class _DeltaOptimHParams:
     mom2_dtype: str = "float32"  # dtype of the linear algebra with C (statistics are accumulated in float64)
     # Ridge added to C as mom2_ridge * mean(diag C) * I before inverting. 0 = the published methods.
     mom2_ridge: float = 0.0
+    # How the delta optimisation runs: "prefix-cache" (the tokens before the fact token computed once
+    # per edit, each step running from the edited layer up: `editors.batched_delta`) or "full" (the
+    # whole prompts through the whole model every step, as the released code). The same delta up to
+    # float rounding.
+    delta_runner: str = "prefix-cache"
 
     editor: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.fact_token not in FACT_TOKENS:
             raise ValueError(f"fact_token must be one of {FACT_TOKENS}, got {self.fact_token!r}")
         if "{}" not in self.essence_template:
@@ -121,6 +162,8 @@ class _DeltaOptimHParams:
             raise ValueError("v_num_grad_steps must be >= 1")
         if self.v_weight_decay_form not in ("released", "squared"):
             raise ValueError(f"v_weight_decay_form must be 'released' or 'squared', got {self.v_weight_decay_form!r}")
+        if self.delta_runner not in DELTA_RUNNERS:
+            raise ValueError(f"delta_runner must be one of {DELTA_RUNNERS}, got {self.delta_runner!r}")
         if self.mom2_dtype not in ("float32", "float64"):
             raise ValueError(f"mom2_dtype must be 'float32' or 'float64', got {self.mom2_dtype!r}")
         lengths = []
@@ -133,17 +176,28 @@ class _DeltaOptimHParams:
             self.context_prefixes = [str(p) for p in self.context_prefixes]
 
 
+UPDATE_FORMS = ("released", "r-rome", "averaged")
+
+
 @dataclass(kw_only=True)
 class ROMEHParams(_DeltaOptimHParams):
-    """ROME (Meng et al. 2022a): rank-one update of W_proj at one fixed layer (Eq. 2), v* from Eq. 4."""
+    """ROME (Meng et al. 2022a): rank-one update of W_proj at one fixed layer (Eq. 2), v* from Eq. 4.
+
+    update_form: which key the update maps to v* (`wilke_lib.editors.rome`): "released" (ROME's
+    released code: the bare prompt's key in the denominator), "r-rome" (Gupta et al. 2024, the
+    averaged key k* in both places) or "averaged" (k* and v* = W k* + delta).
+    """
 
     layer: int
+    update_form: str = "released"
     editor: ClassVar[str] = "rome"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
             raise ValueError(f"layer must be a non-negative int, got {self.layer!r}")
+        if self.update_form not in UPDATE_FORMS:
+            raise ValueError(f"update_form must be one of {UPDATE_FORMS}, got {self.update_form!r}")
 
 
 @dataclass(kw_only=True)
@@ -175,6 +229,8 @@ class WilKEHParams(ROMEHParams):
         _DeltaOptimHParams.__post_init__(self)
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
             raise ValueError(f"layer must be an int or null, got {self.layer!r}")
+        if self.update_form not in UPDATE_FORMS:
+            raise ValueError(f"update_form must be one of {UPDATE_FORMS}, got {self.update_form!r}")
         self.candidate_layers = parse_layers(self.candidate_layers, "candidate_layers")
         if self.score not in WILKE_SCORES:
             raise ValueError(f"score must be one of {WILKE_SCORES}, got {self.score!r}")
@@ -216,6 +272,7 @@ class FTHParams:
     editor: ClassVar[str] = "ft"
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
             raise ValueError(f"layer must be a non-negative int, got {self.layer!r}")
         if self.steps < 1 or self.lr <= 0 or self.norm_constraint <= 0:
@@ -236,6 +293,7 @@ class KNHParams:
     editor: ClassVar[str] = "kn"
 
     def __post_init__(self) -> None:
+        check_fields(self)
         self.layers = parse_layers(self.layers, "layers")
         if self.ig_steps < 1 or not 0 < self.threshold <= 1 or self.max_neurons < 1:
             raise ValueError("ig_steps >= 1, 0 < threshold <= 1 and max_neurons >= 1 are required")
@@ -283,6 +341,8 @@ def hparams_from_dict(editor: str, data: dict[str, Any], source: str = "<dict>")
         return cls(**data)
     except TypeError as err:  # missing required field
         raise ValueError(f"{source}: {err}; valid keys: {valid}") from err
+    except ValueError as err:  # a value of the wrong type or out of range
+        raise ValueError(f"{source}: {err}") from err
 
 
 def hparams_from_file(path: str | Path, editor: str | None = None) -> Any:

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
+from huggingface_hub import try_to_load_from_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from wilke_lib.results import REPO_ROOT, model_slug
+
 ORGANISMS: tuple[str, ...] = ("toy-gpt2", "toy-gptj")
-REPO_ROOT: Path = Path(__file__).resolve().parents[1]
 ORGANISMS_DIR: Path = REPO_ROOT / "organisms"
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -74,22 +78,24 @@ def resolve_model_path(name: str | Path) -> str:
     return name
 
 
-def checkpoint_fingerprint(name: str | Path, edge_bytes: int = 1 << 20) -> str:
-    """8 hex digits identifying the weight files of a local model (names, sizes, first and last MiB
-    of each), without loading it; "" for a hub id. Results cached under a model *name* carry it,
-    so that a retrained organism does not reuse its predecessor's results."""
+def model_key(name: str | Path, edge_bytes: int = 1 << 20) -> str:
+    """The identity under which results of a model are stored: its folder name and 8 hex digits of
+    its config and weight files (names, sizes, first and last MiB of each), computed without loading
+    it; the name alone for a hub id that is not on this machine. A retrained organism is therefore a
+    different model, and its predecessor's results are not read back. (Statistics, which depend on
+    the weights actually in memory, are keyed by `model_identity(model)` instead.)"""
     path = Path(resolve_model_path(name))
     if not path.is_dir():
-        return ""
+        return model_slug(str(name))
     h = hashlib.sha256()
-    for file in sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt")):
+    for file in sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt") or p.name == "config.json"):
         size = file.stat().st_size
         h.update(f"{file.name}:{size}".encode())
         with file.open("rb") as handle:
             h.update(handle.read(edge_bytes))
             handle.seek(max(0, size - edge_bytes))
             h.update(handle.read(edge_bytes))
-    return h.hexdigest()[:8]
+    return f"{model_slug(str(name))}-{h.hexdigest()[:8]}"
 
 
 @contextmanager
@@ -106,6 +112,28 @@ def quiet_loading():
             hf_logging.enable_progress_bar()
 
 
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def require_hub_model(name: str) -> None:
+    """Fail at once, with what to do, when `name` is neither in the local Hugging Face cache nor
+    downloadable (HF_HUB_OFFLINE set, or the hub unreachable): no 30 s of network retries."""
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):  # a path: cached
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if offline or not _hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached"
+        raise FileNotFoundError(
+            f"model {name!r} is not an organism ({', '.join(ORGANISMS)}), not a local directory and not in the local "
+            f"Hugging Face cache, and {why}; give an organism name, the path of a directory saved with "
+            "save_pretrained, or a hub id already in the cache (HF_HOME points at the cache)")
+
+
 def load_model(name_or_path: str | Path, device: torch.device | str | None = None,
                dtype: torch.dtype | str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (model, tokenizer) in eval mode on `device` (default: `default_device()`).
@@ -114,6 +142,8 @@ def load_model(name_or_path: str | Path, device: torch.device | str | None = Non
     when it has none, and right padding; generation.py pads explicitly on the left.
     """
     path = resolve_model_path(name_or_path)
+    if not Path(path).is_dir():
+        require_hub_model(path)
     device = torch.device(device) if device is not None else default_device()
     dtype = resolve_dtype(dtype)
     with quiet_loading():
@@ -165,3 +195,26 @@ def model_identity(model: PreTrainedModel) -> str:
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
     basename = Path(str(getattr(model.config, "_name_or_path", "") or "")).name or model.config.model_type
     return f"{basename}-{digest}-{weights_fingerprint(model)}-{count_parameters(model)}"
+
+
+def tune_threads(model: nn.Module, max_parameters: int = 50_000_000) -> int:
+    """Use one CPU thread for a small model on the CPU (the organisms: their matrices are so small
+    that extra threads only add overhead, and contend with other work on a shared machine);
+    leave larger models and GPUs alone. Returns the number of threads in use."""
+    if model_device_type(model) == "cpu" and count_parameters(model) <= max_parameters:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
+def model_device_type(model: nn.Module) -> str:
+    return next(model.parameters()).device.type
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The number of positions the model can attend over (None when its config does not say)."""
+    config = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

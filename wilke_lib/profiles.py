@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 from wilke_lib.lifelong import CheckpointPolicy
 
-ALL_EDITORS: tuple[str, ...] = ("ft", "kn", "rome", "memit", "wilke")
-"""Editor names as understood by `wilke_lib.hparams.load_hparams` / `wilke_lib.editing`."""
+ALL_EDITORS: tuple[str, ...] = ("ft", "kn", "rome", "r-rome", "memit", "wilke")
+"""The editors of the lifelong tables (`experiments.editor_variant`: "r-rome" is ROME with the update
+of Gupta et al. 2024)."""
 
 DEFAULT_N_EDITS = 16
 """Lifelong edits of the "default" profile: what fits the 20-minute CPU budget of `make book`."""
@@ -28,8 +29,8 @@ class Profile:
     editors: the editors compared in the lifelong table;
     checkpoints: when ERS / ORS are measured;
     eval_batch_size: prompts per forward pass when measuring;
-    n_toxicity_steps: sequential edits (+ rollbacks) of the toxicity runs: ROME in notebook 05, whose
-        records the toxicity-flash detector screens (Sec. 4.1-4.2, App. B), and MEMIT in 09 (App. C);
+    (the toxicity chapters, 05 for ROME and its flash detector, Sec. 4.1-4.2 and App. B, and 09 for
+    MEMIT, App. C, read the lifelong runs of chapter 03: n_edits steps, seed seeds[0]);
     n_flash_records: flash records, and as many normal ones, edited once at every layer (06, Sec. 4.3,
         App. E); 08 reads their delta strength (App. D.2) from those edits;
     n_trace_records: known records of the average indirect effect, and records per group of the
@@ -46,7 +47,6 @@ class Profile:
     editors: tuple[str, ...]
     checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     eval_batch_size: int = 64
-    n_toxicity_steps: int = 64
     n_flash_records: int = 4
     n_trace_records: int = 20
     n_strength_records: int = 50
@@ -57,14 +57,14 @@ class Profile:
 
 PROFILES: dict[str, Profile] = {
     "quick": Profile(name="quick", n_edits=4, seeds=(9,), editors=("rome", "memit", "wilke"),
-                     n_toxicity_steps=2, n_flash_records=1, n_trace_records=2, n_strength_records=4,
+                     n_flash_records=1, n_trace_records=2, n_strength_records=4,
                      layer_stride=6, n_heatmaps=1, ablation_n_edits=2),
     "default": Profile(name="default", n_edits=DEFAULT_N_EDITS, seeds=(9,), editors=ALL_EDITORS,
-                       n_toxicity_steps=8, n_flash_records=1, n_trace_records=20,
+                       n_flash_records=1, n_trace_records=20,
                        n_strength_records=20, layer_stride=1, n_heatmaps=2,
                        ablation_n_edits=8),
     "paper": Profile(name="paper", n_edits=1024, seeds=(9, 10, 11), editors=ALL_EDITORS,
-                     n_toxicity_steps=1024, n_flash_records=20, n_trace_records=200,
+                     n_flash_records=20, n_trace_records=200,
                      n_strength_records=1024, layer_stride=1, n_heatmaps=8,
                      ablation_n_edits=1024),
 }

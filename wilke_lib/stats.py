@@ -5,8 +5,10 @@ as in ROME (Meng et al. 2022a, Eq. 2: C = K K^T estimated over Wikipedia) and ME
 2022b, Eq. 14: C_0 = K_0 K_0^T). C is averaged over every non-pad token position of the first
 `n_samples` texts of a corpus, accumulated in float64.
 
-Statistics are cached on disk at
-`<repo>/.cache/stats/<model_key>/<corpus_key>/layer<l>_n<n>.pt`.
+Statistics are cached on disk as safetensors at
+`<repo>/.cache/stats/<model_key>/<corpus_key>/layer<l>_n<n>.safetensors`, with what they are (model
+key, layer, corpus, sample count, context length, format version) in the file's metadata, checked
+on load: a file that belongs to another model or layer, or does not read, is recomputed, never used.
 The `model_key` is explicit: in lifelong editing the weights change after every edit but the
 statistics belong to the ORIGINAL model (ROME computes them once), so callers pass the key of the
 unedited model (`wilke_lib.models.model_identity(original_model)`, the default when omitted).
@@ -22,16 +24,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from wilke_lib.arch import ModelAdapter
-from wilke_lib.models import REPO_ROOT, model_identity
+from wilke_lib.arch import ModelAdapter, hooks
+from wilke_lib.models import context_length, model_identity
+from wilke_lib.results import cache_dir
+from wilke_lib.tokens import pad_id_of, right_pad
+from wilke_lib.world import load_corpus
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_DIR: Path = REPO_ROOT / ".cache" / "stats"
+FORMAT_VERSION = "2"
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
            "bfloat16": torch.bfloat16}
@@ -65,28 +72,19 @@ def corpus_key(corpus: str) -> str:
 def stats_path(model_key: str, corpus: str, layer: int, n_samples: int,
                cache_dir: str | Path | None = None) -> Path:
     """Where the statistics of (model, corpus, layer, n_samples) are cached."""
-    root = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
-    return root / _sanitize(model_key) / corpus_key(corpus) / f"layer{layer}_n{n_samples}.pt"
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return root / _sanitize(model_key) / corpus_key(corpus) / f"layer{layer}_n{n_samples}.safetensors"
+
+
+def default_cache_dir() -> Path:
+    return cache_dir("stats")
 
 
 def _load_texts(corpus: str, n_samples: int) -> list[str]:
-    from wilke_lib.world import load_corpus  # lazy: only needed when computing
-
     texts = load_corpus(corpus)
     if len(texts) < n_samples:
         log.warning("corpus %r has %d texts, fewer than the %d requested; using all", corpus, len(texts), n_samples)
     return texts[:n_samples]
-
-
-def _context_length(model: nn.Module, max_length: int) -> int:
-    config = getattr(model, "config", None)
-    limit = None
-    for name in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            limit = value
-            break
-    return min(max_length, limit) if limit else max_length
 
 
 @torch.no_grad()
@@ -107,31 +105,49 @@ def _accumulate(model: nn.Module, tok: PreTrainedTokenizerBase, layers: Sequence
             sums[l].addmm_(flat.T, flat)
         return hook
 
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad_id = pad_id_of(tok)
     encoded = [list(tok(t, truncation=True, max_length=max_length)["input_ids"]) for t in texts]
     encoded = [e for e in encoded if e]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    handles = [adapter.mlp_out(l).register_forward_pre_hook(make_hook(l)) for l in layers]
     was_training = model.training
     model.eval()
     try:
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        for batch in tqdm(batches, desc=f"second moments ({len(layers)} layer(s))", disable=not progress,
-                          leave=False):
-            width = max(len(encoded[i]) for i in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.bool)
-            for row, i in enumerate(batch):
-                ids[row, :len(encoded[i])] = torch.tensor(encoded[i])
-                mask[row, :len(encoded[i])] = True
-            mask_holder["mask"] = mask.to(device)
-            model(input_ids=ids.to(device), attention_mask=mask.long().to(device), use_cache=False)
-            count += int(mask.sum())
+        with hooks(pre=[(adapter.mlp_out(l), make_hook(l)) for l in layers]):
+            for batch in tqdm(batches, desc=f"second moments ({len(layers)} layer(s))", disable=not progress,
+                              leave=False):
+                ids, mask = right_pad([encoded[i] for i in batch], pad_id)
+                mask_holder["mask"] = mask.bool().to(device)
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                count += int(mask.sum())
     finally:
-        for handle in handles:
-            handle.remove()
         model.train(was_training)
     return sums, count
+
+
+def _metadata(model_key: str, corpus: str, layer: int, n_samples: int, max_length: int) -> dict[str, str]:
+    """What a statistics file is, stored in it and checked when it is read."""
+    return {"format_version": FORMAT_VERSION, "model_key": model_key, "corpus": corpus_key(corpus),
+            "layer": str(layer), "n_samples": str(n_samples), "max_length": str(max_length)}
+
+
+def _read_cached(path: Path, expected: dict[str, str]) -> torch.Tensor | None:
+    """The cached C at `path` if its metadata match `expected` and it is finite; None (logged) otherwise."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            mom2 = fh.get_tensor("mom2")
+    except (SafetensorError, OSError, KeyError) as err:
+        log.warning("statistics file %s is unreadable (%s): recomputing it", path, err)
+        return None
+    wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+    if wrong:
+        log.warning("statistics file %s does not match what is asked (%s): recomputing it", path, wrong)
+        return None
+    if not torch.isfinite(mom2).all():
+        log.warning("statistics file %s holds non-finite values: recomputing it", path)
+        return None
+    return mom2
 
 
 def second_moments(model: nn.Module, tok: PreTrainedTokenizerBase, layers: Sequence[int], corpus: str,
@@ -148,19 +164,17 @@ def second_moments(model: nn.Module, tok: PreTrainedTokenizerBase, layers: Seque
     key = model_key if model_key is not None else model_identity(model)
     device = next(model.parameters()).device
     out_dtype = _resolve_dtype(dtype)
-    max_length = _context_length(model, max_length)
+    limit = context_length(model)
+    max_length = min(max_length, limit) if limit else max_length
     result: dict[int, torch.Tensor] = {}
     missing = []
     for l in layers:
         path = stats_path(key, corpus, l, n_samples, cache_dir)
-        if path.is_file():
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            if int(payload.get("max_length", max_length)) == max_length:
-                result[l] = payload["mom2"].to(device=device, dtype=out_dtype)
-                log.debug("loaded second moment of layer %d from %s", l, path)
-                continue
-            log.info("cached statistics %s used max_length %s, not %s: recomputing",
-                     path, payload.get("max_length"), max_length)
+        expected = _metadata(key, corpus, l, n_samples, max_length)
+        mom2 = _read_cached(path, expected) if path.is_file() else None
+        if mom2 is not None and mom2.shape == (ModelAdapter(model).d_mlp,) * 2:
+            result[l] = mom2.to(device=device, dtype=out_dtype)
+            continue
         missing.append(l)
     if missing:
         texts = _load_texts(corpus, n_samples)
@@ -171,11 +185,14 @@ def second_moments(model: nn.Module, tok: PreTrainedTokenizerBase, layers: Seque
             raise ValueError(f"corpus {corpus!r} produced no token positions")
         for l in missing:
             mom2 = (sums[l] / count).float().cpu()
+            if not torch.isfinite(mom2).all():
+                raise ValueError(f"second moment of layer {l} on corpus {corpus!r} is not finite: the model "
+                                 "produced NaN/inf keys")
             path = stats_path(key, corpus, l, n_samples, cache_dir)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"mom2": mom2, "count": count, "n_texts": len(texts), "layer": l, "corpus": corpus,
-                        "model_key": key, "max_length": max_length}, tmp)
+            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+            meta = _metadata(key, corpus, l, n_samples, max_length) | {"count": str(count), "n_texts": str(len(texts))}
+            save_file({"mom2": mom2.contiguous()}, str(tmp), metadata=meta)
             os.replace(tmp, path)  # atomic: concurrent readers never see a partial file
             result[l] = mom2.to(device=device, dtype=out_dtype)
     return {l: result[l] for l in layers}

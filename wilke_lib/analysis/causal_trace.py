@@ -33,7 +33,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from wilke_lib.arch import ModelAdapter
+from wilke_lib.arch import ModelAdapter, hooks, patch_output
+from wilke_lib.tokens import encode_target, fill, target_str
 
 KINDS = ("hidden", "mlp", "attn")
 
@@ -71,26 +72,13 @@ class TraceResult:
         return self.scores - self.low_score
 
 
-@dataclass
-class AIEResult:
-    """Average indirect effect per layer at the last subject token (Meng et al. 2022a, Fig. 2)."""
-
-    kind: str
-    aie: np.ndarray            # [n_layers], mean over records of score - low_score
-    per_record: np.ndarray     # [n_records, n_layers]
-    low_scores: np.ndarray     # [n_records]
-    high_scores: np.ndarray    # [n_records]
-    case_ids: list
-    peak_layer: int
-
-
 # ---------------------------------------------------------------------------
 # tokens
 
 
 def _full_prompt(prompt: str, subject: str) -> str:
     """A CounterFact template ("... {} ...") filled with the subject, or the prompt as is."""
-    return prompt.replace("{}", subject, 1) if "{}" in prompt else prompt
+    return fill(prompt, subject)
 
 
 def _subject_char_span(prompt: str, subject: str) -> tuple[int, int]:
@@ -136,10 +124,8 @@ def _decode_search(tok, ids: Sequence[int], subject: str) -> tuple[int, int]:
 
 
 def _target_token(tok, target) -> int:
-    """First token of " " + target (CounterFact convention; `target` may be a dict with "str")."""
-    text = target["str"] if isinstance(target, dict) else str(target)
-    ids = tok(" " + text.lstrip(), add_special_tokens=False)["input_ids"]
-    return int(ids[0])
+    """First token of the target as the token layer encodes it (`target` may be a dict with "str")."""
+    return int(encode_target(tok, target_str(target).lstrip())[0])
 
 
 # ---------------------------------------------------------------------------
@@ -170,13 +156,6 @@ def _module_of(adapter: ModelAdapter, kind: str, layer: int) -> nn.Module:
     return {"hidden": adapter.layer, "mlp": adapter.mlp, "attn": adapter.attn}[kind](layer)
 
 
-def _map_first(output, fn):
-    """Apply fn to a module output, or to element 0 of a tuple output (attention, blocks)."""
-    if isinstance(output, tuple):
-        return (fn(output[0]),) + tuple(output[1:])
-    return fn(output)
-
-
 def _restore_hook(entries: list[tuple[int, int]], n_samples: int):
     """Forward hook copying row 0's state at token t into the rows of restore set g."""
     rows = [1 + g * n_samples + i for g, _ in entries for i in range(n_samples)]
@@ -189,7 +168,7 @@ def _restore_hook(entries: list[tuple[int, int]], n_samples: int):
         h[r, c] = h[0, c]
         return h
 
-    return lambda module, args, output: _map_first(output, patch)
+    return patch_output(patch)
 
 
 def _corrupt_hook(noise: torch.Tensor, subject_range: tuple[int, int], n_groups: int):
@@ -201,7 +180,7 @@ def _corrupt_hook(noise: torch.Tensor, subject_range: tuple[int, int], n_groups:
         x[1:, b:e] += noise.to(device=x.device, dtype=x.dtype).repeat(n_groups, 1, 1)
         return x
 
-    return lambda module, args, output: _map_first(output, corrupt)
+    return patch_output(corrupt)
 
 
 @torch.no_grad()
@@ -222,16 +201,11 @@ def patched_probs(model: nn.Module, input_ids: torch.Tensor, subject_range: tupl
     for g, states in enumerate(restore_sets):
         for t, layer in states:
             by_layer[layer].append((g, t))
-    handles = [adapter.embed.register_forward_hook(_corrupt_hook(noise, subject_range, n_groups))]
-    try:
-        for layer, entries in by_layer.items():
-            module = _module_of(adapter, kind, layer)
-            handles.append(module.register_forward_hook(_restore_hook(entries, n)))
+    forward = [(adapter.embed, _corrupt_hook(noise, subject_range, n_groups))]
+    forward += [(_module_of(adapter, kind, layer), _restore_hook(entries, n)) for layer, entries in by_layer.items()]
+    with hooks(forward=forward):
         batch = input_ids.reshape(1, -1).repeat(1 + n_groups * n, 1)
         logits = model(input_ids=batch, use_cache=False).logits[:, -1].float()
-    finally:
-        for handle in handles:
-            handle.remove()
     probs = torch.softmax(logits, dim=-1)[:, target_id]
     return float(probs[0]), probs[1:].reshape(n_groups, n).mean(1).cpu().numpy()
 
@@ -324,60 +298,3 @@ def trace_all_kinds(model: nn.Module, tok, prompt: str, subject: str, target=Non
                     kinds: Sequence[str] = KINDS, **kwargs) -> dict[str, TraceResult]:
     """`trace` for each kind ("hidden", "mlp", "attn"): the three panels of Meng et al. 2022a Fig. 1."""
     return {kind: trace(model, tok, prompt, subject, target, kind=kind, **kwargs) for kind in kinds}
-
-
-def _request_of(record: dict) -> dict:
-    """The CounterFact `requested_rewrite` of a record (or the record itself if it is a request)."""
-    return record.get("requested_rewrite", record)
-
-
-def average_indirect_effect(model: nn.Module, tok, records: Sequence[dict], kind: str = "mlp", *,
-                            use_target_true: bool = False, progress: bool = True,
-                            **trace_kwargs) -> AIEResult:
-    """Average indirect effect (AIE) per layer at the last subject token over `records`.
-
-    Meng et al. 2022a, Fig. 2 (AIE of hidden / MLP / attention states at the
-    last subject token). For each record the rewrite prompt is traced at the
-    subject's last token only; AIE[l] = mean over records of score[l] - low_score.
-    The target is the clean greedy answer unless `use_target_true`.
-    Returns an `AIEResult` with the peak layer argmax_l AIE[l].
-    """
-    rows, lows, highs, ids = [], [], [], []
-    for record in tqdm(records, desc=f"AIE {kind}", disable=not progress):
-        req = _request_of(record)
-        target = req["target_true"] if use_target_true else None
-        res = trace(model, tok, req["prompt"], req["subject"], target, kind=kind,
-                    token_positions="last_subject", **trace_kwargs)
-        rows.append(res.scores[res.subject_range[1] - 1] - res.low_score)
-        lows.append(res.low_score)
-        highs.append(res.high_score)
-        ids.append(record.get("case_id"))
-    per_record = np.stack(rows)
-    aie = per_record.mean(0)
-    return AIEResult(kind=kind, aie=aie, per_record=per_record, low_scores=np.array(lows),
-                     high_scores=np.array(highs), case_ids=ids, peak_layer=int(np.argmax(aie)))
-
-
-def default_window(n_layers: int) -> int:
-    """Window of restored MLP / attention layers: ROME's 10 for models of 24 layers or more
-    (GPT2-XL: 48, GPT-J: 28), else an odd window of about a fifth of the depth (12 layers -> 3),
-    so that the MLP curve of a small model is not flattened over almost all of its layers."""
-    return 10 if n_layers >= 24 else max(1, (n_layers // 5) | 1)
-
-
-def choose_rome_layer(model: nn.Module, tok, records: Sequence[dict], *, kind: str = "mlp",
-                      window: int | None = None, n_samples: int = 10, noise_multiplier: float = 3.0,
-                      seed: int = 1, progress: bool = False, aie: AIEResult | None = None) -> int:
-    """ROME's editing layer: the peak of the average indirect effect of the MLP states at the last
-    subject token over `records` (Meng et al. 2022a, Sec. 2.3: GPT2-XL's layer 17 is the centre
-    of the MLP effect; Hu et al. 2024 Sec. 4.3 call it the predefined layer).
-
-    `window` defaults to `default_window(n_layers)`; a precomputed `aie` of that kind is reused.
-    """
-    if aie is None:
-        window = default_window(ModelAdapter(model).n_layers) if window is None else window
-        aie = average_indirect_effect(model, tok, records, kind=kind, window=window, n_samples=n_samples,
-                                      noise_multiplier=noise_multiplier, seed=seed, progress=progress)
-    elif aie.kind != kind:
-        raise ValueError(f"choose_rome_layer: the given AIE is of kind {aie.kind!r}, not {kind!r}")
-    return int(aie.peak_layer)

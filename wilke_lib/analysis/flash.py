@@ -6,7 +6,9 @@ editing, low during rollback), then, among them, those where the L2 norm of the
 editing layer's W_proj jumps abnormally (the "spikes" of Fig. 3a / 4a). Tables
 2 and 3 list the result.
 
-`detect_flash` automates both criteria on the per-step table of a lifelong run:
+`detect_flash` automates both criteria on the per-step table of a lifelong run
+(`flash_analysis` runs it on the lifelong ROME run; `contrast_groups` gives the flash and normal
+records the per-record chapters compare):
 
 * rollback failure: `rollback_success` (an ERS-like fraction: does the
   rolled-back model answer target_true on the rewrite + paraphrase prompts)
@@ -18,28 +20,19 @@ editing layer's W_proj jumps abnormally (the "spikes" of Fig. 3a / 4a). Tables
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pandas as pd
+from torch import nn
 
-
-def step_jumps(table: pd.DataFrame, norm_col: str = "norm", original_norm: float | None = None) -> pd.Series:
-    """Change of the edited layer's norm at each step (rows sorted by step).
-
-    The first step's jump is measured from `original_norm` when given (the
-    unedited ||W_proj||_F), else from a `norm_before` column, else it is 0.
-    """
-    norms = table[norm_col].astype(float)
-    jumps = norms.diff()
-    first = table.index[0]
-    if original_norm is not None:
-        jumps.loc[first] = norms.loc[first] - float(original_norm)
-    elif "norm_before" in table.columns:
-        jumps.loc[first] = norms.loc[first] - float(table.loc[first, "norm_before"])
-    else:
-        jumps.loc[first] = 0.0
-    return jumps
+from wilke_lib.analysis.toxicity import ToxicityRecording, edited_records, jump_ratios, step_jumps, toxicity_run
+from wilke_lib.counterfact import load_counterfact
+from wilke_lib.results import results_dir, write_json_atomic
+from wilke_lib.tokens import fill, target_str
 
 
 def score_flash(table: pd.DataFrame, *, norm_col: str = "norm", rollback_col: str = "rollback_success",
@@ -55,9 +48,7 @@ def score_flash(table: pd.DataFrame, *, norm_col: str = "norm", rollback_col: st
     """
     out = table.sort_values("step").reset_index(drop=True).copy()
     out["norm_jump"] = step_jumps(out, norm_col, original_norm)
-    scale = float(np.median(np.abs(out["norm_jump"].to_numpy())))
-    scale = scale if scale > 0 else float(np.finfo(float).tiny)
-    out["jump_ratio"] = out["norm_jump"] / scale
+    out["jump_ratio"] = jump_ratios(out["norm_jump"])
     out["rollback_failed"] = out[rollback_col].astype(float) < rollback_threshold
     out["norm_spike"] = out["jump_ratio"] > jump_factor
     out["flash"] = out["rollback_failed"] & out["norm_spike"]
@@ -79,7 +70,7 @@ def detect_flash(table: pd.DataFrame, *, norm_col: str = "norm", rollback_col: s
     `table` has one row per step with columns `step`, `case_id`, `norm_col`
     (||W_proj||_F of the edited layer after the step) and `rollback_col`
     (fraction of rewrite + paraphrase prompts on which the rolled-back model
-    answers target_true), e.g. `ToxicityRecorder.result().table`. Returns the flagged rows (step, case_id, norm,
+    answers target_true), e.g. `toxicity.ToxicityRecording.table`. Returns the flagged rows (step, case_id, norm,
     norm_jump, jump_ratio, rollback success, reason).
     """
     scored = score_flash(table, norm_col=norm_col, rollback_col=rollback_col,
@@ -95,8 +86,7 @@ def detect_flash(table: pd.DataFrame, *, norm_col: str = "norm", rollback_col: s
 def record_content(record: dict) -> str:
     """Table 2 / 3 content of a CounterFact record: "prompt [true] => [new]." with the subject filled in."""
     req = record.get("requested_rewrite", record)
-    prompt = req["prompt"].replace("{}", req["subject"], 1)
-    return f"{prompt} [{req['target_true']['str']}] => [{req['target_new']['str']}]."
+    return f"{fill(req['prompt'], req['subject'])} [{target_str(req['target_true'])}] => [{target_str(req['target_new'])}]."
 
 
 def flash_table(records: Sequence[dict], flagged: pd.DataFrame | Sequence[int]) -> pd.DataFrame:
@@ -111,3 +101,127 @@ def flash_table(records: Sequence[dict], flagged: pd.DataFrame | Sequence[int]) 
         raise KeyError(f"case ids not among the records: {missing}")
     rows = [{"Record": i, "Content": record_content(by_id[i])} for i in dict.fromkeys(ids)]
     return pd.DataFrame(rows, columns=["Record", "Content"])
+
+
+@dataclass
+class FlashAnalysis:
+    """A lifelong ROME run at the predefined layer and the flash detector's verdict (Appendix B).
+
+    sequence: the edited records in order; recording: the run's toxicity; scored: the per-step
+    table with the detector's columns (`score_flash`); flagged: the flash steps (`detect_flash`);
+    flash_records / normal_records: edited records flagged / neither flagged, nor with a failed
+    rollback, nor with a norm spike.
+    """
+
+    layer: int
+    sequence: list[dict]
+    recording: ToxicityRecording
+    scored: pd.DataFrame
+    flagged: pd.DataFrame
+    flash_records: list[dict]
+    normal_records: list[dict]
+    settings: dict
+
+    def table(self) -> pd.DataFrame:
+        """The flash records in the format of the paper's Tables 2-3 (Record, Content)."""
+        return flash_table(self.sequence, self.flagged)
+
+    def largest_jumps(self, k: int) -> list[dict]:
+        """The `k` edited records with the largest norm jumps (stand-ins when nothing is flagged)."""
+        order = self.scored.sort_values("jump_ratio", ascending=False)["case_id"].tolist()[:k]
+        by_id = {r["case_id"]: r for r in self.sequence}
+        return [by_id[i] for i in order]
+
+
+def flash_analysis(model: nn.Module, tok, records: Sequence[dict], model_name: str, hparams: Any, *,
+                   n_steps: int, seed: int, rollback_threshold: float = 0.1, jump_factor: float = 10.0,
+                   min_edit_success: float | None = None, cache: Any = None, known: Callable | None = None
+                   ) -> FlashAnalysis:
+    """The lifelong ROME run (edit + rollback) of `n_steps` known records at ROME's predefined layer
+    (`toxicity.toxicity_run`: chapter 03's run when the size and seed agree), screened by
+    `detect_flash` (Appendix B: rollback success < `rollback_threshold` and a norm jump >
+    `jump_factor` x the median step jump). The flash records are also written to
+    `results/<model>/flash_records.json`."""
+    recording = toxicity_run(model, tok, records, model_name, hparams, n_steps=n_steps, seed=seed, cache=cache,
+                             known=known)
+    sequence = edited_records(model, tok, records, model_name, hparams, n_steps=n_steps, seed=seed, known=known)
+    layer = recording.layers[0]
+    settings = dict(rollback_threshold=rollback_threshold, jump_factor=jump_factor, min_edit_success=min_edit_success)
+    kwargs = dict(original_norm=recording.original_norms[layer], **settings)
+    scored = score_flash(recording.table, **kwargs)
+    flagged = detect_flash(recording.table, **kwargs)
+    flash_ids = set(flagged["case_id"])
+    bad = set(scored.loc[scored["rollback_failed"] | scored["norm_spike"] | scored["failed"], "case_id"])
+    analysis = FlashAnalysis(layer=layer, sequence=sequence, recording=recording, scored=scored, flagged=flagged,
+                             flash_records=[r for r in sequence if r["case_id"] in flash_ids],
+                             normal_records=[r for r in sequence if r["case_id"] not in flash_ids | bad],
+                             settings=settings)
+    write_json_atomic(results_dir(model_name) / "flash_records.json",
+                      {"model_name": model_name, "n_steps": len(sequence), "seed": seed, "layer": layer,
+                       "detector": settings, "case_ids": sorted(flash_ids), "records": analysis.flash_records})
+    return analysis
+
+
+def flash_free_run(model: nn.Module, tok, records: Sequence[dict], analysis: FlashAnalysis, hparams: Any, *,
+                   model_name: str, seed: int, cache: Any = None, known: Callable | None = None) -> ToxicityRecording:
+    """The same experiment with the flash records left out of the known records (Sec. 4.2, Fig. 5-6);
+    the run itself when nothing was flagged."""
+    if not analysis.flash_records:
+        return analysis.recording
+    return toxicity_run(model, tok, records, model_name, hparams, n_steps=len(analysis.sequence), seed=seed,
+                        cache=cache, exclude=[r["case_id"] for r in analysis.flash_records], known=known)
+
+
+@dataclass
+class Groups:
+    """Flash and normal records for the per-record analyses (Sec. 4.3-4.4, App. A, D, E).
+
+    flash_label says what the flash group is: the detected flash records, records from a file
+    (e.g. the paper's Tables 2-3 for GPT2-XL / GPT-J), or, when the detector found none, the
+    records with the largest norm jumps of the run (the largest tenth of the steps).
+    """
+
+    flash: list[dict]
+    normal: list[dict]
+    flash_label: str
+    analysis: FlashAnalysis | None = None
+
+    def as_dict(self) -> dict[str, list[dict]]:
+        return {"flash": self.flash, "normal": self.normal}
+
+    def labels(self) -> dict[str, str]:
+        return {"flash": self.flash_label, "normal": "normal"}
+
+    def table(self) -> pd.DataFrame:
+        """group, Record, Content (the format of Tables 2-3) of every record of both groups."""
+        return pd.DataFrame([{"group": self.labels()[g], "Record": r.get("case_id"), "Content": record_content(r)}
+                             for g, recs in self.as_dict().items() for r in recs],
+                            columns=["group", "Record", "Content"])
+
+
+def contrast_groups(model: nn.Module, tok, records: Sequence[dict], model_name: str, hparams: Any, *,
+                    source: str = "detected", n_steps: int, seed: int, n_flash: int | None, n_normal: int,
+                    cache: Any = None, known: Callable | None = None, **detector: Any) -> Groups:
+    """Up to `n_flash` flash records (None: all) and `n_normal` normal ones.
+
+    `source="detected"`: from `flash_analysis` (chapter 05's run, read back); when it flags nothing,
+    the records with the largest norm jumps stand in (labelled so). Otherwise `source` is the path
+    of a CounterFact JSON of flash records (e.g. `../shared/data/counterfact_gpt2-xl_known_toxicity_flash.json`);
+    the normal records are then other records the run edits.
+    """
+    if source != "detected":
+        flash = load_counterfact(source)[:n_flash]
+        ids = {r.get("case_id") for r in flash}
+        pool = edited_records(model, tok, records, model_name, hparams, n_steps=n_steps, seed=seed, known=known)
+        normal = [r for r in pool if r.get("case_id") not in ids][:n_normal]
+        return Groups(flash, normal, f"flash records of {Path(source).name}")
+    analysis = flash_analysis(model, tok, records, model_name, hparams, n_steps=n_steps, seed=seed, cache=cache,
+                              known=known, **detector)
+    flash, label = analysis.flash_records[:n_flash], "flash (detected)"
+    if not flash:  # stand-ins: the largest tenth of the steps by norm jump, at most n_flash
+        k = max(1, math.ceil(0.1 * len(analysis.sequence)))
+        k = k if n_flash is None else min(n_flash, k)
+        flash, label = analysis.largest_jumps(k), "largest norm jumps (no flash detected)"
+    ids = {r["case_id"] for r in flash}
+    normal = [r for r in analysis.normal_records if r["case_id"] not in ids][:n_normal]
+    return Groups(flash, normal, label, analysis)

@@ -1,314 +1,241 @@
-"""Toxicity of lifelong editing (Hu et al. 2024, Sec. 4.1-4.3, Eq. 7).
+"""Toxicity of lifelong editing (Hu et al. 2024, Sec. 4.1-4.2, Appendix C), read from lifelong runs.
 
-Toxicity is what an edit followed by its rollback leaves behind (Eq. 7):
-    Toxicity = theta* - theta,  f_theta* = KE(KE(f_theta, x_e, y_e), x_e, y_o).
-Accumulated over a lifelong run (edit + rollback at every step, Appendix F) it
-is W_proj^l(step) - W_proj^l(original) of the edited layer. The paper shows
+The runner (`wilke_lib.lifelong`) records at every step the norms ||W^l||_F and ||W^l - W_0^l||_F
+of the editor's predefined layers (Eq. 7 accumulated) and the rollback's success, and at powers of
+two the block-averaged toxicity matrix. The toxicity chapters therefore read the lifelong runs of
+chapter 03 (the same configuration is the same run, read back) instead of running their own loop:
 
-* its size as ||W_proj^l||_F over steps against the original norm (Fig. 3a-6a,
-  `norm_trajectory`, or the `norm` column of a `ToxicityRecorder`);
-* the matrix itself at steps 2, 4, ..., 1024 (Fig. 3b-6b, `ToxicityRecorder`
-  / `lifelong_rome_toxicity` snapshots, block-averaged for plotting);
-* single ROME edits of a record at every layer, with the norms of W_proj^l
-  before and after (Fig. 7-8, 39-42, `per_layer_flash`).
-
-The lifelong runner (`wilke_lib.lifelong`) stores only the weights of the last
-step, so matrices at earlier steps are recorded while the run goes: pass a
-`ToxicityRecorder` as `run_lifelong(..., on_step=recorder)`, or run the
-standalone loop `lifelong_rome_toxicity`.
+* `toxicity_run`: the lifelong run of an editor (ROME in Sec. 4, MEMIT in App. C) as a
+  `ToxicityRecording`: its per-step table and snapshots;
+* `norm_table` / `toxicity_summary` / `toxicity_verdicts`: the numbers behind Fig. 3-6;
+* `memit_verdicts` / `memit_sentence`: Appendix C per MEMIT layer.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import re
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from wilke_lib.analysis.verdicts import verdict_table
 from wilke_lib.arch import ModelAdapter
+from wilke_lib.editors.common import WeightJournal
+from wilke_lib.hparams import editor_of
+from wilke_lib.lifelong import (Backend, LifelongConfig, RunResult, default_backend, lifelong_dir, records_fingerprint,
+                                run_lifelong)
+from wilke_lib.lifelong import toxicity_snapshots as run_snapshots
+from wilke_lib.lifelong.runner import known_cached, split_records
 
 PAPER_SNAPSHOT_STEPS: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 """The steps of Fig. 3b-6b."""
 
-_MLP_OUT = r"mlp\.(c_proj|fc_out|dense_4h_to_h|down_proj)\.weight"
+
+@contextmanager
+def preserved_weights(model: nn.Module) -> Iterator[None]:
+    """Every layer's W_proj (the only weights the editors change) restored bit-identically on exit."""
+    adapter = ModelAdapter(model)
+    journal = WeightJournal(adapter)
+    for layer in range(adapter.n_layers):
+        journal.snapshot(layer)
+    try:
+        yield
+    finally:
+        journal.restore()
 
 
-def toxicity(theta_star: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Eq. 7: theta* - theta, the parameters after edit + rollback minus the original ones."""
-    return theta_star - theta
-
-
-def downsample(matrix: torch.Tensor | np.ndarray, size: int = 64) -> np.ndarray:
-    """Block-average a matrix to at most size x size cells (for the heatmaps of Fig. 3b)."""
-    m = torch.as_tensor(matrix, dtype=torch.float32)
-    out = (min(size, m.shape[0]), min(size, m.shape[1]))
-    return F.adaptive_avg_pool2d(m[None, None].cpu(), out)[0, 0].numpy()
-
-
-# --------------------------------------------------------------------------- norm trajectories
-def _steps_frame(steps: Any) -> pd.DataFrame:
-    """A steps table from a DataFrame, a `RunResult`, a run directory or a steps.jsonl path."""
-    if isinstance(steps, pd.DataFrame):
-        return steps
-    if hasattr(steps, "steps") and isinstance(steps.steps, pd.DataFrame):
-        return steps.steps
-    path = Path(steps)
-    if path.is_dir():
-        path = path / "steps.jsonl"
-    return pd.read_json(path, lines=True)
-
-
-def _param_pattern(layer: int, param_name: str | None) -> re.Pattern:
-    if param_name is not None:
-        return re.compile(re.escape(param_name) + r"(\.weight)?$")
-    return re.compile(rf"(^|\.){layer}\.{_MLP_OUT}$")
-
-
-def norm_trajectory(steps: Any, layer: int, *, original_norm: float | None = None,
-                    model: nn.Module | None = None, param_name: str | None = None) -> pd.DataFrame:
-    """||W_proj^layer||_F after each step of a lifelong run vs the original norm (Fig. 3a-6a).
-
-    `steps`: the run's steps table (DataFrame, `RunResult`, run directory or
-    steps.jsonl) with its `weight_norms_after_rollback` column. Steps that did
-    not touch the layer keep the previous value (the original norm before the
-    first touch). The original norm is `original_norm`, else that of `model`
-    (which must be the unedited model). Columns: step, norm, original_norm, ratio.
-    """
-    table = _steps_frame(steps).sort_values("step")
-    if model is not None:
-        adapter = ModelAdapter(model)
-        param_name = param_name or adapter.name_of("mlp_out", layer)
-        if original_norm is None:
-            original_norm = float(torch.linalg.norm(adapter.out_weight(layer).float()))
-    pattern = _param_pattern(layer, param_name)
-    current = float("nan") if original_norm is None else float(original_norm)
-    rows = []
-    for step, norms in zip(table["step"], table["weight_norms_after_rollback"]):
-        hits = [v for k, v in (norms or {}).items() if pattern.search(k)]
-        current = float(hits[0]) if hits else current
-        rows.append({"step": int(step), "norm": current})
-    out = pd.DataFrame(rows)
-    out["original_norm"] = np.nan if original_norm is None else float(original_norm)
-    out["ratio"] = out["norm"] / out["original_norm"]
-    return out
-
-
-# --------------------------------------------------------------------------- recording
 @dataclass
 class ToxicityRecording:
-    """What a `ToxicityRecorder` gathered.
+    """The toxicity of a lifelong run.
 
-    table: one row per step: step, case_id, norm / toxicity_norm of the primary
-    (first) layer, norm_<l> / toxicity_<l> per layer, edit_success,
-    rollback_success, failed. snapshots[step][layer]: block-averaged toxicity
-    matrix; full[step][layer]: the full one when requested.
+    table: one row per step: step, case_id, failed, edit_success (ES of the step), rollback_success,
+    norm_<l> / toxicity_<l> per recorded layer, and norm / toxicity_norm of the first one;
+    snapshots[step][layer]: the block-averaged toxicity matrix W - W_0 at powers of two.
     """
 
     layers: list[int]
     original_norms: dict[int, float]
     table: pd.DataFrame
-    snapshots: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)
-    full: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)
+    snapshots: dict[int, dict[int, np.ndarray]]
+    run: RunResult | None = None
 
-    def save(self, path: str | Path) -> Path:
-        """torch.save the recording (the table as a list of row dicts)."""
-        data = dataclasses.asdict(self) | {"table": self.table.to_dict("records")}
-        torch.save(data, Path(path))
-        return Path(path)
 
-    @classmethod
-    def load(cls, path: str | Path) -> "ToxicityRecording":
-        data = torch.load(Path(path), weights_only=False)
-        return cls(**(data | {"table": pd.DataFrame(data["table"])}))
+def recording_of(run: RunResult) -> ToxicityRecording:
+    """The `ToxicityRecording` of a lifelong run (ValueError if the run recorded no layer)."""
+    steps = run.steps.sort_values("step")
+    first = steps.iloc[0]
+    layers = sorted(int(l) for l in (first.get("toxicity_norms") or {}))
+    if not layers:
+        raise ValueError(f"{run.run_dir}: the run recorded the toxicity of no layer (WilKE chooses per edit; pass "
+                         "LifelongConfig(toxicity_layers=...) to record some)")
+    rows = []
+    for _, s in steps.iterrows():
+        row = {"step": int(s["step"]), "case_id": s["case_id"], "failed": bool(s["failed"]), "error": s["error"],
+               "rollback_error": s["rollback_error"], "edit_success": float(s["ES"]),
+               "rollback_success": float(s["rollback_success"])}
+        for l in layers:
+            row[f"norm_{l}"] = float(s["layer_norms"][str(l)])
+            row[f"toxicity_{l}"] = float(s["toxicity_norms"][str(l)])
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table["norm"], table["toxicity_norm"] = table[f"norm_{layers[0]}"], table[f"toxicity_{layers[0]}"]
+    originals = {int(l): float(v) for l, v in first["original_norms"].items()}
+    snapshots = {s: {l: m.numpy() for l, m in by_layer.items()} for s, by_layer in run_snapshots(run).items()}
+    return ToxicityRecording(layers, originals, table, snapshots, run)
+
+
+def toxicity_config(model_name: str, hparams: Any, n_steps: int, seed: int, eval_batch_size: int = 64
+                    ) -> LifelongConfig:
+    """The lifelong run the toxicity chapters read: the editor's run of chapter 03 for that size and seed."""
+    return LifelongConfig(model_name=model_name, editor=editor_of(hparams), hparams=hparams, n_edits=int(n_steps),
+                          seed=int(seed), out_dir=str(lifelong_dir(model_name)), eval_batch_size=eval_batch_size)
+
+
+def _backend(known: Callable | None) -> Backend:
+    """The library's backend, with another known-record filter when one is given (tests, subsets)."""
+    backend = default_backend()
+    if known is not None:
+        backend.known = known
+    return backend
+
+
+def toxicity_run(model: nn.Module, tok, records: Sequence[dict], model_name: str, hparams: Any, *, n_steps: int,
+                 seed: int, cache: Any = None, exclude: Sequence[Any] = (), known: Callable | None = None
+                 ) -> ToxicityRecording:
+    """The lifelong run (edit + rollback, Appendix F) of `hparams`' editor on `n_steps` known records,
+    computed or read back, as a `ToxicityRecording`; records whose case_id is in `exclude` are left
+    out before the split (the flash-free run of Sec. 4.2). `known` replaces the known-record filter.
+    The model's weights are unchanged on return."""
+    if exclude:
+        dropped = set(exclude)
+        records = [r for r in records if r.get("case_id") not in dropped]
+    config = toxicity_config(model_name, hparams, n_steps, seed)
+    with preserved_weights(model):
+        run = run_lifelong(model, tok, records, config, cache, backend=_backend(known))
+    return recording_of(run)
+
+
+def edited_records(model: nn.Module, tok, records: Sequence[dict], model_name: str, hparams: Any, *, n_steps: int,
+                   seed: int, known: Callable | None = None) -> list[dict]:
+    """The records the toxicity run of (n_steps, seed) edits, in order (P of Appendix F)."""
+    config = toxicity_config(model_name, hparams, n_steps, seed)
+    found = known_cached(model, tok, records, config, _backend(known), records_fingerprint(records))
+    return split_records(found, config.n_edits, config.seed)[0]
 
 
 def toxicity_snapshots(recording: ToxicityRecording, layer: int | None = None,
-                       steps: Sequence[int] | None = None, full: bool = False) -> dict[int, np.ndarray]:
-    """{step: toxicity matrix of `layer`} (default the primary layer) at the recorded snapshot steps
-    (Fig. 3b-6b), optionally restricted to `steps`; `full` picks the full-size matrices."""
+                       steps: Sequence[int] | None = None) -> dict[int, np.ndarray]:
+    """{step: toxicity matrix of `layer`} (default the first recorded layer) at the snapshot steps
+    (Fig. 3b-6b), optionally restricted to `steps`."""
     layer = recording.layers[0] if layer is None else layer
-    source = recording.full if full else recording.snapshots
-    wanted = sorted(source) if steps is None else [s for s in steps if s in source]
-    return {s: source[s][layer] for s in wanted}
+    wanted = sorted(recording.snapshots) if steps is None else [s for s in steps if s in recording.snapshots]
+    return {s: recording.snapshots[s][layer] for s in wanted}
 
 
-def _fill(request: dict) -> str:
-    """The request's prompt with the subject in place of "{}"."""
-    return request["prompt"].replace("{}", request["subject"], 1)
-
-
-def _match_fraction(model, tok, prompts: list[str], target: str, batch_size: int) -> float:
-    from wilke_lib.generation import greedy_matches
-
-    flags = greedy_matches(model, tok, prompts, [target] * len(prompts), batch_size=batch_size)
-    return float(np.mean(flags)) if flags else float("nan")
-
-
-def rollback_success(model: nn.Module, tok, record: dict, batch_size: int = 64) -> float:
-    """ERS-like success of one rollback (Appendix B): the fraction of the record's rewrite +
-    paraphrase prompts on which the current (rolled-back) model greedily answers target_true."""
-    req = record["requested_rewrite"]
-    prompts = [_fill(req)] + list(record.get("paraphrase_prompts", []))
-    return _match_fraction(model, tok, prompts, req["target_true"]["str"], batch_size)
-
-
-class ToxicityRecorder:
-    """`on_step` callback of `run_lifelong` recording toxicity (Eq. 7) of W_proj at `layers`.
-
-    Create it on the *original* model before the run (it keeps a copy of the
-    original W_proj^l; resumed runs are still measured against the original).
-    At each step it stores ||W||_F and ||W - W_0||_F per layer, the record's
-    rollback success when `records` are given (see `rollback_success`), the
-    step row's ES as edit success, and at `snapshot_steps` the toxicity matrix
-    W - W_0 block-averaged to `size` x `size` (plus the full matrix if `keep_full`).
-    """
-
-    def __init__(self, model: nn.Module, tok, layers: int | Sequence[int], *,
-                 records: Sequence[dict] | None = None, snapshot_steps: Sequence[int] = PAPER_SNAPSHOT_STEPS,
-                 size: int = 64, keep_full: bool = False, batch_size: int = 64) -> None:
-        self.model, self.tok = model, tok
-        self.adapter = ModelAdapter(model)
-        self.layers = [int(layers)] if isinstance(layers, int) else [int(l) for l in layers]
-        self.original = {l: self.adapter.out_weight(l).detach().float().clone() for l in self.layers}
-        self.original_norms = {l: float(torch.linalg.norm(w)) for l, w in self.original.items()}
-        self.records = {r.get("case_id"): r for r in records} if records is not None else None
-        self.snapshot_steps, self.size, self.keep_full = set(snapshot_steps), size, keep_full
-        self.batch_size = batch_size
-        self.rows: list[dict] = []
-        self.snapshots: dict[int, dict[int, np.ndarray]] = {}
-        self.full: dict[int, dict[int, np.ndarray]] = {}
-
-    def toxicity(self, layer: int) -> torch.Tensor:
-        """Accumulated toxicity W_proj^layer(now) - W_proj^layer(original), (d_model, d_mlp), float32."""
-        return toxicity(self.adapter.out_weight(layer).float(), self.original[layer])
-
-    @torch.no_grad()
-    def __call__(self, step: int, row: dict | None = None) -> None:
-        row = row or {}
-        out: dict[str, Any] = {"step": int(step), "case_id": row.get("case_id"),
-                               "failed": bool(row.get("failed", False)), "edit_success": row.get("ES"),
-                               "error": row.get("error"), "rollback_error": row.get("rollback_error")}
-        for l in self.layers:
-            tox = self.toxicity(l)
-            out[f"norm_{l}"] = float(torch.linalg.norm(self.adapter.out_weight(l).float()))
-            out[f"toxicity_{l}"] = float(torch.linalg.norm(tox))
-            if step in self.snapshot_steps:
-                self.snapshots.setdefault(step, {})[l] = downsample(tox, self.size)
-                if self.keep_full:
-                    self.full.setdefault(step, {})[l] = tox.cpu().numpy()
-        first = self.layers[0]
-        out["norm"], out["toxicity_norm"] = out[f"norm_{first}"], out[f"toxicity_{first}"]
-        record = (self.records or {}).get(out["case_id"])
-        out["rollback_success"] = (rollback_success(self.model, self.tok, record, self.batch_size)
-                                   if record is not None else float("nan"))
-        self.rows.append(out)
-
-    def result(self) -> ToxicityRecording:
-        return ToxicityRecording(layers=list(self.layers), original_norms=dict(self.original_norms),
-                                 table=pd.DataFrame(self.rows), snapshots=dict(self.snapshots),
-                                 full=dict(self.full))
-
-
-def _edit_layers(hparams: Any) -> list[int]:
-    """The predefined editing layer(s) of ROME (`layer`) or MEMIT (`layers`)."""
-    layers = getattr(hparams, "layers", None) or [getattr(hparams, "layer", None)]
-    if layers[0] is None:
-        raise ValueError("hparams have no predefined editing layer; pass layers=")
-    return [int(l) for l in layers]
-
-
-def _edit_success(model, tok, record: dict, batch_size: int) -> float:
-    req = record["requested_rewrite"]
-    return _match_fraction(model, tok, [_fill(req)], req["target_new"]["str"], batch_size)
-
-
-def lifelong_rome_toxicity(model: nn.Module, tok, records: Sequence[dict], hparams: Any, *,
-                           n_steps: int | None = None, snapshot_steps: Sequence[int] = PAPER_SNAPSHOT_STEPS,
-                           layers: Sequence[int] | None = None, size: int = 64, keep_full: bool = False,
-                           cache: Any = None, batch_size: int = 64, progress: bool = True) -> ToxicityRecording:
-    """Sec. 4.1 experiment: edit + rollback each record in turn (Appendix F), recording toxicity.
-
-    Edits `records[:n_steps]` (already filtered for known facts and shuffled by
-    the caller) with the editor of `hparams` (ROME in the paper) at its
-    predefined layer(s), rolling back after each edit, and records with a
-    `ToxicityRecorder` (norms, rollback success, snapshots). A failed edit
-    (`EditError`) leaves the weights unchanged and is marked `failed`.
-    """
-    from wilke_lib.editing import EditCache, EditError, edit, rollback
-
-    layers = list(layers) if layers is not None else _edit_layers(hparams)
-    cache = cache if cache is not None else EditCache.for_model(model)
-    recorder = ToxicityRecorder(model, tok, layers, records=records, snapshot_steps=snapshot_steps,
-                                size=size, keep_full=keep_full, batch_size=batch_size)
-    chosen = list(records)[: n_steps or len(records)]
-    for step, record in enumerate(tqdm(chosen, desc="edit + rollback", disable=not progress), start=1):
-        request, row = record["requested_rewrite"], {"case_id": record.get("case_id")}
-        try:
-            result = edit(model, tok, request, hparams, cache=cache, keep_deltas=False)
-        except EditError as err:  # weights unchanged by contract
-            recorder(step, row | {"failed": True, "error": str(err)})
-            continue
-        row["ES"] = _edit_success(model, tok, record, batch_size)
-        try:
-            rollback(model, tok, request, hparams, result, cache=cache, keep_deltas=False)
-        except EditError as err:  # the edited model carries on, as in `lifelong`
-            row["rollback_error"] = str(err)
-        recorder(step, row)
-    return recorder.result()
-
-
-# --------------------------------------------------------------------------- single edits per layer
-def _single_layer_flash(model, tok, request, hparams, adapter, layer, with_rollback, cache) -> dict:
-    """Edit (and roll back) `request` at `layer` only, measure norms, restore the layer exactly."""
-    from wilke_lib.editing import EditError, edit, rollback
-
-    original = adapter.out_weight(layer).clone()
-    out = {"layer": layer, "norm_original": float(torch.linalg.norm(original.float())),
-           "norm_edited": float("nan"), "norm_rolled_back": float("nan"), "toxicity_norm": float("nan"),
-           "delta_norm": float("nan"), "k_star_norm": float("nan"), "error": None}
-    try:
-        result = edit(model, tok, request, hparams, layers=[layer], cache=cache, keep_deltas=False)
-        out["norm_edited"] = float(torch.linalg.norm(adapter.out_weight(layer).float()))
-        for key in ("delta_norm", "k_star_norm"):  # ROME's ||delta^l|| (Eq. 9) and ||k*^l|| (App. D)
-            out[key] = float(result.info.get(key, float("nan")))
-        if with_rollback:
-            rollback(model, tok, request, hparams, result, cache=cache, keep_deltas=False)
-            now = adapter.out_weight(layer).float()
-            out["norm_rolled_back"] = float(torch.linalg.norm(now))
-            out["toxicity_norm"] = float(torch.linalg.norm(toxicity(now, original.float())))
-    except EditError as err:
-        out["error"] = str(err)
-    finally:
-        adapter.set_out_weight(layer, original)
+def norm_table(recording: ToxicityRecording, layer: int | None = None) -> pd.DataFrame:
+    """step, norm, original_norm, ratio, toxicity_norm of one recorded layer (Fig. 3a-6a, 26a-30a)."""
+    layer = recording.layers[0] if layer is None else int(layer)
+    t = recording.table.sort_values("step")
+    out = pd.DataFrame({"step": t["step"].to_numpy(), "norm": t[f"norm_{layer}"].to_numpy(),
+                        "toxicity_norm": t[f"toxicity_{layer}"].to_numpy()})
+    out["original_norm"] = recording.original_norms[layer]
+    out["ratio"] = out["norm"] / out["original_norm"]
     return out
 
 
-def per_layer_flash(model: nn.Module, tok, request: dict, hparams: Any,
-                    layers: Sequence[int] | None = None, *, with_rollback: bool = True,
-                    cache: Any = None, progress: bool = False) -> pd.DataFrame:
-    """Single ROME edit of `request` at each layer (Sec. 4.3, Fig. 7-8, 39-42).
+def toxicity_summary(recording: ToxicityRecording, layer: int | None = None,
+                     top_fraction: float = 0.1) -> dict[str, float]:
+    """Numbers behind the shape of Fig. 3a-6a for one recorded layer.
 
-    For each layer l: ||W_proj^l||_F originally (the red dashed line), after
-    the edit at l (the blue solid line), after edit + rollback, and the norm of
-    the toxicity (Eq. 7); also the editor's ||delta^l|| and ||k*^l|| when it
-    reports them (ROME: the delta and activation strength of Appendix D). The layer is restored bit-exactly afterwards, so the
-    model is unchanged on return. `hparams` are ROME's; the layer is forced with
-    `editing.edit(..., layers=[l])`. Pass an `EditCache` to reuse statistics.
+    final_ratio / max_ratio: ||W|| / ||W_0|| at the end / at most; top_share: the share of the
+    total positive norm growth made by the largest `top_fraction` of the steps (a step-like
+    curve has most of its growth in a few steps); buildup_rho: Spearman correlation of the
+    accumulated toxicity ||W - W_0|| with the step (steady buildup: close to 1).
     """
-    from wilke_lib.editing import EditCache
+    t = norm_table(recording, layer)
+    jumps = np.diff(np.concatenate([[t["original_norm"].iloc[0]], t["norm"].to_numpy()]))
+    positive = np.sort(np.clip(jumps, 0, None))[::-1]
+    k = max(1, math.ceil(top_fraction * len(positive)))
+    total = float(positive.sum())
+    rho = float(pd.Series(t["toxicity_norm"]).rank().corr(pd.Series(t["step"]).rank())) if len(t) > 2 else math.nan
+    return {"steps": int(len(t)), "original_norm": float(t["original_norm"].iloc[0]),
+            "final_norm": float(t["norm"].iloc[-1]), "final_ratio": float(t["ratio"].iloc[-1]),
+            "max_ratio": float(t["ratio"].max()), "final_toxicity": float(t["toxicity_norm"].iloc[-1]),
+            "top_share": float(positive[:k].sum() / total) if total > 0 else math.nan,
+            "buildup_rho": rho}
 
-    adapter = ModelAdapter(model)
-    cache = cache if cache is not None else EditCache.for_model(model)
-    request = request.get("requested_rewrite", request)
-    layers = range(adapter.n_layers) if layers is None else layers
-    rows = [_single_layer_flash(model, tok, request, hparams, adapter, int(l), with_rollback, cache)
-            for l in tqdm(list(layers), desc="per-layer edits", disable=not progress)]
+
+def toxicity_verdicts(full: dict, removed: dict | None, n_flash: int) -> pd.DataFrame:
+    """Sec. 4.1-4.2 phenomena from `toxicity_summary` of the full run and of the flash-free run."""
+    rows = [
+        ("toxicity buildup", "||W - W_0|| grows steadily with the steps",
+         f"Spearman rho(toxicity, step) = {full['buildup_rho']:.2f}",
+         bool(full["buildup_rho"] > 0.8 and full["final_toxicity"] > 0)),
+        ("toxicity flash", "a few records make the norm spike (11 of 1024 on GPT2-XL, 9 on GPT-J)",
+         f"{n_flash} record(s) flagged in {full['steps']} steps", n_flash > 0),
+        ("step-like shape", "most of the growth happens in a few steps",
+         f"the largest 10% of the steps make {100 * full['top_share']:.0f}% of the growth",
+         bool(full["top_share"] > 0.5)),
+        ("norm hundreds of times the original", "||W|| / ||W_0|| reaches several hundred after 1024 edits",
+         f"max ||W|| / ||W_0|| = {full['max_ratio']:.3g} after {full['steps']} steps", bool(full["max_ratio"] >= 100)),
+    ]
+    if removed is not None and n_flash > 0:
+        rows.append(("smaller, smoother buildup without the flash records",
+                     "toxicity much smaller and uniform once flash records are removed (Fig. 5-6)",
+                     f"final toxicity {removed['final_toxicity']:.3g} vs {full['final_toxicity']:.3g} with them",
+                     bool(removed["final_toxicity"] < 0.5 * full["final_toxicity"])))
+    return verdict_table(rows)
+
+
+def step_jumps(table: pd.DataFrame, norm_col: str = "norm", original_norm: float | None = None) -> pd.Series:
+    """Change of the recorded layer's norm at each step (rows sorted by step).
+
+    The first step's jump is measured from `original_norm` when given (the unedited ||W_proj||_F),
+    else it is 0.
+    """
+    norms = table[norm_col].astype(float)
+    jumps = norms.diff()
+    first = table.index[0]
+    jumps.loc[first] = norms.loc[first] - float(original_norm) if original_norm is not None else 0.0
+    return jumps
+
+
+def jump_ratios(jumps: pd.Series) -> pd.Series:
+    """Each step's norm jump over the median absolute jump of the run (a robust scale, so that steady
+    toxicity buildup does not count as a spike)."""
+    scale = float(np.median(np.abs(jumps.to_numpy())))
+    return jumps / (scale if scale > 0 else float(np.finfo(float).tiny))
+
+
+def memit_verdicts(recording: ToxicityRecording, jump_factor: float = 10.0) -> pd.DataFrame:
+    """Appendix C per MEMIT layer: buildup, spikes, final norm ratio."""
+    rows = []
+    for layer in recording.layers:
+        s = toxicity_summary(recording, layer)
+        ratios = jump_ratios(step_jumps(norm_table(recording, layer), original_norm=s["original_norm"]))
+        rows.append({"layer": layer, "final ||W||/||W_0||": s["final_ratio"], "max ||W||/||W_0||": s["max_ratio"],
+                     "final toxicity": s["final_toxicity"], "buildup rho": s["buildup_rho"],
+                     f"steps with a jump > {jump_factor:g} x median": int((ratios > jump_factor).sum()),
+                     "top-10% share of growth": s["top_share"]})
     return pd.DataFrame(rows)
+
+
+def memit_sentence(per_layer: pd.DataFrame, rome_max_ratio: float, model_name: str) -> str:
+    """One Markdown paragraph from `memit_verdicts` (and ROME's largest norm ratio, NaN if unknown)."""
+    spike_col = next(c for c in per_layer.columns if c.startswith("steps with a jump"))
+    build = per_layer.loc[per_layer["buildup rho"] > 0.8, "layer"].tolist()
+    spiky = per_layer.loc[per_layer[spike_col] > 0, "layer"].tolist()
+    worst = float(per_layer["max ||W||/||W_0||"].max())
+    text = (f"On {model_name}, {len(build)} of MEMIT's {len(per_layer)} layers build toxicity up steadily "
+            f"(rho > 0.8){' (layers ' + ', '.join(map(str, build)) + ')' if build else ''}; ")
+    text += (f"spike steps appear in layer(s) {', '.join(map(str, spiky))}; " if spiky
+             else "no layer has a spike step; ")
+    text += f"the largest norm ratio over the range is {worst:.3g}"
+    if not math.isnan(rome_max_ratio):
+        text += f", against {rome_max_ratio:.3g} for ROME at its single layer on the same records"
+    return text + "."

@@ -1,23 +1,13 @@
 """Speed of the editors: ms per edit, edits/s, peak memory, FLOPs, and WilKE's search cost.
 
 Used by `benchmarks/bench_editors.py` (what `make bench` runs) and `notebooks/10_performance.ipynb`.
-
-What is measured, per organism and editor variant (ROME, MEMIT, WilKE with the batched search,
-WilKE with the released code's one-layer-at-a-time search):
-
-* time: wall time of `editing.edit` on `n_edits` known records after `warmup` untimed edits, each
-  edit applied to the unedited model (the touched weights are restored after every edit, untimed);
-  CUDA is synchronised. The variants are interleaved (record 1 by every variant, then record 2, ...,
-  the order rotating) so that load changes on a shared machine hit all of them alike. Reported: median, min, max ms per edit and 1000 / median edits/s.
-  Statistics C and C^-1 of every layer are computed before timing (once per model, as ROME does);
-* peak memory of one edit, in an untimed run after the timing (`PeakMemory`): CUDA:
-  `torch.cuda.max_memory_allocated` above the memory allocated before; CPU (Linux, glibc): the
-  peak resident set size above the one before, with glibc's mmap threshold lowered so that freed
-  tensors leave the resident set at once; elsewhere: ru_maxrss of the process (an upper bound);
-* FLOPs: counted by `torch.utils.flop_counter.FlopCounterMode` over one whole edit (forward and
-  backward passes, every optimisation step, the statistics solve): matrix multiplications and the
-  attention kernels it knows (on CPU PyTorch's flash-attention-for-CPU kernel is not among them);
-  element-wise operations are not counted. Achieved GFLOP/s = counted FLOPs / median time.
+Per organism and editor variant (ROME, MEMIT, WilKE with the batched search, WilKE with the released
+code's one-layer-at-a-time search): the wall time of `n_edits` edits of known records after `warmup`
+untimed ones, each applied to the unedited model; the variants are interleaved (record 1 by every
+variant, then record 2, ..., the order rotating) so that load changes on a shared machine hit all of
+them alike; then the peak memory and the counted FLOPs of one edit in untimed runs
+(`bench.measure`). Statistics C and C^-1 of every layer are computed before timing (once per model,
+as ROME does).
 
 Every variant uses ROME's delta-optimisation settings (steps, learning rate, early stopping, prompts,
 context prefixes, statistics): `aligned_hparams` copies them from the ROME file into the MEMIT and
@@ -28,25 +18,28 @@ score) stay as in their files.
 from __future__ import annotations
 
 import dataclasses
-import os
-import platform
-import re
-import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
+import pandas as pd
 import torch
 from torch import nn
 
-from wilke_lib import editing
-from wilke_lib.arch import ModelAdapter
-from wilke_lib.editing import EditCache, edit
+from wilke_lib import counterfact
+from wilke_lib.arch import ModelAdapter, model_device
+from wilke_lib.bench.measure import (PeakMemory, count_flops, device_name, original_weights, provenance, sync,
+                                     timed_edit)
+from wilke_lib.editors.cache import EditCache
+from wilke_lib.editors.common import WeightJournal
+from wilke_lib.editors.wilke import wilke_editor
 from wilke_lib.hparams import WilKEHParams, load_hparams
+from wilke_lib.models import load_model
+from wilke_lib.results import REPO_ROOT, model_slug
 
 SHARED_FIELDS = ("v_num_grad_steps", "v_lr", "v_weight_decay", "v_weight_decay_form", "kl_factor",
                  "v_early_stop_loss", "essence_template", "fact_token", "context_lengths", "context_seed",
@@ -57,10 +50,11 @@ SHARED_FIELDS = ("v_num_grad_steps", "v_lr", "v_weight_decay", "v_weight_decay_f
 VARIANTS = ("rome", "memit", "wilke-batched", "wilke-sequential")
 
 
+
 # ---- variants ---------------------------------------------------------------------------------
 
 @dataclass
-class Variant:
+class BenchVariant:
     """One benchmarked editor: its name, editor settings and (WilKE) search kind."""
 
     name: str
@@ -87,7 +81,7 @@ def aligned_hparams(model_name: str) -> dict[str, Any]:
 
 
 def make_variants(model_name: str, names: Sequence[str] = VARIANTS,
-                  candidate_layers: Sequence[int] | None = None) -> list[Variant]:
+                  candidate_layers: Sequence[int] | None = None) -> list[BenchVariant]:
     """The benchmarked variants; `candidate_layers` overrides WilKE's search range."""
     hps = aligned_hparams(model_name)
     wilke = hps["wilke"]
@@ -96,15 +90,15 @@ def make_variants(model_name: str, names: Sequence[str] = VARIANTS,
     out = []
     for name in names:
         if name in ("rome", "memit"):
-            out.append(Variant(name, hps[name]))
+            out.append(BenchVariant(name, hps[name]))
         elif name in ("wilke-batched", "wilke-sequential"):
-            out.append(Variant(name, wilke, search=name.split("-")[1]))
+            out.append(BenchVariant(name, wilke, search=name.split("-")[1]))
         else:
             raise ValueError(f"unknown variant {name!r}; expected one of {VARIANTS}")
     return out
 
 
-def variant_hparams(variant: Variant) -> Any:
+def variant_hparams(variant: BenchVariant) -> Any:
     """The settings to pass to `edit`: WilKE's with `search` set to the variant's search."""
     hp = variant.hparams
     if variant.search is not None:
@@ -112,144 +106,7 @@ def variant_hparams(variant: Variant) -> Any:
     return hp
 
 
-# ---- measurement helpers --------------------------------------------------------------------------
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    match = re.search(rf"^{field}:\s+(\d+)\s+kB", text, re.MULTILINE)
-    return int(match.group(1)) if match else None
-
-
-def _glibc():
-    """glibc through ctypes (for mallopt / malloc_trim), or None."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt, libc.malloc_trim  # noqa: B018 -- both must exist
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD_BYTES = 16384
-GLIBC_DEFAULT_MMAP_THRESHOLD = 128 * 1024
-
-
-class PeakMemory:
-    """Peak memory of a block, in MiB, above the memory in use when it started.
-
-    CUDA: `torch.cuda.max_memory_allocated` above `memory_allocated` at the start. CPU on Linux with
-    glibc: the peak resident set size (VmHWM, reset through /proc/self/clear_refs) above the resident
-    size at the start, with glibc's mmap threshold lowered to 16 KiB inside the block so that freed
-    tensors leave the resident set at once (torch allocates CPU tensors with malloc, no caching), then
-    set back to glibc's default 128 KiB: measure memory in untimed runs. Elsewhere: ru_maxrss of the
-    whole process (an upper bound). Use as `with PeakMemory(device) as peak: ...`; then `peak.mib`,
-    `peak.method`."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = torch.device(device)
-        self.mib: float = float("nan")
-        self.method = ""
-        self._libc = None
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            self.method = "cuda max_memory_allocated"
-            return self
-        libc = _glibc()
-        if libc is not None and _status_kb("VmRSS") is not None:
-            libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-            libc.malloc_trim(0)
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-                self._libc = libc
-                self._base = _status_kb("VmRSS")
-                self.method = "peak RSS (VmHWM reset, mmap threshold 16 KiB)"
-                return self
-            except OSError:
-                libc.mallopt(M_MMAP_THRESHOLD, GLIBC_DEFAULT_MMAP_THRESHOLD)
-        self._base = 0
-        self.method = "ru_maxrss (process peak)"
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.mib = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2 ** 20
-        elif self._libc is not None:
-            self.mib = max(0, (_status_kb("VmHWM") or 0) - self._base) / 1024
-            self._libc.mallopt(M_MMAP_THRESHOLD, GLIBC_DEFAULT_MMAP_THRESHOLD)
-        else:
-            self.mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-
-
-def device_name(device: torch.device) -> str:
-    """GPU name, or the CPU model and the number of torch threads."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-
-
-class WeightRestorer:
-    """Snapshot of every W_proj; `restore(layers)` puts the touched ones back (untimed, between edits)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.adapter = ModelAdapter(model)
-        self.saved = {l: self.adapter.out_weight(l).clone() for l in range(self.adapter.n_layers)}
-
-    def restore(self, layers: Sequence[int]) -> None:
-        for l in layers:
-            self.adapter.set_out_weight(l, self.saved[l])
-
-
-def timed_edit(model: nn.Module, tok, request: dict, variant: Variant, cache: EditCache,
-               restorer: WeightRestorer) -> tuple[float, editing.EditResult]:
-    """(seconds, result) of one edit of the unedited model; the weights are restored afterwards."""
-    device = next(model.parameters()).device
-    hp = variant_hparams(variant)
-    _sync(device)
-    start = time.perf_counter()
-    result = edit(model, tok, request, hp, cache=cache, keep_deltas=False)
-    _sync(device)
-    seconds = time.perf_counter() - start
-    restorer.restore(result.layers)
-    return seconds, result
-
-
-def count_flops(model: nn.Module, tok, request: dict, variant: Variant, cache: EditCache,
-                restorer: WeightRestorer) -> float:
-    """FLOPs of one whole edit counted by FlopCounterMode (matmuls and known attention kernels)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        _, result = timed_edit(model, tok, request, variant, cache, restorer)
-    return float(counter.get_total_flops())
-
-
-def prepare_statistics(model: nn.Module, tok, variants: Sequence[Variant], cache: EditCache) -> None:
+def prepare_statistics(model: nn.Module, tok, variants: Sequence[BenchVariant], cache: EditCache) -> None:
     """Context prefixes, C and C^-1 of every layer a variant may touch, computed before any timing."""
     n_layers = ModelAdapter(model).n_layers
     for variant in variants:
@@ -263,20 +120,10 @@ def prepare_statistics(model: nn.Module, tok, variants: Sequence[Variant], cache
                 cache.get_mom2_inv(model, tok, l, hp)
 
 
-def _provenance() -> dict[str, str]:
-    from wilke_lib.book import git_commit
-
-    return {"date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(),
-            "torch": torch.__version__}
-
-
 # ---- the benchmarks -----------------------------------------------------------------------------
 
 def load_organism(model_name: str, device: str | torch.device | None = None) -> tuple[nn.Module, Any, list[dict]]:
     """(model, tok, known records of the first 200 records of the model's world) on `device`."""
-    from wilke_lib import counterfact
-    from wilke_lib.models import load_model
-
     model, tok = load_model(model_name, device=device)
     records = counterfact.known_records(model, tok, counterfact.load_counterfact("toy-world")[:200])
     return model, tok, records
@@ -286,10 +133,8 @@ def benchmark_editors(model_name: str, *, n_edits: int = 10, warmup: int = 1, de
                       variants: Sequence[str] = VARIANTS, flops: bool = True, memory: bool = True,
                       loaded: tuple | None = None, log: Callable[[str], None] | None = print):
     """The main table: one row per variant (a pandas DataFrame); see the module docstring."""
-    import pandas as pd
-
     model, tok, records = loaded if loaded is not None else load_organism(model_name, device)
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     if len(records) < warmup + n_edits:
         raise ValueError(f"{model_name}: {len(records)} known records, {warmup + n_edits} needed")
     chosen = [r["requested_rewrite"] for r in records[: warmup + n_edits]]
@@ -297,16 +142,16 @@ def benchmark_editors(model_name: str, *, n_edits: int = 10, warmup: int = 1, de
     todo = make_variants(model_name, variants)
     cache = EditCache.for_model(model)
     prepare_statistics(model, tok, todo, cache)
-    restorer = WeightRestorer(model)
+    originals = original_weights(model)
     for variant in todo:  # warm-up
         for request in chosen[:warmup]:
-            timed_edit(model, tok, request, variant, cache, restorer)
+            timed_edit(model, tok, request, variant_hparams(variant), cache, originals)
     # 1. timing, interleaved: every record is edited by every variant in turn (the order rotating), so
     #    that a change in the load of a shared machine hits every variant alike
     timings: dict[str, tuple[list[float], list[int]]] = {v.name: ([], []) for v in todo}
     for n, request in enumerate(chosen[warmup:]):
         for variant in todo[n % len(todo):] + todo[:n % len(todo)]:
-            seconds, result = timed_edit(model, tok, request, variant, cache, restorer)
+            seconds, result = timed_edit(model, tok, request, variant_hparams(variant), cache, originals)
             timings[variant.name][0].append(seconds)
             timings[variant.name][1].append(result.layers[-1])
     if log:
@@ -319,8 +164,8 @@ def benchmark_editors(model_name: str, *, n_edits: int = 10, warmup: int = 1, de
         peak = PeakMemory(dev)
         if memory:
             with peak:
-                timed_edit(model, tok, chosen[warmup], variant, cache, restorer)
-        counted = count_flops(model, tok, chosen[warmup], variant, cache, restorer) if flops else float("nan")
+                timed_edit(model, tok, chosen[warmup], variant_hparams(variant), cache, originals)
+        counted = count_flops(model, tok, chosen[warmup], variant_hparams(variant), cache, originals) if flops else float("nan")
         times, layers = timings[variant.name]
         median = statistics.median(times)
         hp = variant.hparams
@@ -333,7 +178,7 @@ def benchmark_editors(model_name: str, *, n_edits: int = 10, warmup: int = 1, de
             "max_ms": 1000 * max(times), "edits_per_s": 1 / median, "peak_mem_mib": peak.mib,
             "mem_method": peak.method, "gflop_per_edit": counted / 1e9,
             "achieved_gflops": counted / 1e9 / median, "edited_layers": " ".join(map(str, layers)),
-            "times_ms": " ".join(f"{1000 * t:.1f}" for t in times), **_provenance()})
+            "times_ms": " ".join(f"{1000 * t:.1f}" for t in times), **provenance()})
     table = pd.DataFrame(rows)
     rome = table.loc[table["variant"] == "rome", "median_ms"]
     table["time_vs_rome"] = table["median_ms"] / rome.iloc[0] if len(rome) else float("nan")
@@ -366,14 +211,12 @@ def benchmark_scaling(model_name: str, *, ks: Sequence[int] = (1, 2, 4, 8, 12), 
                       device: str | None = None, searches: Sequence[str] = ("batched", "sequential"),
                       loaded: tuple | None = None, log: Callable[[str], None] | None = print):
     """Time per WilKE edit vs the number of candidate layers (layers 0..k-1), per search kind."""
-    import pandas as pd
-
     model, tok, records = loaded if loaded is not None else load_organism(model_name, device)
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     n_layers = ModelAdapter(model).n_layers
     chosen = [r["requested_rewrite"] for r in records[: warmup + n_edits]]
     cache = EditCache.for_model(model)
-    restorer = WeightRestorer(model)
+    originals = original_weights(model)
     all_layers = make_variants(model_name, ["wilke-batched"], candidate_layers=list(range(n_layers)))
     prepare_statistics(model, tok, all_layers, cache)
     points = []
@@ -383,11 +226,11 @@ def benchmark_scaling(model_name: str, *, ks: Sequence[int] = (1, 2, 4, 8, 12), 
             variant = make_variants(model_name, [f"wilke-{search}"], candidate_layers=list(range(k)))[0]
             points.append((k, search, variant))
             for request in chosen[:warmup]:
-                timed_edit(model, tok, request, variant, cache, restorer)
+                timed_edit(model, tok, request, variant_hparams(variant), cache, originals)
     times: dict[tuple[int, str], list[float]] = {(k, s): [] for k, s, _ in points}
     for n, request in enumerate(chosen[warmup:]):  # interleaved, as in benchmark_editors
         for k, search, variant in points[n % len(points):] + points[:n % len(points)]:
-            times[(k, search)].append(timed_edit(model, tok, request, variant, cache, restorer)[0])
+            times[(k, search)].append(timed_edit(model, tok, request, variant_hparams(variant), cache, originals)[0])
     rows = []
     for k, search, _ in points:
         t = times[(k, search)]
@@ -395,7 +238,7 @@ def benchmark_scaling(model_name: str, *, ks: Sequence[int] = (1, 2, 4, 8, 12), 
         rows.append({"model": model_name, "device": dev.type, "device_name": device_name(dev),
                      "threads": torch.get_num_threads(), "n_candidates": k, "search": search,
                      "n_edits": len(t), "median_ms": 1000 * median, "min_ms": 1000 * min(t),
-                     "max_ms": 1000 * max(t), **_provenance()})
+                     "max_ms": 1000 * max(t), **provenance()})
         if log:
             log(f"  {model_name} {k:2d} layers {search:10s} median {1000 * median:8.1f} ms")
     return pd.DataFrame(rows)
@@ -403,8 +246,6 @@ def benchmark_scaling(model_name: str, *, ks: Sequence[int] = (1, 2, 4, 8, 12), 
 
 def plot_scaling(table, ax=None, rome_ms: float | None = None):
     """Time per WilKE edit vs the number of candidate layers, one line per search kind."""
-    import matplotlib.pyplot as plt
-
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 3.2))
     for search, part in table.groupby("search"):
@@ -432,25 +273,20 @@ def time_breakdown(model: nn.Module, tok, request: dict, model_name: str, *, cac
     pass (v0, reference log-probs), forward / backward / optimizer step of the delta optimisation
     (all steps), norms and scores (spectral / Frobenius norms, v*), other (the rest of the edit:
     ROME's rank-one update at the chosen layer and applying it)."""
-    import pandas as pd
-
-    from wilke_lib.wilke import wilke_editor
-    from wilke_lib.editing import WeightJournal
-
     variant = make_variants(model_name, ["wilke-batched"], candidate_layers=candidate_layers)[0]
     cache = cache if cache is not None else EditCache.for_model(model)
     prepare_statistics(model, tok, [variant], cache)
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     profile: dict[str, float] = {}
     for attempt in range(2 if warmup else 1):  # the first of two runs warms up
         profile.clear()
         journal = WeightJournal(ModelAdapter(model))
-        _sync(dev)
+        sync(dev)
         start = time.perf_counter()
         try:
             wilke_editor(model, tok, request, variant.hparams, journal=journal, layers=None, cache=cache,
                          profile=profile)
-            _sync(dev)
+            sync(dev)
             total = time.perf_counter() - start
         finally:
             journal.restore()
@@ -472,9 +308,7 @@ benchmarking on one CPU core of the organisms); `make bench` measures the full t
 
 def results_dir(device: str | torch.device, root: Path | None = None) -> Path:
     """`<repo>/benchmarks/results/<device type>/`."""
-    from wilke_lib.book import repo_root
-
-    return (root or repo_root() / "benchmarks" / "results") / torch.device(device).type
+    return (root or REPO_ROOT / "benchmarks" / "results") / torch.device(device).type
 
 
 def format_table(table) -> str:
@@ -487,10 +321,8 @@ def format_table(table) -> str:
 
 def load_saved(model_name: str, device: str | torch.device = "cpu", root: Path | None = None):
     """(main table, scaling table or None) saved by benchmarks/bench_editors.py, or None if absent."""
-    import pandas as pd
-
     folder = results_dir(device, root)
-    slug = Path(str(model_name)).name
+    slug = model_slug(model_name)
     main = folder / f"bench_{slug}.csv"
     if not main.is_file():
         return None

@@ -14,22 +14,22 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from wilke_lib.arch import ModelAdapter
-from wilke_lib.editing import EditCache, EditError, EditorOutput, WeightJournal
+from wilke_lib.arch import ModelAdapter, frozen, model_device
+from wilke_lib.editors.cache import EditCache
+from wilke_lib.editors.common import EditorOutput, WeightJournal, single_layer
+from wilke_lib.errors import EditError
 from wilke_lib.hparams import FTHParams
-from wilke_lib.rome import encode, frozen, model_device, prepare_request
+from wilke_lib.tokens import encode_prompt, prepare_request
 
 
 def ft_editor(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, hparams: FTHParams, *,
               journal: WeightJournal, layers: list[int] | None, cache: EditCache | None = None) -> EditorOutput:
-    """`editing.EDITORS["ft"]`: fine-tune W_proj of one layer in place (journal snapshots it first)."""
-    if layers is not None and len(layers) != 1:
-        raise ValueError(f"FT-L tunes one layer; got layers={layers}")
-    layer = layers[0] if layers is not None else hparams.layer
+    """The "ft" editor of the registry: fine-tune W_proj of one layer in place (journal snapshots it first)."""
+    layer = single_layer(layers, hparams.layer, "FT-L")
     prepared = prepare_request(tok, request)
     adapter = ModelAdapter(model)
     device = model_device(model)
-    prompt_ids = encode(tok, prepared.prompt)
+    prompt_ids = encode_prompt(tok, prepared.prompt)
     target = prepared.target_new_ids
     ids = torch.tensor([prompt_ids + target[:-1]], device=device)
     positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(target), device=device)
@@ -41,22 +41,24 @@ def ft_editor(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, hpa
     history: list[float] = []
     with frozen(model):
         weight.requires_grad_(True)
-        optimizer = torch.optim.Adam([weight], lr=hparams.lr)
-        for step in range(hparams.steps):
-            optimizer.zero_grad()
-            logits = model(input_ids=ids, use_cache=False).logits[0, positions].float()
-            loss = torch.nn.functional.cross_entropy(logits, target_t)
-            if not torch.isfinite(loss):
-                raise EditError(f"NaN/inf loss at step {step} of FT-L")
-            history.append(loss.item())
-            if loss.item() < hparams.early_stop_loss:
-                break
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                change = (weight - original).clamp_(-hparams.norm_constraint, hparams.norm_constraint)
-                weight.copy_(original + change)
-        weight.requires_grad_(False)
+        try:
+            optimizer = torch.optim.Adam([weight], lr=hparams.lr)
+            for step in range(hparams.steps):
+                optimizer.zero_grad()
+                logits = model(input_ids=ids, use_cache=False).logits[0, positions].float()
+                loss = torch.nn.functional.cross_entropy(logits, target_t)
+                if not torch.isfinite(loss):
+                    raise EditError(f"NaN/inf loss at step {step} of FT-L")
+                history.append(loss.item())
+                if loss.item() < hparams.early_stop_loss:
+                    break
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    change = (weight - original).clamp_(-hparams.norm_constraint, hparams.norm_constraint)
+                    weight.copy_(original + change)
+        finally:
+            weight.requires_grad_(False)
     if not torch.isfinite(weight).all():
         raise EditError("FT-L produced non-finite weights")
     info: dict[str, Any] = {"loss_history": history, "nll_init": history[0], "nll": history[-1],

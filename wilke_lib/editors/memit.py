@@ -23,18 +23,23 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from wilke_lib.arch import ModelAdapter
-from wilke_lib.editing import EditCache, EditError, EditorOutput, WeightJournal
+from wilke_lib.arch import ModelAdapter, frozen, hidden_of, hooks, model_device
+from wilke_lib.editors.batched_delta import optimize_deltas_batched
+from wilke_lib.editors.cache import EditCache
+from wilke_lib.editors.common import EditorOutput, WeightJournal
+from wilke_lib.editors.delta import compute_ks, optimize_delta
+from wilke_lib.errors import EditError
 from wilke_lib.hparams import MEMITHParams
-from wilke_lib.rome import (_hidden, compute_ks, encode, fact_token_index, frozen, model_device, optimize_delta,
-                            pad_id_of, prepare_request, right_pad)
+from wilke_lib.tokens import encode_prompt, fact_token_index, pad_id_of, prepare_request, right_pad
 
 
 def compute_z(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, layer: int, hparams: MEMITHParams,
               prefixes: Sequence[str]) -> tuple[torch.Tensor, dict[str, Any]]:
     """Target hidden state z = h^L + delta at the output of block `layer` (MEMIT Eq. 16), float32."""
-    adapter = ModelAdapter(model)
-    result = optimize_delta(model, tok, request, adapter.layer(layer), hparams, prefixes)
+    if hparams.delta_runner == "prefix-cache":
+        result = optimize_deltas_batched(model, tok, request, [layer], hparams, prefixes, site="block")[layer]
+    else:
+        result = optimize_delta(model, tok, request, ModelAdapter(model).layer(layer), hparams, prefixes)
     return result.v0 + result.delta, result.info
 
 
@@ -47,7 +52,7 @@ def hidden_at_fact_token(model: nn.Module, tok: PreTrainedTokenizerBase, request
     seqs, cols = [], []
     for request in requests:
         prepared = prepare_request(tok, request)
-        seqs.append(encode(tok, prepared.prompt))
+        seqs.append(encode_prompt(tok, prepared.prompt))
         cols.append(fact_token_index(tok, prepared.template, prepared.subject, "", fact_token))
     ids, mask = right_pad(seqs, pad_id_of(tok), device)
     rows_t = torch.arange(len(seqs), device=device)
@@ -55,14 +60,10 @@ def hidden_at_fact_token(model: nn.Module, tok: PreTrainedTokenizerBase, request
     captured: dict[str, torch.Tensor] = {}
 
     def hook(_module, _inputs, output):
-        captured["h"] = _hidden(output)[rows_t, cols_t].float()
+        captured["h"] = hidden_of(output)[rows_t, cols_t].float()
 
-    handle = adapter.layer(layer).register_forward_hook(hook)
-    try:
-        with frozen(model):
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-    finally:
-        handle.remove()
+    with frozen(model), hooks(forward=[(adapter.layer(layer), hook)]):
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
     return captured["h"].T
 
 
@@ -138,7 +139,7 @@ def apply_memit(model: nn.Module, tok: PreTrainedTokenizerBase, requests: Sequen
 
 def memit_editor(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, hparams: MEMITHParams, *,
                  journal: WeightJournal, layers: list[int] | None, cache: EditCache) -> EditorOutput:
-    """`editing.EDITORS["memit"]`."""
+    """The "memit" editor of the registry: MEMIT on one request."""
     used = list(layers) if layers is not None else list(hparams.layers)
     info = apply_memit(model, tok, [request], hparams, cache=cache, layers=used, journal=journal)
     return EditorOutput(layers=used, info=info)

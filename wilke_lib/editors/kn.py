@@ -19,10 +19,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from wilke_lib.arch import ModelAdapter
-from wilke_lib.editing import EditCache, EditError, EditorOutput, WeightJournal
+from wilke_lib.arch import ModelAdapter, frozen, hooks, model_device
+from wilke_lib.editors.cache import EditCache
+from wilke_lib.editors.common import EditorOutput, WeightJournal
+from wilke_lib.errors import EditError
 from wilke_lib.hparams import KNHParams
-from wilke_lib.rome import encode, frozen, model_device, prepare_request
+from wilke_lib.tokens import encode_prompt, prepare_request
 
 
 def neuron_attributions(model: nn.Module, tok: PreTrainedTokenizerBase, prompt: str, target_id: int,
@@ -31,7 +33,7 @@ def neuron_attributions(model: nn.Module, tok: PreTrainedTokenizerBase, prompt: 
     last token of `prompt`, for the probability of `target_id` there."""
     adapter = ModelAdapter(model)
     device = model_device(model)
-    ids = torch.tensor([encode(tok, prompt)], device=device)
+    ids = torch.tensor([encode_prompt(tok, prompt)], device=device)
     last = ids.shape[1] - 1
     activations: dict[int, torch.Tensor] = {}
 
@@ -42,13 +44,8 @@ def neuron_attributions(model: nn.Module, tok: PreTrainedTokenizerBase, prompt: 
 
     out: dict[int, torch.Tensor] = {}
     with frozen(model):
-        handles = [adapter.mlp_out(l).register_forward_pre_hook(capture(l)) for l in layers]
-        try:
-            with torch.no_grad():
-                model(input_ids=ids, use_cache=False)
-        finally:
-            for handle in handles:
-                handle.remove()
+        with torch.no_grad(), hooks(pre=[(adapter.mlp_out(l), capture(l)) for l in layers]):
+            model(input_ids=ids, use_cache=False)
         alphas = torch.arange(1, steps + 1, device=device, dtype=torch.float32) / steps
         batch = ids.expand(steps, -1)
         for l in layers:
@@ -61,11 +58,8 @@ def neuron_attributions(model: nn.Module, tok: PreTrainedTokenizerBase, prompt: 
                 cols = torch.full_like(rows, last)
                 return (hidden.index_put((rows, cols), scaled.to(hidden.dtype)),) + tuple(inputs[1:])
 
-            handle = adapter.mlp_out(l).register_forward_pre_hook(replace)
-            try:
+            with hooks(pre=[(adapter.mlp_out(l), replace)]):
                 logits = model(input_ids=batch, use_cache=False).logits[:, last].float()
-            finally:
-                handle.remove()
             prob = torch.softmax(logits, dim=-1)[:, target_id]
             (grads,) = torch.autograd.grad(prob.sum(), scaled)
             out[l] = (base.float() * grads.mean(dim=0)).detach()
@@ -74,7 +68,7 @@ def neuron_attributions(model: nn.Module, tok: PreTrainedTokenizerBase, prompt: 
 
 def kn_editor(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, hparams: KNHParams, *,
               journal: WeightJournal, layers: list[int] | None, cache: EditCache | None = None) -> EditorOutput:
-    """`editing.EDITORS["kn"]`: find knowledge neurons of target_true and rewrite their value vectors."""
+    """The "kn" editor of the registry: find knowledge neurons of target_true and rewrite their value vectors."""
     prepared = prepare_request(tok, request)
     if prepared.target_true_ids is None:
         raise EditError("KN needs target_true (its neurons are attributed to the true object)")

@@ -1,0 +1,111 @@
+"""Pilots for the second-generation organisms: train a small organism on a scaled-down world and
+measure where it keeps its facts (docs/organisms.md records what they showed).
+
+    .venv/bin/python scripts/organism_pilots.py NAME [--out /tmp/pilots]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from wilke_lib.counterfact import known_records
+from wilke_lib.models import load_model
+from wilke_lib.organisms import report, world
+from wilke_lib.organisms.records import counterfact_records
+from wilke_lib.organisms.train import OrganismConfig, train
+
+# the first rounds' world: descriptor lists, 2-3 part names (world.DEFAULT_SPEC is round 3's "lines-long")
+ROUND1 = replace(world.DEFAULT_SPEC, three_part_share=0.25, four_part_share=0.0, descriptor_lines=False,
+                 doc_mix=(("bio", 0.30), ("descriptor", 0.20), ("sentence", 0.35), ("qa", 0.15)))
+BASE = OrganismConfig(name="pilot", arch="gpt2", n_layer=12, d_model=96, d_mlp=384, vocab_size=2048,
+                      world=ROUND1.scaled(0.35), epochs=40, batch_size=32, lr=2e-3, warmup_steps=300)
+NO_DESCRIPTORS = (("bio", 0.35), ("sentence", 0.45), ("qa", 0.20))
+FAST = replace(BASE, world=replace(ROUND1.scaled(0.25), background_share=0.15), lr=3e-3,
+               warmup_steps=200, batch_size=16, epochs=60)
+LINES = replace(FAST, world=replace(ROUND1.scaled(0.2), background_share=0.15, descriptor_lines=True,
+                                   doc_mix=(("bio", 0.15), ("descriptor", 0.5), ("sentence", 0.25), ("qa", 0.10))),
+                epochs=90)
+PILOTS = {
+    "descriptors": BASE,  # round 1: 40 epochs at lr 2e-3 learnt 22% of the facts
+    "no-descriptors": replace(BASE, world=replace(BASE.world, doc_mix=NO_DESCRIPTORS)),
+    "desc-fast": FAST,  # round 2: denser facts, higher learning rate, smaller batches, more epochs
+    "nodesc-fast": replace(FAST, world=replace(FAST.world, doc_mix=NO_DESCRIPTORS)),
+    "lines": LINES,  # round 3: an object right after the name in half of the documents
+    "lines-long": replace(LINES, world=replace(LINES.world, three_part_share=0.35, four_part_share=0.25,
+                                               background_share=0.3)),
+    # round 4: prompts (sentences, Q&A) for half of the subjects only, the others' facts to be extracted
+    "extract": replace(LINES, world=replace(LINES.world, prompted_share=0.5)),
+    "extract-desc": replace(LINES, world=replace(LINES.world, prompted_share=0.5, unprompted_kinds=("descriptor",))),
+    # round 5: the planned width (d_model 128, d_mlp 512), with 4 or 8 heads
+    "wide-bio": replace(LINES, d_model=128, d_mlp=512, world=replace(LINES.world, prompted_share=0.5,
+                        descriptor_lines=False, doc_mix=(("bio", 0.5), ("sentence", 0.35), ("qa", 0.15)))),
+    "wide-lines": replace(LINES, d_model=128, d_mlp=512, n_head=8, world=replace(LINES.world, prompted_share=0.5)),
+    # round 6: a curriculum: the first half of the epochs states every fact right after the name only
+    "curriculum": replace(LINES, world=replace(LINES.world, prompted_share=0.5, unprompted_kinds=("descriptor",),
+                                               prompts_from_epoch=45)),
+    "extract-bio": replace(LINES, world=replace(LINES.world, prompted_share=0.5, descriptor_lines=False,
+                                                doc_mix=(("bio", 0.5), ("sentence", 0.35), ("qa", 0.15)))),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("name", choices=sorted(PILOTS))
+    parser.add_argument("--out", type=Path, default=Path("/tmp/pilots"))
+    parser.add_argument("--n-traced", type=int, default=50)
+    parser.add_argument("--skip-train", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cfg = replace(PILOTS[args.name], name=args.name)
+    out = args.out / args.name
+    if not args.skip_train:
+        summary = train(cfg, out, device="cpu")
+        print(f"trained in {summary['train_seconds']:.0f} s on {summary['train_tokens']} tokens, "
+              f"known {summary['known_fact_rate']['all']:.1%}")
+    model, tok = load_model(out, device="cpu")
+    w = world.build_world(cfg.world)
+    records = counterfact_records(cfg.world)
+    known = known_records(model, tok, records)
+    by_kind = {}
+    for rec in records:
+        by_kind.setdefault(report.subject_kind(rec, w), [0, 0])[0] += 1
+    for rec in known:
+        by_kind[report.subject_kind(rec, w)][1] += 1
+    print("known by kind:", {k: f"{v[1]}/{v[0]}" for k, v in by_kind.items()})
+    for flag in (True, False):
+        n_all = sum(r.get("prompted", True) == flag for r in records)
+        n_known = sum(r.get("prompted", True) == flag for r in known)
+        print(f"known, {'prompted' if flag else 'held-out'} subjects: {n_known}/{n_all}")
+    sample = report.stratified(known, args.n_traced, lambda r: report.subject_kind(r, w))
+    t0 = time.time()
+    rows = report.trace_records(model, tok, sample)
+    for row, rec in zip(rows, sample):
+        row["kind"] = report.subject_kind(rec, w)
+    summ = report.summary(rows, model.config.n_layer)
+    print(f"traced {len(rows)} in {time.time() - t0:.0f} s")
+    for key, value in summ.items():
+        print(f"  {key}: {value if not isinstance(value, list) else [round(x, 3) for x in value]}")
+    for row, rec in zip(rows, sample):
+        row["prompted"] = rec.get("prompted", True)
+    for flag in (True, False):
+        sub = [r for r in rows if r["prompted"] == flag]
+        if sub:
+            s_ = report.summary(sub, model.config.n_layer)
+            print(f"  {'prompted' if flag else 'held-out'}: n={len(sub)} recovery median "
+                  f"{s_['subject_state_recovery_median']:.2f}, peaks {s_['causal_peak_histogram']}")
+    for kind in sorted({r['kind'] for r in rows}):
+        sub = [r for r in rows if r["kind"] == kind]
+        s = report.summary(sub, model.config.n_layer)
+        print(f"  {kind:>13}: n={len(sub)} recovery median {s['subject_state_recovery_median']:.2f}, "
+              f"peaks {s['causal_peak_histogram']}")
+    (out / "pilot.json").write_text(json.dumps({"summary": summ, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Benchmarks of the editors: measurement helpers (`measure`) and the editor tables (`editors`)."""

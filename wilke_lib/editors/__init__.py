@@ -1,0 +1,22 @@
+"""The editors, one module each, and the registry `editing.edit` reads.
+
+An editor is a function `(model, tok, request, hparams, *, journal, layers, cache) -> EditorOutput`
+that changes W_proj weights only through the `WeightJournal` (`editors.common`). To add one: write
+`editors/<name>.py`, its hyper-parameter dataclass in `wilke_lib.hparams`, its YAML files in
+`wilke_lib/hparams/<name>/`, and register it here.
+"""
+
+from collections.abc import Callable
+
+from wilke_lib.editors.common import EditorOutput
+from wilke_lib.editors.ft import ft_editor
+from wilke_lib.editors.kn import kn_editor
+from wilke_lib.editors.memit import memit_editor
+from wilke_lib.editors.rome import rome_editor
+from wilke_lib.editors.wilke import wilke_editor
+
+EditorFn = Callable[..., EditorOutput]
+
+EDITORS: dict[str, EditorFn] = {"rome": rome_editor, "memit": memit_editor, "wilke": wilke_editor,
+                                "ft": ft_editor, "kn": kn_editor}
+"""name -> implementation(model, tok, request, hparams, *, journal, layers, cache) -> EditorOutput."""

@@ -1,0 +1,334 @@
+"""The prefix key-value cache and the block runner: running only what a delta at the fact token changes.
+
+A delta added at the fact token (the subject's last token) changes no position before it (causality),
+so the keys / values of those positions are computed once per edit (one no-grad pass of the prompts
+cut before their fact token, the model's own KV cache) and every optimisation step runs only the
+tokens from the fact token on (about a third of the tokens of a CounterFact prompt; one token for the
+essence prompt, whose KL term reads only the fact token).
+
+`BlockRunner` goes further when deltas at several layers are optimised together (WilKE's batched
+search): the unpatched suffix states entering every block are recorded once, and copy i joins the
+batch at block l_i, its own layer, so that block j runs only the copies with l_i <= j and the
+backward of copy i stops at l_i. The blocks are called with the arguments the model itself passes
+them (recorded by a pre-hook during the unpatched pass and tiled over the copies), the cached keys /
+values through a minimal cache object; `BlockRunner.check` compares it with the model's own forward.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from wilke_lib.arch import ModelAdapter, hidden_of, hooks
+from wilke_lib.editors.delta import essence_row, rewrite_rows
+from wilke_lib.errors import EditError
+from wilke_lib.tokens import pad_id_of, prepare_request
+
+
+# ---- the prompts, split at the fact token ------------------------------------------------------------
+
+class BatchedPrompts:
+    """The N rows of `delta.optimize_delta` (n_rewrite rewriting prompts c_j + p + target[:-1], then the
+    essence prompt p' up to its fact token), each split into a prefix (the tokens before the fact
+    token) and a suffix (the fact token and everything after it).
+
+    prefix_ids: (N, P) right-padded, P = the longest prefix (0: no prefix, e.g. mode "full");
+    prefix_mask: (N, P), 1 on real prefix tokens; suffix_ids / suffix_mask / suffix_pos: (N, S)
+    right-padded suffixes and their absolute positions; loss_cols: (n_rewrite, n_tgt) suffix indices
+    whose logits predict the target tokens. The fact token is suffix index 0 of every row.
+    """
+
+    def __init__(self, seqs: list[list[int]], fact_cols: list[int], loss_positions: list[list[int]],
+                 target: list[int], pad_id: int, device: torch.device, split: bool = True) -> None:
+        n_rows = len(seqs)
+        self.n_rows, self.n_rewrite, self.n_tgt = n_rows, n_rows - 1, len(target)
+        cut = list(fact_cols) if split else [0] * n_rows
+        self.fact_in_suffix = [c - f for c, f in zip(fact_cols, cut)]
+        P = max(cut)
+        S = max(len(seq) - f for seq, f in zip(seqs, cut))
+        self.P, self.S = P, S
+        prefix_ids = torch.full((n_rows, P), pad_id, dtype=torch.long)
+        prefix_mask = torch.zeros((n_rows, P), dtype=torch.long)
+        suffix_ids = torch.full((n_rows, S), pad_id, dtype=torch.long)
+        suffix_mask = torch.zeros((n_rows, S), dtype=torch.long)
+        suffix_pos = torch.zeros((n_rows, S), dtype=torch.long)
+        for r, (seq, f) in enumerate(zip(seqs, cut)):
+            prefix_ids[r, :f] = torch.tensor(seq[:f], dtype=torch.long)
+            prefix_mask[r, :f] = 1
+            n = len(seq) - f
+            suffix_ids[r, :n] = torch.tensor(seq[f:], dtype=torch.long)
+            suffix_mask[r, :n] = 1
+            suffix_pos[r, :n] = torch.arange(f, len(seq))  # pads keep position 0 (never read)
+        self.prefix_ids, self.prefix_mask = prefix_ids.to(device), prefix_mask.to(device)
+        self.suffix_ids, self.suffix_mask = suffix_ids.to(device), suffix_mask.to(device)
+        self.suffix_pos = suffix_pos.to(device)
+        self.loss_cols = torch.tensor([[p - f for p in pos] for pos, f in zip(loss_positions, cut)],
+                                      dtype=torch.long, device=device).view(self.n_rewrite, self.n_tgt)
+        self.fact_cols_t = torch.tensor(self.fact_in_suffix, dtype=torch.long, device=device)
+        self.target = torch.tensor(target, dtype=torch.long, device=device)
+
+    @property
+    def full_mask(self) -> torch.Tensor:
+        """(N, P + S) attention mask over the cached prefix and the suffix (pads of both masked)."""
+        return torch.cat([self.prefix_mask, self.suffix_mask], dim=1)
+
+
+
+def build_prompts(tok: PreTrainedTokenizerBase, request: dict, hparams: Any, prefixes: Sequence[str],
+                  device: torch.device, split: bool = True) -> BatchedPrompts:
+    """The rows of `delta.optimize_delta` (same prompts, fact tokens and target positions), split."""
+    prepared = prepare_request(tok, request)
+    target = prepared.target_new_ids
+    seqs, cols, positions = rewrite_rows(tok, prepared, hparams, prefixes)
+    essence_ids, essence_col = essence_row(tok, prepared, hparams)
+    seqs.append(essence_ids[:essence_col + 1])  # the KL term reads the fact token's logits only
+    cols.append(essence_col)
+    for seq, col, pos in zip(seqs, cols, positions + [[]]):
+        if not 0 <= col < len(seq) or any(p < col for p in pos):
+            raise EditError(f"fact token {col} outside its prompt of {len(seq)} tokens or after a target position")
+    return BatchedPrompts(seqs, cols, positions, target, pad_id_of(tok), device, split=split)
+
+
+# ---- the model's KV cache of the prefixes ----------------------------------------------------------
+
+def _tensor_memo(obj: Any, memo: dict[int, Any], depth: int = 0) -> None:
+    """Map every tensor reachable from `obj` (a few levels deep) to itself, for copy.deepcopy."""
+    if isinstance(obj, torch.Tensor):
+        memo[id(obj)] = obj
+    elif depth > 6:
+        return
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            _tensor_memo(item, memo, depth + 1)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _tensor_memo(item, memo, depth + 1)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (nn.Module, type)):
+        for item in vars(obj).values():
+            _tensor_memo(item, memo, depth + 1)
+
+
+def share_copy(cache: Any) -> Any:
+    """A copy of a KV-cache object that shares its tensors.
+
+    A forward with `past_key_values=cache` appends to the cache object (HF's DynamicCache does
+    `self.keys = torch.cat([self.keys, new])`, leaving the old tensors untouched): a fresh structure
+    per forward keeps the prefix cache reusable without copying its tensors.
+    """
+    memo: dict[int, Any] = {}
+    _tensor_memo(cache, memo)
+    return copy.deepcopy(cache, memo)
+
+
+def prefix_cache(model: nn.Module, prompts: BatchedPrompts) -> Any:
+    """The model's KV cache of the N prefixes (None when there is no prefix).
+
+    The prefix pass attends to its own pads too (an all-ones attention mask): real tokens never see
+    later pads (causality), and a row whose prefix is all pads then has no fully-masked query (which
+    would give NaN keys / values). The pads' keys / values are masked out in the suffix pass.
+    """
+    if prompts.P == 0:
+        return None
+    with torch.no_grad():
+        cache = model.base_model(input_ids=prompts.prefix_ids, attention_mask=torch.ones_like(prompts.prefix_ids),
+                                 use_cache=True).past_key_values
+    if cache is None:
+        raise RuntimeError("the model returned no KV cache (use_cache=True)")
+    return cache
+
+
+def repeat_cache(model: nn.Module, prompts: BatchedPrompts, cache: Any, repeats: int) -> Any:
+    """The prefix cache with each row repeated `repeats` times (row r * repeats + i)."""
+    if cache is None or repeats == 1:
+        return cache
+    if hasattr(cache, "batch_repeat_interleave"):
+        repeated = share_copy(cache)
+        repeated.batch_repeat_interleave(repeats)
+        return repeated
+    if isinstance(cache, tuple):  # legacy format of older transformers: ((k, v), ...) per layer
+        return tuple(tuple(t.repeat_interleave(repeats, dim=0) for t in layer) for layer in cache)
+    ids = prompts.prefix_ids.repeat_interleave(repeats, dim=0)
+    with torch.no_grad():  # unknown cache type: recompute it on the repeated prefixes
+        return model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
+
+
+def layer_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) of one layer of a KV cache (transformers 5.x layers, 4.x key_cache, or tuples)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None and hasattr(layers[layer], "keys"):
+        return layers[layer].keys, layers[layer].values
+    if hasattr(cache, "key_cache"):
+        return cache.key_cache[layer], cache.value_cache[layer]
+    entry = cache[layer]
+    return entry[0], entry[1]
+
+
+def model_suffix_pass(model: nn.Module, prompts: BatchedPrompts, cache: Any, repeats: int) -> torch.Tensor:
+    """The model's own forward of the suffixes (rows r * repeats + i): final hidden states after the final norm."""
+    ids = prompts.suffix_ids.repeat_interleave(repeats, dim=0)
+    pos = prompts.suffix_pos.repeat_interleave(repeats, dim=0)
+    if cache is None:
+        mask = prompts.suffix_mask.repeat_interleave(repeats, dim=0)
+        out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+    else:
+        mask = prompts.full_mask.repeat_interleave(repeats, dim=0)
+        out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                               past_key_values=share_copy(cache), use_cache=True)
+    return out.last_hidden_state
+
+
+# ---- the block runner of mode "staircase" ----------------------------------------------------------
+
+class FixedPrefixKV:
+    """The minimal cache a block's attention needs: `update(k, v, layer_idx)` returns the fixed prefix
+    keys / values followed by the new ones (and stores nothing)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        return (torch.cat([self.keys.to(key_states.dtype), key_states], dim=-2),
+                torch.cat([self.values.to(value_states.dtype), value_states], dim=-2))
+
+    def get_seq_length(self, *args: Any, **kwargs: Any) -> int:
+        return int(self.keys.shape[-2])
+
+
+def _is_cache(obj: Any) -> bool:
+    return (not isinstance(obj, (torch.Tensor, dict, list, tuple)) and hasattr(obj, "update")
+            and hasattr(obj, "get_seq_length"))
+
+
+class Unsupported(Exception):
+    """The recorded block arguments cannot be tiled over copies."""
+
+
+def _template(a: Any, b: Any, n: int) -> Any:
+    """Describe an argument recorded with batch n (a) and 2n (b): ("batch", t) for per-row tensors
+    (tiled over copies later), ("cache",) for the KV cache, ("static", x) for the rest."""
+    if isinstance(a, torch.Tensor):
+        if not isinstance(b, torch.Tensor):
+            raise Unsupported("argument changed type")
+        if a.shape == b.shape:
+            if not torch.equal(a, b):
+                raise Unsupported("a static argument depends on the batch")
+            return ("static", a)
+        if a.dim() >= 1 and a.shape[0] == n and b.shape[0] == 2 * n and a.shape[1:] == b.shape[1:]:
+            if not torch.equal(a.repeat_interleave(2, dim=0), b):
+                raise Unsupported("a batch argument is not per row")
+            return ("batch", a)
+        raise Unsupported(f"argument of shape {tuple(a.shape)} vs {tuple(b.shape)}")
+    if _is_cache(a):
+        return ("cache",)
+    if isinstance(a, (list, tuple)):
+        if not isinstance(b, (list, tuple)) or len(a) != len(b):
+            raise Unsupported("argument structure changed")
+        return ("seq", type(a), [_template(x, y, n) for x, y in zip(a, b)])
+    if isinstance(a, dict):
+        if not isinstance(b, dict) or set(a) != set(b):
+            raise Unsupported("argument structure changed")
+        return ("dict", {k: _template(a[k], b[k], n) for k in a})
+    if a is not b and a != b:
+        raise Unsupported("a non-tensor argument depends on the batch")
+    return ("static", a)
+
+
+def _materialise(template: Any, copies: int, cache: Any) -> Any:
+    kind = template[0]
+    if kind == "batch":
+        t = template[1]
+        return t.repeat(copies, *([1] * (t.dim() - 1)))  # copy-major: rows p * n + r
+    if kind == "cache":
+        return cache
+    if kind == "seq":
+        items = [_materialise(x, copies, cache) for x in template[2]]
+        return template[1](items) if template[1] in (list, tuple) else tuple(items)
+    if kind == "dict":
+        return {k: _materialise(v, copies, cache) for k, v in template[1].items()}
+    return template[1]
+
+
+class BlockRunner:
+    """Runs the blocks of the model on the suffix tokens, copy p (rows p * N + r) joining at its layer.
+
+    Built from two recorded unpatched passes (N and 2N rows): the inputs of every block (the states a
+    copy joins with) and the arguments the model passes every block.
+    """
+
+    def __init__(self, model: nn.Module, prompts: BatchedPrompts, cache: Any) -> None:
+        self.adapter = ModelAdapter(model)
+        self.N = prompts.n_rows
+        n_layers = self.adapter.n_layers
+        rec1, hidden1 = self._record(model, prompts, cache, 1)
+        rec2, _ = self._record(model, prompts, repeat_cache(model, prompts, cache, 2), 2)
+        self.inputs = {j: rec1[j][0] for j in range(n_layers)}  # (N, S, d): the unpatched input of block j
+        self.templates = {}
+        for j in range(n_layers):
+            (_, args1, kwargs1), (_, args2, kwargs2) = rec1[j], rec2[j]
+            self.templates[j] = (_template(tuple(args1), tuple(args2), self.N), _template(kwargs1, kwargs2, self.N))
+        self.kv = {j: layer_kv(cache, j) for j in range(n_layers)} if cache is not None else {}
+        self._args: dict[tuple[int, int], tuple] = {}
+        self.reference = hidden1  # the model's own final hidden states of the N rows
+
+    def _record(self, model: nn.Module, prompts: BatchedPrompts, cache: Any, repeats: int):
+        recorded: dict[int, tuple] = {}
+
+        def pre(j: int):
+            def hook(_module, args, kwargs):
+                if args:
+                    recorded[j] = (args[0].detach(), args[1:], dict(kwargs))
+                else:
+                    kwargs = dict(kwargs)
+                    recorded[j] = (kwargs.pop("hidden_states").detach(), (), kwargs)
+            return hook
+
+        with torch.no_grad(), hooks(pre_with_kwargs=[(self.adapter.layer(j), pre(j)) for j in range(self.adapter.n_layers)]):
+            hidden = model_suffix_pass(model, prompts, cache, repeats)
+        if len(recorded) != self.adapter.n_layers:
+            raise Unsupported("not every block was called with recordable arguments")
+        return recorded, hidden
+
+    def _block_args(self, j: int, copies: int) -> tuple[tuple, dict]:
+        key = (j, copies)
+        if key not in self._args:
+            fixed = None
+            if j in self.kv:
+                keys, values = self.kv[j]
+                fixed = FixedPrefixKV(keys.repeat(copies, *([1] * (keys.dim() - 1))),
+                                       values.repeat(copies, *([1] * (values.dim() - 1))))
+            args_t, kwargs_t = self.templates[j]
+            self._args[key] = (_materialise(args_t, copies, fixed), _materialise(kwargs_t, copies, fixed))
+        return self._args[key]
+
+    def run(self, joining: dict[int, int]) -> torch.Tensor:
+        """Final hidden states (after the final norm), copy-major; joining[layer] = number of copies
+        joining the batch at that block (copies ordered by layer)."""
+        hidden = None
+        copies = 0
+        for j in range(min(joining), self.adapter.n_layers):
+            if joining.get(j):
+                new = self.inputs[j].repeat(joining[j], 1, 1)
+                hidden = new if hidden is None else torch.cat([hidden, new], dim=0)
+                copies += joining[j]
+            if hidden is None:
+                continue
+            args, kwargs = self._block_args(j, copies)
+            hidden = hidden_of(self.adapter.layer(j)(hidden, *args, **kwargs))
+        return self.adapter.final_norm(hidden)
+
+    def check(self, prompts: BatchedPrompts) -> None:
+        """The runner reproduces the model's own forward (one copy joining at block 0); Unsupported otherwise."""
+        with torch.no_grad():
+            out = self.run({0: 1})
+        mask = prompts.suffix_mask.bool()
+        ref = self.reference[mask].float()
+        err = (out[mask].float() - ref).abs().max().item()
+        if not err <= 1e-3 * max(1.0, ref.abs().max().item()):
+            raise Unsupported(f"block runner differs from the model's forward by {err:.3g}")
+
+

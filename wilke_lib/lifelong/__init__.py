@@ -1,0 +1,18 @@
+"""Lifelong editing (Hu et al. 2024, Appendix F): configuration, on-disk store, runner.
+
+* `config`: `LifelongConfig`, `CheckpointPolicy`, a run's identity and directory;
+* `store`: the files of a run, its lock, resume and read-back;
+* `toxicity`: the toxicity monitor the runner calls at every step (Eq. 7);
+* `runner`: `run_lifelong`, `run_many`, the records split and the evaluation (Eq. 12-16).
+"""
+
+from wilke_lib.lifelong.config import (CheckpointPolicy, LifelongConfig, checkpoint_steps, records_fingerprint,
+                                       resolve_hparams, run_dir, run_identity)
+from wilke_lib.lifelong.runner import (Backend, default_backend, evaluate_edit, lifelong_dir, predefined_layers,
+                                       prepare_edit_cache, run_lifelong, run_many, split_records)
+from wilke_lib.lifelong.store import RunLockedError, RunResult, load_run, toxicity_snapshots
+
+__all__ = ["Backend", "CheckpointPolicy", "LifelongConfig", "RunLockedError", "RunResult", "checkpoint_steps",
+           "default_backend", "evaluate_edit", "lifelong_dir", "load_run", "predefined_layers", "prepare_edit_cache",
+           "records_fingerprint", "resolve_hparams", "run_dir", "run_identity", "run_lifelong", "run_many",
+           "split_records", "toxicity_snapshots"]

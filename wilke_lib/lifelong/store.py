@@ -1,0 +1,232 @@
+"""A lifelong run on disk: one directory per run, one writer at a time, resumable after a kill.
+
+Under `config.run_dir(...)`:
+
+* `config.json`       the configuration, its identity and its hash key (written at the start);
+* `steps.jsonl`       one JSON object per step (`runner.step_row`); gzip-compressed to
+  `steps.jsonl.gz` when the run finishes, so that finished runs are small enough to commit;
+* `checkpoints.jsonl` one JSON object per checkpoint (`runner.checkpoint_row`);
+* `state.safetensors` the current values of every parameter touched so far, with the step in the
+  metadata, replaced atomically after every `save_every` steps: resuming loads the original model,
+  overwrites those parameters and continues, bit-identical to an uninterrupted run;
+* `toxicity.safetensors` the block-averaged toxicity matrices W - W_0 of the recorded layers at
+  powers of two (Fig. 3b-6b), "step<s>/layer<l>";
+* `result.json`       the final metrics; a run with this file is read back, never recomputed. It is
+  written only when the run produced numbers: a run in which every edit failed, or whose metrics are
+  not finite, is left unfinished with the reason, never stored as a result.
+* `.lock`             held (fcntl advisory lock) by the process writing the run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gzip
+import json
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from wilke_lib.lifelong.config import FORMAT_VERSION, LifelongConfig, config_from_dict, config_to_dict
+from wilke_lib.results import CorruptFileError, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
+
+log = logging.getLogger(__name__)
+
+STEPS_FILE = "steps.jsonl"
+STEPS_ARCHIVE = "steps.jsonl.gz"
+CHECKPOINTS_FILE = "checkpoints.jsonl"
+CONFIG_FILE = "config.json"
+RESULT_FILE = "result.json"
+STATE_FILE = "state.safetensors"
+TOXICITY_FILE = "toxicity.safetensors"
+LOCK_FILE = ".lock"
+
+
+class RunLockedError(RuntimeError):
+    """Another process is writing the same run."""
+
+
+@dataclass
+class RunResult:
+    """A finished (or loaded) run: per-step and per-checkpoint tables and the final metrics
+    (fractions: ES, PS, NS, ERS, ORS, S at the last checkpoint; empty if unfinished); `source` says
+    whether this process "computed" it or "read back" a finished run."""
+
+    config: LifelongConfig
+    steps: pd.DataFrame
+    checkpoints: pd.DataFrame
+    final: dict[str, float]
+    run_dir: Path
+    source: str = "read back"
+
+
+@contextmanager
+def writer_lock(rdir: Path) -> Iterator[None]:
+    """Hold the run's lock while writing it; RunLockedError naming the run if another process has it."""
+    rdir.mkdir(parents=True, exist_ok=True)
+    with (rdir / LOCK_FILE).open("a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunLockedError(f"{rdir} is being written by another process; wait for it to finish "
+                                 "(its results are then read back) or stop it") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def finished(rdir: Path, key: str) -> bool:
+    path = rdir / RESULT_FILE
+    if not path.exists():
+        return False
+    try:
+        return read_json(path).get("key") == key
+    except CorruptFileError as err:
+        log.warning("%s; the run will be recomputed", err)
+        return False
+
+
+def start_dir(rdir: Path, config: LifelongConfig, hparams: Any, identity: dict, key: str) -> None:
+    """Write config.json (kept if it is already this run's; a run dir of another identity is reset)."""
+    path = rdir / CONFIG_FILE
+    if path.exists():
+        try:
+            if read_json(path).get("key") == key:
+                return
+        except CorruptFileError as err:
+            log.warning("%s; starting the run again", err)
+    for stale in (STEPS_FILE, STEPS_ARCHIVE, CHECKPOINTS_FILE, STATE_FILE, TOXICITY_FILE, RESULT_FILE):
+        (rdir / stale).unlink(missing_ok=True)
+    write_json_atomic(path, {"key": key, "identity": identity, "config": config_to_dict(config, hparams),
+                             "format_version": FORMAT_VERSION})
+
+
+def save_state(path: Path, params: dict[str, nn.Parameter], touched: set[str], step: int, key: str) -> None:
+    """Current values of the touched parameters + step, written atomically."""
+    tensors = {n: params[n].detach().to("cpu", copy=True).contiguous() for n in sorted(touched)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"step": str(step), "key": key})
+    os.replace(tmp, path)
+
+
+def read_state(path: Path, params: dict[str, nn.Parameter], key: str) -> tuple[int, dict[str, torch.Tensor]]:
+    """(step, tensors) of a killed run's state file, checked against the run and the model.
+
+    A state file of another run, or one that does not read or does not fit the model, is set aside
+    (renamed `*.bad`) and (0, {}) returned: the run starts again from the original model."""
+    if not path.exists():
+        return 0, {}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("key") != key:
+                raise ValueError(f"belongs to another run (key {meta.get('key')!r})")
+            state = {name: fh.get_tensor(name) for name in fh.keys()}
+        step = int(meta["step"])
+        for name, tensor in state.items():
+            if name not in params or params[name].shape != tensor.shape or not torch.isfinite(tensor).all():
+                raise ValueError(f"parameter {name!r} is unknown, of another shape or not finite")
+    except (SafetensorError, OSError, ValueError, KeyError) as err:
+        discard(path, f"unusable ({err})")
+        return 0, {}
+    return step, state
+
+
+def discard(path: Path, why: str) -> None:
+    """Set a run file aside as `<name>.bad` (kept for inspection), saying why."""
+    if path.exists():
+        bad = path.with_name(path.name + ".bad")
+        os.replace(path, bad)
+        log.warning("%s is %s: moved to %s, the run starts again from step 0", path, why, bad.name)
+
+
+def apply_state(params: dict[str, nn.Parameter], state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor.to(device=params[name].device, dtype=params[name].dtype))
+
+
+def truncate_rows(path: Path, last_step: int) -> list[dict[str, Any]]:
+    """Keep the rows with step <= last_step, one per step (rewritten atomically); return them."""
+    rows: dict[int, dict[str, Any]] = {}
+    for row in read_jsonl(path):
+        step = row.get("step", 0)
+        if isinstance(step, int) and step <= last_step:
+            rows[step] = row  # a step written twice keeps its last row
+    kept = [rows[s] for s in sorted(rows)]
+    write_jsonl_atomic(path, kept)
+    return kept
+
+
+def save_toxicity(path: Path, snapshots: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in snapshots.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_toxicity(path: Path, last_step: int | None = None) -> dict[str, torch.Tensor]:
+    """The saved toxicity snapshots ("step<s>/layer<l>"), those after `last_step` dropped."""
+    if not path.exists():
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            out = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError) as err:
+        log.warning("%s is unreadable (%s): its snapshots are recomputed where the run still passes them", path, err)
+        return {}
+    return {k: v for k, v in out.items() if last_step is None or int(k.split("/")[0][4:]) <= last_step}
+
+
+def toxicity_snapshots(run: RunResult) -> dict[int, dict[int, torch.Tensor]]:
+    """{step: {layer: block-averaged W - W_0}} of a run."""
+    out: dict[int, dict[int, torch.Tensor]] = {}
+    for name, value in load_toxicity(run.run_dir / TOXICITY_FILE).items():
+        step, layer = name.split("/")
+        out.setdefault(int(step[4:]), {})[int(layer[5:])] = value
+    return dict(sorted(out.items()))
+
+
+def archive_steps(rdir: Path) -> None:
+    """Compress a finished run's steps.jsonl into steps.jsonl.gz (deterministic bytes: no file name or
+    time in the gzip header) and remove the plain file."""
+    plain_path = rdir / STEPS_FILE
+    if not plain_path.exists():
+        return
+    tmp = rdir / (STEPS_ARCHIVE + ".tmp")
+    with tmp.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", filename="", mtime=0) as gz:
+        gz.write(plain_path.read_bytes())
+    os.replace(tmp, rdir / STEPS_ARCHIVE)
+    plain_path.unlink()
+
+
+def read_steps(rdir: Path) -> list[dict[str, Any]]:
+    """The step rows of a run: steps.jsonl while it runs, steps.jsonl.gz once it is finished."""
+    archive = rdir / STEPS_ARCHIVE
+    if archive.exists() and not (rdir / STEPS_FILE).exists():
+        try:
+            text = gzip.decompress(archive.read_bytes()).decode("utf-8")
+        except (OSError, EOFError, UnicodeDecodeError) as err:
+            raise CorruptFileError(f"{archive} is not readable ({err}); delete {rdir} to recompute the run") from err
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return read_jsonl(rdir / STEPS_FILE)
+
+
+def load_run(path: str | Path, source: str = "read back") -> RunResult:
+    """Read a run directory (finished or not; `final` is empty for an unfinished run)."""
+    rdir = Path(path)
+    rebuild = f"delete {rdir} to recompute the run"
+    cfg = read_json(rdir / CONFIG_FILE, rebuild)
+    result_path = rdir / RESULT_FILE
+    final = read_json(result_path, rebuild)["final"] if result_path.exists() else {}
+    return RunResult(config=config_from_dict(cfg["config"]), steps=pd.DataFrame(read_steps(rdir)),
+                     checkpoints=pd.DataFrame(read_jsonl(rdir / CHECKPOINTS_FILE)), final=final, run_dir=rdir,
+                     source=source)

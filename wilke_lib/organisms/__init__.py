@@ -1,0 +1,12 @@
+"""Model organisms: small GPT-2 and GPT-J architecture models trained on a synthetic world.
+
+* `world`: the synthetic world in CounterFact format (facts, training documents, records);
+* `train`: tokenizer and model training (`python -m wilke_lib.organisms --all` = `make organisms`);
+* `report`: where an organism keeps its facts (`make organism-report`).
+"""
+
+from wilke_lib.organisms.train import (ORGANISM_DIR, ORGANISMS, OrganismConfig, build_model, known_fact_rates,
+                                       pack_rows, train, train_tokenizer, training_summary)
+
+__all__ = ["ORGANISM_DIR", "ORGANISMS", "OrganismConfig", "build_model", "known_fact_rates", "pack_rows", "train",
+           "train_tokenizer", "training_summary"]

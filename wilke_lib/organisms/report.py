@@ -1,0 +1,173 @@
+"""Where an organism keeps its facts: the measurements of `make organism-report`.
+
+For known records spread over the subject kinds (and the famous subjects), causal tracing at the
+subject's last token (Meng et al. 2022a, Sec. 2.1; window 1, the clean true object as the target):
+
+* `subject_state_recovery`: the largest share of the gap between the clean and the corrupted
+  probability that restoring the hidden state (block output) at the last subject token recovers,
+  over layers. ROME presumes the fact is read from that state (subject enrichment, Geva et al. 2023);
+  near 0 means the model recalls the fact elsewhere (the first organisms: 0.08).
+* `causal_peak_per_record`: the layer whose MLP output at the last subject token, restored alone,
+  recovers the most (window 1): where each fact is written into the subject's representation.
+* `last_token_recall`: whether ROME's delta (WilKE Eq. 9) at the output of the editing layer's MLP,
+  at the last subject token of the bare prompt and within ROME's norm clamp, makes the greedy answer
+  the new object: whether the fact can be changed where ROME changes it.
+
+`summary` turns the per-record rows into the report's keys.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from wilke_lib.analysis.causal_trace import trace
+from wilke_lib.arch import ModelAdapter, hooks
+from wilke_lib.counterfact import known_records, load_counterfact
+from wilke_lib.editors.cache import EditCache
+from wilke_lib.editors.delta import add_delta_hook, optimize_delta
+from wilke_lib.experiments import edit_and_rollback, evenly_spaced
+from wilke_lib.generation import greedy_matches
+from wilke_lib.hparams import load_hparams
+from wilke_lib.models import load_model
+from wilke_lib.organisms.train import training_summary
+from wilke_lib.organisms.world import build_world
+from wilke_lib.tokens import fact_token_index, prepare_request
+
+
+def subject_kind(record: dict, world: Any | None = None) -> str:
+    """"famous" for the single-token famous subjects, else the world's kind of the subject (or "?")."""
+    if record.get("famous"):
+        return "famous"
+    if world is None:
+        return "?"
+    try:
+        return world.kind_of(record["requested_rewrite"]["subject"])
+    except KeyError:
+        return "?"
+
+
+def stratified(records: Sequence[dict], n: int, key) -> list[dict]:
+    """About n records, the same number from each group of `key(record)`, evenly spaced within it."""
+    groups: dict[str, list[dict]] = {}
+    for rec in records:
+        groups.setdefault(key(rec), []).append(rec)
+    per = max(1, math.ceil(n / len(groups)))
+    out = []
+    for name in sorted(groups):
+        members = groups[name]
+        step = max(1, len(members) // per)
+        out.extend(members[::step][:per])
+    return out
+
+
+def trace_record(model: nn.Module, tok, record: dict, *, n_samples: int = 10, noise_multiplier: float = 3.0
+                 ) -> dict[str, Any]:
+    """Hidden-state and MLP (window 1) causal traces at the last subject token of one record."""
+    rw = record["requested_rewrite"]
+    out: dict[str, Any] = {"case_id": record.get("case_id"), "subject": rw["subject"],
+                           "relation_id": rw["relation_id"]}
+    for kind in ("hidden", "mlp"):
+        res = trace(model, tok, rw["prompt"], rw["subject"], rw["target_true"], kind=kind, window=1,
+                    token_positions="last_subject", n_samples=n_samples, noise_multiplier=noise_multiplier)
+        gap = res.high_score - res.low_score
+        row = res.scores[res.subject_range[1] - 1]
+        share = (row - res.low_score) / gap if gap > 1e-6 else np.full_like(row, np.nan)
+        out[f"{kind}_share"] = [float(x) for x in share]
+        out["clean_prob"], out["corrupted_prob"] = float(res.high_score), float(res.low_score)
+        out["n_subject_tokens"] = res.subject_range[1] - res.subject_range[0]
+    hidden = np.asarray(out["hidden_share"])
+    mlp = np.asarray(out["mlp_share"])
+    out["subject_state_recovery"] = float(np.nanmax(hidden)) if np.isfinite(hidden).any() else math.nan
+    out["causal_peak"] = int(np.nanargmax(mlp)) if np.isfinite(mlp).any() else -1
+    out["peak_mlp_share"] = float(np.nanmax(mlp)) if np.isfinite(mlp).any() else math.nan
+    return out
+
+
+def trace_records(model: nn.Module, tok, records: Sequence[dict], progress: bool = True, **kwargs) -> list[dict]:
+    return [trace_record(model, tok, rec, **kwargs)
+            for rec in tqdm(records, desc="causal traces", disable=not progress, leave=False)]
+
+
+def last_token_flip(model: nn.Module, tok, record: dict, layer: int, hparams: Any) -> bool:
+    """Whether ROME's delta at the output of `mlp_out(layer)` at the last subject token of the bare
+    prompt (no context prefixes, ROME's clamp and steps) makes the greedy answer target_new."""
+    rw = record["requested_rewrite"]
+    module = ModelAdapter(model).mlp_out(layer)
+    result = optimize_delta(model, tok, rw, module, hparams, [""])
+    prepared = prepare_request(tok, rw)
+    col = fact_token_index(tok, prepared.template, prepared.subject, "", "subject_last")
+    device = next(model.parameters()).device
+    hook = add_delta_hook(torch.tensor([0], device=device), torch.tensor([col], device=device), result.delta)
+    with torch.no_grad(), hooks(forward=[(module, hook)]):
+        return greedy_matches(model, tok, [prepared.prompt], [prepared.target_new])[0]
+
+
+def summary(rows: Sequence[dict], n_layers: int) -> dict[str, Any]:
+    """Medians and distributions of the traced rows (the report's keys that come from tracing)."""
+    recovery = [r["subject_state_recovery"] for r in rows if math.isfinite(r["subject_state_recovery"])]
+    peaks = [r["causal_peak"] for r in rows if r["causal_peak"] >= 0]
+    counts = Counter(peaks)
+    return {
+        "n_traced": len(rows),
+        "subject_state_recovery_median": statistics.median(recovery) if recovery else math.nan,
+        "causal_peak_median": statistics.median(peaks) if peaks else math.nan,
+        "causal_peak_distinct": len(counts),
+        "causal_peak_top_share": max(counts.values()) / len(peaks) if peaks else math.nan,
+        "causal_peak_histogram": [counts.get(l, 0) for l in range(n_layers)],
+        "mlp_share_mean_per_layer": np.nanmean([r["mlp_share"] for r in rows], axis=0).tolist(),
+        "hidden_share_mean_per_layer": np.nanmean([r["hidden_share"] for r in rows], axis=0).tolist(),
+    }
+
+
+def organism_report(model_name: str, *, n_traced: int = 120, n_edits: int = 100, n_recall: int = 100,
+                    progress: bool = True) -> dict[str, Any]:
+    """The measurements of `make organism-report` for one organism (module docstring), as a dict.
+
+    Known records are those the organism answers (greedy exact match); the traced records are
+    `n_traced` of them spread over the subject kinds; `rome_success` edits `n_edits` of them at ROME's
+    layer, each on a fresh copy; `last_token_recall` tries a delta on `n_recall` of them.
+    """
+    model, tok = load_model(model_name, device="cpu")
+    summary = training_summary(model_name) or {}
+    world = build_world()
+    records = load_counterfact("toy-world")
+    known = known_records(model, tok, records)
+    kind = {r["case_id"]: subject_kind(r, world) for r in records}
+    rows = trace_records(model, tok, stratified(known, n_traced, lambda r: kind[r["case_id"]]), progress=progress)
+    rome = load_hparams("rome", model_name)
+    cache = EditCache.for_model(model)
+    edits = [edit_and_rollback(model, tok, r, rome, cache)
+             for r in tqdm(evenly_spaced(known, n_edits), desc="ROME single edits", disable=not progress)]
+    flips = [last_token_flip(model, tok, r, rome.layer, rome)
+             for r in tqdm(evenly_spaced(known, n_recall), desc="last-token recall", disable=not progress)]
+    adapter = ModelAdapter(model)
+    traced = summary(rows, adapter.n_layers)
+    return {
+        "model": model_name, "n_facts": len(records), "n_known": len(known), "known_rate": len(known) / len(records),
+        "known_rate_by_kind": {k: sum(kind[r["case_id"]] == k for r in known) / max(1, sum(v == k for v in kind.values()))
+                               for k in sorted(set(kind.values()))},
+        "known_rate_held_out": (sum(not r.get("prompted", True) for r in known)
+                                / max(1, sum(not r.get("prompted", True) for r in records))),
+        "layers": adapter.n_layers, "d_model": adapter.d_model, "d_mlp": adapter.d_mlp,
+        "n_parameters": sum(p.numel() for p in model.parameters()), "train_seconds": summary.get("train_seconds"),
+        "train_tokens": summary.get("train_tokens"),
+        **traced,
+        "subject_state_recovery": [r["subject_state_recovery"] for r in rows],
+        "causal_peak_per_record": [r["causal_peak"] for r in rows],
+        "traced_kinds": [kind[r["case_id"]] for r in rows],
+        "traced_case_ids": [r["case_id"] for r in rows],
+        "rome_layer": rome.layer, "rome_clamp_factor": rome.clamp_norm_factor, "rome_steps": rome.v_num_grad_steps,
+        "rome_update_form": rome.update_form,
+        "rome_success": sum(e["success"] for e in edits) / len(edits),
+        "rome_rollback_restored": sum(e["rollback_restored"] for e in edits) / len(edits),
+        "last_token_recall": sum(flips) / len(flips),
+    }

@@ -1,0 +1,231 @@
+"""Training the model organisms: GPT-2 and GPT-J architecture models that learn the synthetic world.
+
+The paper edits GPT2-XL (48 layers) and GPT-J (28 layers). Each organism is a 12-layer model of the
+same architecture, small enough to train on a 2-core CPU, that has learnt the facts of
+`wilke_lib.organisms.world`. The weights are saved with `save_pretrained`, so that
+`AutoModelForCausalLM.from_pretrained` loads them exactly as it would load `gpt2-xl`.
+
+Width: d_model 96, d_mlp 384 (about 1.7 M parameters). The world holds 3,200 facts of 2.6-4.9 bits
+each (about 13 k bits); Allen-Zhu & Li (Physics of Language Models 3.3) measure about 2 bits per
+parameter of capacity, so one MLP layer (74 k parameters) could hold every fact: space forces no
+depth, and a wider model would only cost time (d_model 128 trains about 1.7 times slower on a CPU;
+`docs/organisms.md` reports the pilot at that width). Training: the pilots' recipe that learnt
+95% of a scaled-down world (`docs/organisms.md`), 80 epochs of about 73 k tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
+from transformers import GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM, PreTrainedTokenizerFast
+
+from wilke_lib.generation import greedy_matches
+from wilke_lib.models import default_device, resolve_model_path
+from wilke_lib.organisms import world as world_lib
+from wilke_lib.organisms.records import counterfact_records
+from wilke_lib.results import REPO_ROOT
+
+log = logging.getLogger(__name__)
+
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+ORGANISM_DIR = REPO_ROOT / "organisms"
+
+
+@dataclass(frozen=True)
+class OrganismConfig:
+    """Everything that determines an organism: architecture, size, world and optimisation."""
+
+    name: str
+    arch: str  # "gpt2" | "gptj"
+    n_layer: int = 12
+    d_model: int = 96
+    n_head: int = 4
+    d_mlp: int = 384
+    vocab_size: int = 2048
+    n_positions: int = 128
+    world: world_lib.WorldSpec = field(default_factory=world_lib.WorldSpec)
+    train_seed: int = 0
+    epochs: int = 80
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_steps: int = 200
+    weight_decay: float = 0.01
+    docs_per_row: int = 4  # rows hold 1..4 documents, so facts are recalled after any context
+
+
+ORGANISMS = {
+    "toy-gpt2": OrganismConfig(name="toy-gpt2", arch="gpt2"),
+    "toy-gptj": OrganismConfig(name="toy-gptj", arch="gptj"),
+}
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE, as GPT-2's, trained on the corpus."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=PAD)
+
+
+def build_model(cfg: OrganismConfig, tok: PreTrainedTokenizerFast) -> torch.nn.Module:
+    common = dict(vocab_size=len(tok), n_positions=cfg.n_positions, n_embd=cfg.d_model, n_layer=cfg.n_layer,
+                  n_head=cfg.n_head, n_inner=cfg.d_mlp, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                  bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if cfg.arch == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(**common))
+    if cfg.arch == "gptj":
+        return GPTJForCausalLM(GPTJConfig(rotary_dim=cfg.d_model // cfg.n_head // 2, tie_word_embeddings=False,
+                                          **common))
+    raise ValueError(f"organism arch {cfg.arch!r}: supported are 'gpt2' and 'gptj'")
+
+
+def pack_rows(texts: list[str], tok: PreTrainedTokenizerFast, max_sentences: int, max_tokens: int,
+              rng: random.Random) -> list[list[int]]:
+    """Token rows of 1..max_sentences consecutive (shuffled) texts joined by spaces, each ending in EOS
+    and at most max_tokens long (a text longer than that alone is cut).
+
+    Single-text rows put every subject at the same few absolute positions; an editor's context
+    prefixes (ROME's c_j) then move the subject somewhere the organism never recalled a fact from.
+    Rows of several documents, as in real pre-training text, teach recall at any position.
+    """
+    rows, i = [], 0
+    order = list(range(len(texts)))
+    rng.shuffle(order)
+    while i < len(order):
+        take = rng.randint(1, max_sentences)
+        while take > 1:
+            row = tok(" ".join(texts[j] for j in order[i:i + take]))["input_ids"] + [tok.eos_token_id]
+            if len(row) <= max_tokens:
+                break
+            take -= 1
+        else:
+            row = (tok(texts[order[i]])["input_ids"] + [tok.eos_token_id])[-max_tokens:]
+        rows.append(row)
+        i += take
+    return rows
+
+
+def length_bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Batches of similar length (less padding), in random order."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(encoded: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, seq in enumerate(encoded):
+        ids[row, :len(seq)] = torch.tensor(seq)
+        mask[row, :len(seq)] = 1
+    return ids, mask
+
+
+def lr_at(step: int, total: int, cfg: OrganismConfig) -> float:
+    """Linear warm-up then cosine decay to a tenth."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def known_fact_rates(model, tok, records: list[dict]) -> dict[str, float]:
+    """Share of records whose rewrite prompt greedily yields the true object, per relation."""
+    rewrites = [r["requested_rewrite"] for r in records]
+    hits = greedy_matches(model, tok, [q["prompt"].replace("{}", q["subject"]) for q in rewrites],
+                          [q["target_true"]["str"] for q in rewrites])
+    per_relation: dict[str, list[bool]] = defaultdict(list)
+    for q, hit in zip(rewrites, hits):
+        per_relation[q["relation_id"]].append(hit)
+    rates = {rel: sum(v) / len(v) for rel, v in sorted(per_relation.items())}
+    rates["all"] = sum(hits) / len(hits)
+    return rates
+
+
+def _epoch_rows(world: world_lib.World, epoch: int, tok, cfg: OrganismConfig, rng: random.Random) -> list[list[int]]:
+    return pack_rows(world_lib.corpus(world, epoch), tok, cfg.docs_per_row, cfg.n_positions, rng)
+
+
+def train(cfg: OrganismConfig, out_dir: Path, device: str | None = None, threads: int | None = None) -> dict:
+    """Train one organism from scratch and save it (weights, tokenizer, config, log) to out_dir.
+
+    Every epoch draws a new corpus (`world.corpus(world, epoch)`: new sentence orders, templates and
+    document kinds) and packs it into rows anew. Deterministic on a CPU for a given configuration.
+    """
+    device = torch.device(device) if device else default_device()
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(cfg.train_seed)
+    rng = random.Random(cfg.train_seed)
+    world = world_lib.build_world(cfg.world)
+    tok = train_tokenizer(world_lib.corpus(world, 0) + world_lib.corpus(world, 1), cfg.vocab_size)
+    rows = _epoch_rows(world, 0, tok, cfg, rng)
+    model = build_model(cfg, tok).to(device)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    total = cfg.epochs * math.ceil(len(rows) / cfg.batch_size)  # epochs differ a little in size: an estimate
+    history, step, tokens, started = [], 0, 0, time.time()
+    bar = tqdm(total=total, desc=f"training {cfg.name}", unit="step")
+    for epoch in range(cfg.epochs):
+        epoch_loss, n_batches = 0.0, 0
+        if epoch:
+            rows = _epoch_rows(world, epoch, tok, cfg, rng)
+        for batch in length_bucketed_batches([len(r) for r in rows], cfg.batch_size, rng):
+            ids, mask = collate([rows[i] for i in batch], tok.pad_token_id)
+            ids, mask = ids.to(device), mask.to(device)
+            labels = ids.masked_fill(mask == 0, -100)
+            for group in optimiser.param_groups:
+                group["lr"] = lr_at(step, total, cfg)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimiser.step()
+            epoch_loss, n_batches, step = epoch_loss + loss.item(), n_batches + 1, step + 1
+            tokens += int(mask.sum())
+            bar.update()
+        history.append({"epoch": epoch + 1, "step": step, "loss": epoch_loss / n_batches, "tokens": tokens,
+                        "seconds": round(time.time() - started, 1)})
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
+    bar.close()
+    model.eval()
+    summary = {"config": asdict(cfg), "train_seconds": round(time.time() - started, 1), "device": str(device),
+               "threads": torch.get_num_threads(), "n_parameters": sum(p.numel() for p in model.parameters()),
+               "n_facts": len(world.facts), "n_subjects": sum(len(v) for v in world.subjects.values()),
+               "n_famous": len(world.famous), "train_tokens": tokens, "history": history,
+               "torch": torch.__version__}
+    save(model, tok, summary, out_dir)  # before the evaluation, so that a failure there loses nothing
+    summary["known_fact_rate"] = known_fact_rates(model, tok, counterfact_records(cfg.world))
+    save(model, tok, summary, out_dir)
+    return summary
+
+
+def save(model, tok, summary: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    (out_dir / "training.json").write_text(json.dumps(summary, indent=1))
+
+
+def training_summary(name_or_path: str) -> dict | None:
+    """The `training.json` saved with an organism, or None for a model the project did not train
+    (gpt2-xl, a local checkpoint...)."""
+    try:
+        path = Path(resolve_model_path(name_or_path)) / "training.json"
+    except FileNotFoundError:
+        return None
+    return json.loads(path.read_text()) if path.is_file() else None

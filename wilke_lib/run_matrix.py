@@ -1,0 +1,190 @@
+"""The paper's run matrix (`make runs`): every lifelong run the book reads, computed where missing.
+
+The matrix of a profile (`paper`: 1,024 edits) is ROME, MEMIT and WilKE with every seed of the
+profile (9, 10, 11) and every other editor with the first seed, on each model. Each run is the one
+the book's chapters configure (`experiments.run_config`), so that once it is finished the book reads
+it back from `runs/<model>/` and recomputes nothing. Runs go one per process:
+
+* `executor="processes"` (default): `jobs` local processes (the machine's cores); a progress bar per
+  run and one overall bar with the ETA, from the steps the runs have written;
+* `executor="submitit-local"` / `"slurm"`: the same runs through submitit (one job per run), for
+  clusters (`--slurm-partition`, `--timeout-min`); the local executor is what the tests use.
+
+Killed runs resume where they stopped (`lifelong.run_lifelong`); a run being written by another
+process is skipped with a note (the run's lock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import submitit
+import torch
+from tqdm.auto import tqdm
+
+from wilke_lib import counterfact, experiments, lifelong, models
+from wilke_lib.lifelong.store import STEPS_ARCHIVE, STEPS_FILE, RunLockedError
+from wilke_lib.profiles import Profile, get_profile
+
+MULTI_SEED_EDITORS = ("rome", "memit", "wilke")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One cell of the matrix."""
+
+    model_name: str
+    editor: str
+    seed: int
+    n_edits: int
+    profile: str
+    records: str = "toy-world"
+    label: str = ""
+    overrides: tuple[tuple[str, Any], ...] = ()  # hyper-parameters replaced in the editor's file
+
+    def variant(self) -> experiments.EditorVariant:
+        base = experiments.editor_variant(self.editor)
+        return experiments.EditorVariant(self.label or base.label, base.editor, {**base.overrides, **dict(self.overrides)})
+
+    def config(self, profile: Profile | None = None) -> lifelong.LifelongConfig:
+        profile = profile or get_profile(self.profile)
+        return experiments.run_config(self.model_name, self.variant(), self.n_edits, self.seed, profile)
+
+
+def paper_matrix(model_names: Sequence[str], profile_name: str = "paper", editors: Sequence[str] | None = None,
+                 records: str = "toy-world") -> list[RunSpec]:
+    """ROME, MEMIT and WilKE with every seed of the profile, the other editors with its first seed."""
+    profile = get_profile(profile_name)
+    editors = list(editors or profile.editors)
+    return [RunSpec(m, e, seed, profile.n_edits, profile_name, records)
+            for m in model_names for e in editors
+            for seed in (profile.seeds if e in MULTI_SEED_EDITORS else profile.seeds[:1])]
+
+
+def run_dir_of(spec: RunSpec, records: Sequence[dict]) -> Path:
+    config = spec.config()
+    return lifelong.run_dir(config.out_dir, config, records, lifelong.resolve_hparams(config))
+
+
+def steps_done(rdir: Path, n_edits: int) -> int:
+    """How many steps a run has written (n_edits once it is finished)."""
+    if (rdir / STEPS_ARCHIVE).exists() and not (rdir / STEPS_FILE).exists():
+        return n_edits
+    path = rdir / STEPS_FILE
+    return sum(1 for _ in path.open("rb")) if path.exists() else 0
+
+
+def run_one(spec: RunSpec, position: int = 0, threads: int = 1) -> dict[str, Any]:
+    """Compute (or read back) one run in this process; a row of the final table."""
+    torch.set_num_threads(threads)
+    started = time.time()
+    records = counterfact.load_counterfact(spec.records)
+    config = spec.config()
+    row = {"model": spec.model_name, "editor": spec.variant().label, "seed": spec.seed, "n_edits": spec.n_edits}
+    try:
+        result = lifelong.run_many(models.load_model, records, [config])[0]
+    except RunLockedError as err:
+        return row | {"status": "skipped (another process is writing it)", "seconds": 0.0, "S": float("nan"),
+                      "run": str(err).split(" is being")[0]}
+    return row | {"status": result.source, "seconds": round(time.time() - started, 1),
+                  "S": 100 * result.final.get("S", float("nan")), "run": result.run_dir.name}
+
+
+def _poll(bars: dict[RunSpec, tqdm], overall: tqdm, dirs: dict[RunSpec, Path]) -> None:
+    done = 0
+    for spec, bar in bars.items():
+        n = steps_done(dirs[spec], spec.n_edits)
+        bar.n = n
+        bar.refresh()
+        done += n
+    overall.n = done
+    overall.refresh()
+
+
+def run_matrix(specs: Sequence[RunSpec], *, jobs: int | None = None, executor: str = "processes",
+               folder: Path | None = None, slurm: dict | None = None, poll_seconds: float = 5.0) -> pd.DataFrame:
+    """Compute the runs of `specs` that are missing; a table of what was done (status, seconds, S)."""
+    jobs = jobs or max(1, os.cpu_count() or 1)
+    records = {s.records: counterfact.load_counterfact(s.records) for s in specs}
+    dirs = {s: run_dir_of(s, records[s.records]) for s in specs}
+    todo = [s for s in specs if steps_done(dirs[s], s.n_edits) < s.n_edits or not (dirs[s] / "result.json").exists()]
+    rows = [{"model": s.model_name, "editor": s.variant().label, "seed": s.seed, "n_edits": s.n_edits,
+             "status": "read back", "seconds": 0.0, "S": float("nan"), "run": dirs[s].name}
+            for s in specs if s not in todo]
+    if todo and executor == "processes":
+        rows += _run_processes(todo, jobs, dirs, poll_seconds)
+    elif todo:
+        rows += _run_submitit(todo, executor, folder or Path("runs") / ".submitit", slurm or {})
+    return pd.DataFrame(rows)
+
+
+def _run_processes(todo: Sequence[RunSpec], jobs: int, dirs: dict[RunSpec, Path], poll_seconds: float) -> list[dict]:
+    total = sum(s.n_edits for s in todo)
+    overall = tqdm(total=total, desc=f"{len(todo)} runs", unit="step", position=0)
+    bars = {s: tqdm(total=s.n_edits, desc=f"{Path(s.model_name).name} {s.variant().label} seed {s.seed}",
+                    unit="step", position=i + 1, leave=False) for i, s in enumerate(todo)}
+    rows = []
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(run_one, s, i + 1): s for i, s in enumerate(todo)}
+        pending = set(futures)
+        while pending:
+            finished = {f for f in pending if f.done()}
+            for future in finished:
+                rows.append(future.result())
+            pending -= finished
+            _poll(bars, overall, dirs)
+            if pending:
+                time.sleep(poll_seconds)
+    for bar in bars.values():
+        bar.close()
+    overall.close()
+    return rows
+
+
+def _run_submitit(todo: Sequence[RunSpec], executor: str, folder: Path, slurm: dict) -> list[dict]:
+    if executor == "submitit-local":
+        ex = submitit.LocalExecutor(folder=str(folder))
+        ex.update_parameters(timeout_min=slurm.get("timeout_min", 24 * 60))
+    elif executor == "slurm":
+        ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
+        ex.update_parameters(**{"timeout_min": 24 * 60, "cpus_per_task": 2, **slurm})
+    else:
+        raise ValueError(f"executor must be processes, submitit-local or slurm, got {executor!r}")
+    submitted = [ex.submit(run_one, spec) for spec in todo]
+    return [job.result() for job in tqdm(submitted, desc="jobs", unit="run")]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(models.ORGANISMS))
+    parser.add_argument("--profile", default="paper")
+    parser.add_argument("--editors", nargs="+", default=None, help="default: the profile's editors")
+    parser.add_argument("--records", default="toy-world", help="toy-world or the path of a CounterFact JSON")
+    parser.add_argument("--jobs", type=int, default=None, help="runs at once (default: the CPU cores)")
+    parser.add_argument("--executor", default="processes", choices=["processes", "submitit-local", "slurm"])
+    parser.add_argument("--slurm-partition", default=None)
+    parser.add_argument("--timeout-min", type=int, default=24 * 60)
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and what is missing")
+    args = parser.parse_args(argv)
+    specs = paper_matrix(args.models, args.profile, args.editors, args.records)
+    if args.dry_run:
+        records = {s.records: counterfact.load_counterfact(s.records) for s in specs}
+        for s in specs:
+            d = run_dir_of(s, records[s.records])
+            print(f"{s.model_name:10s} {s.editor:6s} seed {s.seed:3d}: {steps_done(d, s.n_edits):5d}/{s.n_edits} {d}")
+        return
+    slurm = {"timeout_min": args.timeout_min} | ({"slurm_partition": args.slurm_partition} if args.slurm_partition else {})
+    table = run_matrix(specs, jobs=args.jobs, executor=args.executor, slurm=slurm)
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.1f}"))
+
+
+if __name__ == "__main__":
+    main()
