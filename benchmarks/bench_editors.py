@@ -17,6 +17,7 @@ the ratios the project targets: on CPU the batched search >= 2.5x faster than on
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling-ks", nargs="+", type=int, default=[1, 2, 4, 8, 12])
     parser.add_argument("--scaling-edits", type=int, default=3, help="timed edits per point of the scaling curve")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra edit per variant)")
+    parser.add_argument("--step-records", type=int, default=5, help="records timed through a whole lifelong step")
     parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results)")
     args = parser.parse_args(argv)
 
@@ -49,10 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"device: {device_name(device)}; results in {out_dir}", flush=True)
     status = 0
+    tables, steps = {}, {}
     for model_name in args.models:
         loaded = bm.load_organism(model_name, device)
         table = bm.benchmark_editors(model_name, n_edits=args.n_edits, warmup=args.warmup, variants=args.variants,
                                      flops=not args.no_flops, loaded=loaded)
+        tables[model_name] = table
+        model, tok, records = loaded
+        cache = bm.EditCache.for_model(model)
+        originals = bm.original_weights(model)
+        steps[model_name] = {v.name: bm.lifelong_step_ms(model, tok, records[:args.step_records], bm.variant_hparams(v),
+                                                          cache, originals)
+                             for v in bm.make_variants(model_name, args.variants)}
         path = out_dir / f"bench_{Path(model_name).name}.csv"
         table.to_csv(path, index=False)
         print(f"\n{model_name} on {table['device_name'].iloc[0]} ({args.n_edits} edits per variant): {path}")
@@ -80,6 +90,17 @@ def main(argv: list[str] | None = None) -> int:
                 wide["sequential / batched"] = wide["sequential"] / wide["batched"]
             print(f"\n  time per WilKE edit (ms, median of {args.scaling_edits}) vs candidate layers: {spath}")
             print(wide.to_string(float_format=lambda x: f"{x:,.2f}"))
+    summary = bm.summary_json(tables, steps)
+    path = out_dir / "summary.json"
+    path.write_text(json.dumps(summary, indent=1))
+    print(f"\nsummary ({path}):")
+    for model_name, s in summary.items():
+        print(f"  {model_name}: ROME speed-up from the prefix cache {s['rome_speedup_vs_previous']:.2f}x (target on CPU "
+              f">= 2); WilKE / ROME time {s['wilke_over_rome']:.2f}, FLOPs {s['wilke_over_rome_flops']:.2f} (target: "
+              f"time ratio <= 1.2 x FLOP ratio: {s['wilke_over_rome'] / s['wilke_over_rome_flops']:.2f})")
+        for editor, e in s["editors"].items():
+            print(f"    {editor:17s} {e['ms_per_edit']:8.1f} ms/edit {e['ms_per_lifelong_step'] or float('nan'):8.1f} "
+                  f"ms/step {e['gflop_per_edit']:8.2f} GFLOP/edit")
     return status
 
 

@@ -32,10 +32,11 @@ def test_variants_share_romes_optimisation_settings():
     for name in ("memit", "wilke"):
         for f in bm.SHARED_FIELDS:
             assert getattr(hps[name], f) == getattr(hps["rome"], f), (name, f)
-    variants = bm.make_variants("toy-gpt2", candidate_layers=[0, 1, 2])
-    assert [v.name for v in variants] == list(bm.VARIANTS)
-    assert variants[2].search == "batched" and variants[3].search == "sequential"
-    assert variants[2].candidate_layers(12) == [0, 1, 2]
+    variants = {v.name: v for v in bm.make_variants("toy-gpt2", candidate_layers=[0, 1, 2])}
+    assert list(variants) == list(bm.VARIANTS)
+    assert variants["wilke-batched"].search == "batched" and variants["wilke-sequential"].search == "sequential"
+    assert variants["wilke-batched"].candidate_layers(12) == [0, 1, 2]
+    assert variants["rome-full"].hparams.delta_runner == "full" and variants["rome"].hparams.delta_runner == "prefix-cache"
     with pytest.raises(ValueError, match="variant"):
         bm.make_variants("toy-gpt2", ["rome-fast"])
 
@@ -77,3 +78,19 @@ def test_small_benchmark_on_the_organism(tmp_path):
                                candidate_layers=[0, 1])
     assert {"forward", "backward", "keys", "other"} <= set(phases.index)
     assert (phases >= 0).all()
+
+
+@pytest.mark.skipif(not _organism_available(), reason="organism toy-gpt2 not trained")
+def test_summary_json_has_the_issue_keys():
+    loaded = bm.load_organism("toy-gpt2")
+    table = bm.benchmark_editors("toy-gpt2", n_edits=1, warmup=0, variants=("rome", "rome-full", "wilke-batched"),
+                                 loaded=loaded, log=None, memory=False)
+    model, tok, records = loaded
+    cache, originals = bm.EditCache.for_model(model), bm.original_weights(model)
+    steps = {"toy-gpt2": {"rome": bm.lifelong_step_ms(model, tok, records[:1], table.attrs.get("hp_rome") or
+                                                      bm.variant_hparams(bm.make_variants("toy-gpt2", ["rome"])[0]),
+                                                      cache, originals)}}
+    summary = bm.summary_json({"toy-gpt2": table}, steps)["toy-gpt2"]
+    assert {"rome_speedup_vs_previous", "wilke_over_rome", "wilke_over_rome_flops"} <= set(summary)
+    assert summary["editors"]["rome"]["ms_per_lifelong_step"] > summary["editors"]["rome"]["ms_per_edit"] > 0
+    assert summary["editors"]["rome-full"]["gflop_per_edit"] > summary["editors"]["rome"]["gflop_per_edit"]

@@ -263,3 +263,39 @@ def test_known_records_keeps_greedy_true_targets(tiny_tokenizer):
         records.append(validate_record(record, case_id))
     kept = known_records(model, tiny_tokenizer, records, batch_size=7)
     assert [rec["case_id"] for rec in kept] == [i for i, known in enumerate(expected) if known]
+
+
+# ---- inputs that used to pass validation and fail in the middle of a run -----------------------------
+
+@pytest.mark.parametrize("mutate, field, words", [
+    (lambda r: r["requested_rewrite"]["target_new"].update(str="Welsh "), "target_new.str", "white space"),
+    (lambda r: r["requested_rewrite"]["target_new"].update(str=" French"), "target_new.str", "white space"),
+    (lambda r: (r["requested_rewrite"]["target_true"].update(str="North  Wales"),
+                r["requested_rewrite"]["target_new"].update(str="North Wales")), "target_new.str", "white space"),
+    (lambda r: r.update(paraphrase_prompts=["Valo Durn speaks", "  "]), "paraphrase_prompts[1]", "non-empty"),
+    (lambda r: r.update(neighborhood_prompts=[""]), "neighborhood_prompts[0]", "non-empty"),
+])
+def test_records_that_would_fail_mid_run_are_stopped_at_load(tmp_path, mutate, field, words):
+    err = _load_broken(tmp_path, mutate)
+    assert field in str(err) and words in str(err)
+
+
+def test_a_file_that_is_not_utf8_names_the_file_and_the_encoding(tmp_path):
+    path = tmp_path / "latin1.json"
+    path.write_bytes(json.dumps([VALID_RECORD]).replace("Durn", "D\u00fcrn").encode("latin-1"))
+    with pytest.raises(RecordError, match=r"latin1.json: not UTF-8 text.*iconv"):
+        load_counterfact(path)
+
+
+def test_records_are_checked_against_the_model_context(tiny_tokenizer):
+    from wilke_lib.counterfact import check_for_model
+
+    assert check_for_model([VALID_RECORD], tiny_tokenizer, 64) == [VALID_RECORD]
+    long = copy.deepcopy(VALID_RECORD)
+    long["paraphrase_prompts"] = ["Valo Durn speaks " * 30]
+    with pytest.raises(RecordError, match=r"paraphrase_prompts\[0\].*more than the model's context of 64"):
+        check_for_model([long], tiny_tokenizer, 64)
+    bare = copy.deepcopy(VALID_RECORD)
+    bare["paraphrase_prompts"] = []
+    with pytest.raises(RecordError, match="every record has an empty `paraphrase_prompts`"):
+        check_for_model([bare], tiny_tokenizer, 64)

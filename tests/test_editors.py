@@ -8,7 +8,9 @@ edit, hyper-parameter files. Effectiveness on a trained model: tests/test_editor
 from __future__ import annotations
 
 import hashlib
+import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ from wilke_lib.editors.cache import context_prefixes
 from wilke_lib.editors.memit import apply_memit
 from wilke_lib.experiments import edit_and_rollback
 from wilke_lib.generation import greedy_matches, predict_greedy_ids
-from wilke_lib.hparams import (FTHParams, KNHParams, MEMITHParams, ROMEHParams, WilKEHParams, hparams_from_file,
+from wilke_lib.hparams import (AlphaEditHParams, FTHParams, KNHParams, MEMITHParams, ROMEHParams, WilKEHParams, hparams_from_file,
                                load_hparams)
 from wilke_lib.editors.delta import LayerKeys
 from wilke_lib.editors.rome import compute_rome_update, rank_one_update, rome_target
@@ -76,6 +78,9 @@ def all_hparams(corpus_file: Path) -> dict:
     return {
         "rome": ROMEHParams(layer=2, **FAST, **mom2(corpus_file)),
         "memit": MEMITHParams(layers=[1, 2], mom2_update_weight=50.0, **FAST, **mom2(corpus_file)),
+        # a threshold above every eigenvalue of these tiny models' C: all directions free (the projection
+        # itself is tested on a hand-built spectrum below)
+        "alphaedit": AlphaEditHParams(layers=[1, 2], nullspace_threshold=1e6, l2=1.0, **FAST, **mom2(corpus_file)),
         "wilke": WilKEHParams(**FAST, **mom2(corpus_file)),
         "ft": FTHParams(layer=1, lr=1e-2, norm_constraint=1e-2),
         "kn": KNHParams(ig_steps=8, max_neurons=5, edit_lambda=2.0),
@@ -127,7 +132,7 @@ def test_every_editor_changes_only_its_modules(arch, tok, corpus_file, stats_dir
             assert torch.equal(recorded, (adapter.out_weight(l).float() - originals[l].float()).cpu())
         if name == "rome":
             assert result.layers == [2]
-        if name == "memit":
+        if name in ("memit", "alphaedit"):
             assert result.layers == [1, 2]
         if name == "wilke":
             assert set(result.scores) == set(range(adapter.n_layers))
@@ -142,7 +147,7 @@ def test_every_editor_changes_only_its_modules(arch, tok, corpus_file, stats_dir
 
 
 def test_registry_and_copy(tok, corpus_file, stats_dir):
-    assert set(EDITORS) == {"rome", "memit", "wilke", "ft", "kn"}
+    assert set(EDITORS) == {"rome", "memit", "wilke", "ft", "kn", "alphaedit"}
     model = fresh_model("gpt2", tok)
     before = digest(model)
     result = edit(model, tok, REQUEST, all_hparams(corpus_file)["rome"], copy=True,
@@ -493,3 +498,63 @@ def test_hparams_errors(tmp_path):
     assert hp_mod.to_dict(loaded)["editor"] == "wilke"
     with pytest.raises(ValueError, match="score"):
         WilKEHParams(score="max_activation")
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("v_num_grad_steps", "40", "expected int, got '40'"), ("v_lr", "fast", "expected float, got 'fast'"),
+    ("clamp_norm_factor", None, "expected float, got None"), ("mom2_n_samples", -1, "must be >= 1"),
+    ("kl_factor", -0.1, "must be >= 0"), ("v_lr", float("nan"), "finite"), ("update_form", "rebuilt", "update_form"),
+])
+def test_hparams_values_are_checked_by_type_and_range(tmp_path, key, value, words):
+    path = tmp_path / "rome" / "bad.yaml"
+    path.parent.mkdir()
+    path.write_text(f"layer: 1\n{key}: {json.dumps(value) if value == value else '.nan'}\n")
+    with pytest.raises(ValueError, match=f"bad.yaml.*{re.escape(words)}"):
+        hparams_from_file(path)
+
+
+def test_a_lifelong_config_of_one_editor_refuses_the_settings_of_another():
+    from wilke_lib.lifelong import LifelongConfig, resolve_hparams
+
+    with pytest.raises(ValueError, match="editor 'memit' but hyper-parameters of 'rome'"):
+        resolve_hparams(LifelongConfig(model_name="toy-gpt2", editor="memit", hparams=ROMEHParams(layer=1)))
+    with pytest.raises(TypeError, match="n_edits must be an int, got 'four'"):
+        LifelongConfig(model_name="toy-gpt2", editor="rome", n_edits="four")
+
+
+# ---- AlphaEdit --------------------------------------------------------------------------------
+
+def test_alphaedit_update_leaves_the_preserved_keys_alone():
+    """The null-space property: dW k_0 = 0 for every preserved key (eigen-directions of C above the threshold)."""
+    from wilke_lib.editors.alphaedit import projected_update
+
+    gen = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(8, 8, generator=gen))
+    eigvals = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.5, 1e-3, 5e-4, 1e-4])
+    small = basis[:, eigvals < 2e-2]
+    projector = small @ small.T
+    earlier = torch.randn(8, 3, generator=gen) @ torch.randn(3, 8, generator=gen)
+    earlier = earlier @ earlier.T
+    dW = projected_update(torch.randn(5, 2, generator=gen), torch.randn(8, 2, generator=gen), projector, earlier, 10.0)
+    preserved = basis[:, eigvals >= 2e-2]
+    assert dW.abs().max() > 1e-3
+    assert (dW @ preserved).abs().max() <= 1e-5 * dW.abs().max()
+
+
+def test_alphaedit_remembers_the_keys_of_earlier_edits_and_forgets_a_failed_one(tok, corpus_file, stats_dir):
+    from wilke_lib.editors.common import EditorState
+
+    model = fresh_model("gptj", tok)
+    hparams = all_hparams(corpus_file)["alphaedit"]
+    cache = EditCache.for_model(model, stats_dir=stats_dir)
+    state = EditorState()
+    result = edit(model, tok, REQUEST, hparams, cache=cache, state=state)
+    assert set(state.tensors) == {"alphaedit/layer1", "alphaedit/layer2"}
+    first = {k: v.clone() for k, v in state.tensors.items()}
+    rollback(model, tok, REQUEST, hparams, result, cache=cache, state=state)
+    assert all(float(state.tensors[k].trace()) > float(first[k].trace()) for k in first)  # the rollback's keys too
+    kept = {k: v.clone() for k, v in state.tensors.items()}
+    with pytest.raises(EditError):
+        edit(model, tok, {**REQUEST, "prompt": "The capital city of Spain", "subject": "Nobody"}, hparams, cache=cache,
+             state=state)
+    assert all(torch.equal(state.tensors[k], kept[k]) for k in kept)

@@ -320,3 +320,68 @@ def test_profiles() -> None:
     with pytest.raises(ValueError, match="quick, default, paper"):
         get_profile("huge")
     assert set(PROFILES) == {"quick", "default", "paper"}
+
+
+# ---------------------------------------------------------------- robustness (kills, concurrent writers, bad results)
+
+
+def test_killed_at_random_points_resumes_to_identical_numbers(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    """20 kills at random steps of short runs (save_every 1 or 2): the resumed run equals the uninterrupted one."""
+    import random
+
+    records = make_records(20)
+    reference = run_lifelong(new_model(tiny_tokenizer), tiny_tokenizer, records, config(tmp_path / "ref", n_edits=5),
+                             backend=make_backend(FakeEditor()))
+    rng = random.Random(0)
+    for trial in range(20):
+        cfg = config(tmp_path / f"t{trial}", n_edits=5, save_every=rng.choice([1, 2]))
+        with pytest.raises(Kill):
+            run_lifelong(new_model(tiny_tokenizer), tiny_tokenizer, records, cfg, backend=make_backend(FakeEditor()),
+                         on_step=_kill_at(rng.randint(1, 5)))
+        if rng.random() < 0.5:  # sometimes a second kill during the resumed run
+            with pytest.raises(Kill):
+                run_lifelong(new_model(tiny_tokenizer), tiny_tokenizer, records, cfg,
+                             backend=make_backend(FakeEditor()), on_step=_kill_at(5))
+        resumed = run_lifelong(new_model(tiny_tokenizer), tiny_tokenizer, records, cfg,
+                               backend=make_backend(FakeEditor()))
+        pd.testing.assert_frame_equal(NON_TIMING(resumed.steps), NON_TIMING(reference.steps))
+        assert resumed.final == reference.final, trial
+
+
+def test_a_second_writer_of_the_same_run_is_refused(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    from wilke_lib.lifelong import RunLockedError
+    from wilke_lib.lifelong.store import writer_lock
+
+    records = make_records(16)
+    cfg = config(tmp_path, n_edits=4)
+    rdir = run_dir(cfg.out_dir, cfg, records)
+    with writer_lock(rdir):  # another process holds the run (flock locks are per open file)
+        with pytest.raises(RunLockedError, match="being written by another process"):
+            run_lifelong(new_model(tiny_tokenizer), tiny_tokenizer, records, cfg, backend=make_backend(FakeEditor()))
+    result = run_lifelong(new_model(tiny_tokenizer), tiny_tokenizer, records, cfg, backend=make_backend(FakeEditor()))
+    assert list(result.steps["step"]) == [1, 2, 3, 4]  # each step once
+
+
+def test_a_run_in_which_every_edit_failed_is_not_stored_as_finished(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    records = make_records(16)
+    everyone = tuple(r["requested_rewrite"]["subject"] for r in records)
+    cfg = config(tmp_path, n_edits=4, hparams=FakeHparams(fail_subjects=everyone))
+    with pytest.raises(RuntimeError, match="every one of the 4 edits failed"):
+        run_lifelong(new_model(tiny_tokenizer), tiny_tokenizer, records, cfg, backend=make_backend(FakeEditor()))
+    assert not (run_dir(cfg.out_dir, cfg, records) / "result.json").exists()
+
+
+def test_a_state_file_that_disagrees_with_the_rows_restarts_the_run(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    records = make_records(20)
+    cfg = config(tmp_path, n_edits=5)
+    with pytest.raises(Kill):
+        run_lifelong(new_model(tiny_tokenizer), tiny_tokenizer, records, cfg, backend=make_backend(FakeEditor()),
+                     on_step=_kill_at(4))
+    rdir = run_dir(cfg.out_dir, cfg, records)
+    lines = (rdir / "steps.jsonl").read_text().splitlines()
+    (rdir / "steps.jsonl").write_text("\n".join(lines[:1]) + "\n")  # rows lost, state still at step 3
+    resumed = run_lifelong(new_model(tiny_tokenizer), tiny_tokenizer, records, cfg, backend=make_backend(FakeEditor()))
+    reference = run_lifelong(new_model(tiny_tokenizer), tiny_tokenizer, records, config(tmp_path / "ref", n_edits=5),
+                             backend=make_backend(FakeEditor()))
+    pd.testing.assert_frame_equal(NON_TIMING(resumed.steps), NON_TIMING(reference.steps))
+    assert (rdir / "state.safetensors.bad").exists()

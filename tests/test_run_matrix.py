@@ -26,7 +26,8 @@ def test_paper_matrix_has_three_seeds_for_the_closed_form_editors():
 
 
 @pytest.mark.parametrize("executor", ["processes", "submitit-local"])
-def test_a_deleted_run_is_recomputed_identically(executor, tmp_path):
+def test_a_deleted_run_is_recomputed_identically(executor, tmp_path, monkeypatch):
+    monkeypatch.setenv("WILKE_RUNS_DIR", str(tmp_path / "runs"))
     spec = RunSpec(ORGANISM, "rome", seed=9, n_edits=2, profile="quick")
     first = run_matrix([spec], jobs=1, executor=executor, folder=tmp_path / "submitit", poll_seconds=0.2)
     assert first["status"].tolist() == ["computed"]

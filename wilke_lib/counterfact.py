@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from wilke_lib import world
+from wilke_lib.organisms.records import counterfact_records
 from wilke_lib.errors import RecordError
 from wilke_lib.generation import greedy_matches
 from wilke_lib.tokens import encode_prompt, encode_target, rewrite_prompt
@@ -125,10 +125,10 @@ def load_counterfact(source: str | Path) -> list[dict]:
     """Load and validate CounterFact records.
 
     `source` is a path to a CounterFact JSON file (a list of records) or
-    "toy-world", the synthetic world's records (`wilke_lib.world.counterfact_records()`).
+    "toy-world", the synthetic world's records (`wilke_lib.organisms.records.counterfact_records()`).
     """
     if str(source) == TOY_WORLD:
-        return validate_records(world.counterfact_records(), TOY_WORLD)
+        return validate_records(counterfact_records(), TOY_WORLD)
     path = Path(source).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"CounterFact file not found: {path} (or pass {TOY_WORLD!r} for the synthetic world)")

@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from wilke_lib.arch import ModelAdapter, model_device
 from wilke_lib.editors import EDITORS
 from wilke_lib.editors.cache import EditCache
-from wilke_lib.editors.common import WeightJournal
+from wilke_lib.editors.common import EditorState, WeightJournal
 from wilke_lib.errors import EditError
 from wilke_lib.hparams import editor_of
 from wilke_lib.tokens import as_request, swapped
@@ -55,15 +55,17 @@ class EditResult:
 
 
 def edit(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, hparams: Any, *, copy: bool = False,
-         layers: Sequence[int] | None = None, cache: EditCache | None = None,
-         keep_deltas: bool = True) -> EditResult:
+         layers: Sequence[int] | None = None, cache: EditCache | None = None, keep_deltas: bool = True,
+         state: EditorState | None = None) -> EditResult:
     """Apply one edit (target_true -> target_new) with the editor given by `hparams`' type.
 
     copy=True deep-copies the model first (the original is untouched). `layers` overrides the
     editor's layer choice (ROME/WilKE: one layer, no WilKE search; MEMIT: the layer range;
     FT: one layer; KN: the layers searched for neurons). `cache` should be created once from the
     original model (`EditCache.for_model`) and passed to every edit; without it a fresh one is
-    made (statistics still come from disk). Raises EditError, weights untouched, when impossible.
+    made (statistics still come from disk). `state`: what the editor remembers between the edits of
+    a run (AlphaEdit); restored with the weights when the edit fails. Raises EditError, weights
+    untouched, when impossible.
     """
     editor = editor_of(hparams)
     request = as_request(request)
@@ -72,12 +74,16 @@ def edit(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, hparams:
     if cache is None:
         cache = EditCache.for_model(model)
     journal = WeightJournal(ModelAdapter(model))
+    if state is not None:
+        state.snapshot()
     start = time.perf_counter()
     try:
         output = EDITORS[editor](model, tok, request, hparams, journal=journal,
-                                 layers=list(layers) if layers is not None else None, cache=cache)
+                                 layers=list(layers) if layers is not None else None, cache=cache, state=state)
     except BaseException:
         journal.restore()
+        if state is not None:
+            state.restore()
         raise
     device = model_device(model)
     if device.type == "cuda":  # asynchronous kernels: time the work, not its launch
@@ -89,9 +95,11 @@ def edit(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, hparams:
 
 
 def rollback(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, hparams: Any,
-             previous: EditResult, cache: EditCache | None = None, keep_deltas: bool = True) -> EditResult:
+             previous: EditResult, cache: EditCache | None = None, keep_deltas: bool = True,
+             state: EditorState | None = None) -> EditResult:
     """Undo `previous` the paper's way: edit again with target_new / target_true swapped, same
     editor, at `previous.layers` (WilKE re-uses the layer it chose)."""
     if editor_of(hparams) != previous.editor:
         raise ValueError(f"rollback with editor {editor_of(hparams)!r} of an edit made by {previous.editor!r}")
-    return edit(model, tok, swapped(request), hparams, layers=previous.layers, cache=cache, keep_deltas=keep_deltas)
+    return edit(model, tok, swapped(request), hparams, layers=previous.layers, cache=cache, keep_deltas=keep_deltas,
+                state=state)

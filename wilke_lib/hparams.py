@@ -260,6 +260,24 @@ class MEMITHParams(_DeltaOptimHParams):
 
 
 @dataclass(kw_only=True)
+class AlphaEditHParams(MEMITHParams):
+    """AlphaEdit (Fang et al. 2025, "AlphaEdit: Null-Space Constrained Knowledge Editing"): MEMIT's
+    targets z and residual spreading over `layers`, each layer's update projected onto the null space
+    of the preserved keys: eigen-directions of C = E[k k^T] with eigenvalue below `nullspace_threshold`
+    (absolute, as their code), the keys of earlier edits accumulated, `l2` the ridge of the solve.
+    (`mom2_update_weight` is not used.)"""
+
+    nullspace_threshold: float = 2e-2
+    l2: float = 10.0
+    editor: ClassVar[str] = "alphaedit"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.nullspace_threshold <= 0 or self.l2 < 0:
+            raise ValueError("nullspace_threshold must be > 0 and l2 >= 0")
+
+
+@dataclass(kw_only=True)
 class FTHParams:
     """FT-L (Zhu et al. 2020, ROME's constrained fine-tuning baseline): Adam on W_proj of one layer,
     NLL of target_new after the prompt, L-inf constraint |W - W_0| <= norm_constraint."""
@@ -299,11 +317,12 @@ class KNHParams:
             raise ValueError("ig_steps >= 1, 0 < threshold <= 1 and max_neurons >= 1 are required")
 
 
-HParams = ROMEHParams | WilKEHParams | MEMITHParams | FTHParams | KNHParams
+HParams = ROMEHParams | WilKEHParams | MEMITHParams | AlphaEditHParams | FTHParams | KNHParams
 
 HPARAMS_CLASSES: dict[str, type] = {
     "rome": ROMEHParams,
     "memit": MEMITHParams,
+    "alphaedit": AlphaEditHParams,
     "wilke": WilKEHParams,
     "ft": FTHParams,
     "kn": KNHParams,

@@ -6,6 +6,9 @@ unit of the paper's Table 1.
 * ES, PS (the paper's GS), NS (the paper's LS): Eq. 12-14, averaged over the edit steps.
 * ERS, ORS: Eq. 15-16, measured on the rolled-back model at a checkpoint.
 * S: harmonic mean of the five, where a score of exactly zero counts as 1e-4 (released code).
+
+`evaluate_edit` and `answers_true` measure one record on the current model through a backend's
+`matches` (greedy exact match of every target token, `generation.greedy_matches`).
 """
 
 from __future__ import annotations
@@ -13,8 +16,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
+from torch import nn
+
+from wilke_lib.tokens import rewrite_prompt, target_str
 
 METRICS: tuple[str, ...] = ("S", "ES", "PS", "NS", "ERS", "ORS")
 """Order of the columns of Table 1."""
@@ -126,3 +134,39 @@ def relative_improvement(a: float, b: float) -> float:
     if b == 0:
         return math.nan if a == 0 else math.copysign(math.inf, a)
     return a / b - 1.0
+
+
+# ---- one record on the current model (Eq. 12-16) ----------------------------------------------
+
+def fraction(flags: Sequence[bool]) -> float:
+    return float(np.mean(flags)) if len(flags) else math.nan
+
+
+def evaluate_edit(backend: Any, model: nn.Module, tok: Any, rec: dict, batch_size: int,
+                  edited: bool = True) -> dict[str, float]:
+    """ES (Eq. 12), PS (Eq. 13, fraction of paraphrases) and NS (Eq. 14, fraction of neighbourhood
+    prompts keeping target_true) of one record on the current model, in one matcher call.
+    With `edited=False` (failed edit) ES = PS = 0 and only NS is measured."""
+    rw = rec["requested_rewrite"]
+    new, true = target_str(rw["target_new"]), target_str(rw["target_true"])
+    para = list(rec.get("paraphrase_prompts", [])) if edited else []
+    neigh = list(rec.get("neighborhood_prompts", []))
+    rewrite = [rewrite_prompt(rec)] if edited else []
+    prompts = rewrite + para + neigh
+    targets = [new] * (len(rewrite) + len(para)) + [true] * len(neigh)
+    flags = list(backend.matches(model, tok, prompts, targets, batch_size=batch_size)) if prompts else []
+    k = len(rewrite)
+    return {"ES": fraction(flags[:k]) if edited else 0.0, "PS": fraction(flags[k:k + len(para)]) if edited else 0.0,
+            "NS": fraction(flags[k + len(para):])}
+
+
+def answers_true(backend: Any, model: nn.Module, tok: Any, recs: Sequence[dict], batch_size: int,
+                 with_paraphrases: bool = False) -> list[bool]:
+    """Whether each record's rewrite prompt (and paraphrases) answers its target_true (Eq. 15-16, App. B)."""
+    prompts, targets = [], []
+    for rec in recs:
+        extra = list(rec.get("paraphrase_prompts", [])) if with_paraphrases else []
+        for prompt in [rewrite_prompt(rec)] + extra:
+            prompts.append(prompt)
+            targets.append(target_str(rec["requested_rewrite"]["target_true"]))
+    return [bool(m) for m in backend.matches(model, tok, prompts, targets, batch_size=batch_size)] if prompts else []

@@ -34,7 +34,7 @@ from wilke_lib.arch import ModelAdapter, hooks
 from wilke_lib.models import context_length, model_identity
 from wilke_lib.results import cache_dir
 from wilke_lib.tokens import pad_id_of, right_pad
-from wilke_lib.world import load_corpus
+from wilke_lib.organisms.world import load_corpus
 
 log = logging.getLogger(__name__)
 

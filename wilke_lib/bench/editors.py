@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from wilke_lib import counterfact
+from wilke_lib import counterfact, editing
 from wilke_lib.arch import ModelAdapter, model_device
 from wilke_lib.bench.measure import (PeakMemory, count_flops, device_name, original_weights, provenance, sync,
                                      timed_edit)
@@ -38,6 +38,8 @@ from wilke_lib.editors.cache import EditCache
 from wilke_lib.editors.common import WeightJournal
 from wilke_lib.editors.wilke import wilke_editor
 from wilke_lib.hparams import WilKEHParams, load_hparams
+from wilke_lib.lifelong import default_backend
+from wilke_lib.metrics import answers_true, evaluate_edit
 from wilke_lib.models import load_model
 from wilke_lib.results import REPO_ROOT, model_slug
 
@@ -47,7 +49,9 @@ SHARED_FIELDS = ("v_num_grad_steps", "v_lr", "v_weight_decay", "v_weight_decay_f
                  "mom2_max_length", "mom2_dtype", "mom2_ridge")
 """Delta-optimisation and statistics settings every benchmarked variant takes from ROME's file."""
 
-VARIANTS = ("rome", "memit", "wilke-batched", "wilke-sequential")
+VARIANTS = ("rome", "rome-full", "memit", "wilke-batched", "wilke-sequential")
+"""rome-full: ROME's delta optimisation without the prefix cache (every step runs the whole prompts
+through the whole model, as the released code), the reference of `rome_speedup_vs_previous`."""
 
 
 
@@ -91,6 +95,8 @@ def make_variants(model_name: str, names: Sequence[str] = VARIANTS,
     for name in names:
         if name in ("rome", "memit"):
             out.append(BenchVariant(name, hps[name]))
+        elif name == "rome-full":
+            out.append(BenchVariant(name, dataclasses.replace(hps["rome"], delta_runner="full")))
         elif name in ("wilke-batched", "wilke-sequential"):
             out.append(BenchVariant(name, wilke, search=name.split("-")[1]))
         else:
@@ -183,6 +189,46 @@ def benchmark_editors(model_name: str, *, n_edits: int = 10, warmup: int = 1, de
     rome = table.loc[table["variant"] == "rome", "median_ms"]
     table["time_vs_rome"] = table["median_ms"] / rome.iloc[0] if len(rome) else float("nan")
     return table
+
+
+def lifelong_step_ms(model: nn.Module, tok, records: Sequence[dict], hparams: Any, cache: EditCache,
+                     originals) -> float:
+    """Median ms of one step of the lifelong protocol (edit, ES/PS/NS, rollback, rollback success) on
+    the unedited model (the weights are put back after each step)."""
+    backend = default_backend()
+    times = []
+    for record in records:
+        sync(model_device(model))
+        start = time.perf_counter()
+        result = editing.edit(model, tok, record["requested_rewrite"], hparams, cache=cache, keep_deltas=False)
+        evaluate_edit(backend, model, tok, record, 64)
+        editing.rollback(model, tok, record["requested_rewrite"], hparams, result, cache=cache, keep_deltas=False)
+        answers_true(backend, model, tok, [record], 64, with_paraphrases=True)
+        sync(model_device(model))
+        times.append(time.perf_counter() - start)
+        originals.restore()
+    return 1000 * statistics.median(times)
+
+
+def summary_json(tables: dict[str, Any], steps: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """`make bench`'s summary: per model and editor ms_per_edit, ms_per_lifelong_step and gflop_per_edit,
+    and the ratios rome_speedup_vs_previous (ROME without / with the prefix cache), wilke_over_rome
+    (time per edit) and wilke_over_rome_flops (counted arithmetic per edit)."""
+    out: dict[str, Any] = {}
+    for model_name, table in tables.items():
+        t = table.set_index("variant")
+        editors = {v: {"ms_per_edit": float(t.loc[v, "median_ms"]), "gflop_per_edit": float(t.loc[v, "gflop_per_edit"]),
+                       "ms_per_lifelong_step": steps.get(model_name, {}).get(v)} for v in t.index}
+
+        def ratio(num: str, den: str, col: str) -> float | None:
+            return float(t.loc[num, col] / t.loc[den, col]) if {num, den} <= set(t.index) else None
+
+        out[model_name] = {"editors": editors,
+                           "rome_speedup_vs_previous": ratio("rome-full", "rome", "median_ms"),
+                           "wilke_over_rome": ratio("wilke-batched", "rome", "median_ms"),
+                           "wilke_over_rome_flops": ratio("wilke-batched", "rome", "gflop_per_edit"),
+                           "device": str(t["device_name"].iloc[0]), "threads": int(t["threads"].iloc[0])}
+    return out
 
 
 def summary_ratios(table) -> dict[str, float]:

@@ -1,13 +1,15 @@
 """The editors, one module each, and the registry `editing.edit` reads.
 
-An editor is a function `(model, tok, request, hparams, *, journal, layers, cache) -> EditorOutput`
-that changes W_proj weights only through the `WeightJournal` (`editors.common`). To add one: write
+An editor is a function `(model, tok, request, hparams, *, journal, layers, cache, state) -> EditorOutput`
+that changes W_proj weights only through the `WeightJournal` and keeps what it remembers between
+edits in the `EditorState` (`editors.common`). To add one: write
 `editors/<name>.py`, its hyper-parameter dataclass in `wilke_lib.hparams`, its YAML files in
 `wilke_lib/hparams/<name>/`, and register it here.
 """
 
 from collections.abc import Callable
 
+from wilke_lib.editors.alphaedit import alphaedit_editor
 from wilke_lib.editors.common import EditorOutput
 from wilke_lib.editors.ft import ft_editor
 from wilke_lib.editors.kn import kn_editor
@@ -18,5 +20,5 @@ from wilke_lib.editors.wilke import wilke_editor
 EditorFn = Callable[..., EditorOutput]
 
 EDITORS: dict[str, EditorFn] = {"rome": rome_editor, "memit": memit_editor, "wilke": wilke_editor,
-                                "ft": ft_editor, "kn": kn_editor}
-"""name -> implementation(model, tok, request, hparams, *, journal, layers, cache) -> EditorOutput."""
+                                "ft": ft_editor, "kn": kn_editor, "alphaedit": alphaedit_editor}
+"""name -> implementation(model, tok, request, hparams, *, journal, layers, cache, state) -> EditorOutput."""

@@ -95,6 +95,7 @@ class EditCache:
     prefixes: dict[tuple, list[str]] = field(default_factory=dict)
     mom2: dict[tuple, torch.Tensor] = field(default_factory=dict)
     mom2_inv: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    projectors: dict[tuple, torch.Tensor] = field(default_factory=dict)
     progress: bool = False
 
     @classmethod
@@ -134,6 +135,17 @@ class EditCache:
             mom2 = self.get_mom2(model, tok, [layer], hparams)[layer]
             self.mom2_inv[key] = invert_second_moment(mom2, hparams.mom2_ridge, layer)
         return self.mom2_inv[key]
+
+    def get_projector(self, model: nn.Module, tok: PreTrainedTokenizerBase, layer: int, hparams: Any) -> torch.Tensor:
+        """AlphaEdit's projector onto the null space of the preserved keys: U U^T over the eigenvectors
+        of C whose eigenvalue is below `hparams.nullspace_threshold` (float32, on C's device)."""
+        key = self._stats_key(hparams, layer) + (hparams.nullspace_threshold,)
+        if key not in self.projectors:
+            mom2 = self.get_mom2(model, tok, [layer], hparams)[layer]
+            eigvals, eigvecs = torch.linalg.eigh(mom2.double())
+            small = eigvecs[:, eigvals < hparams.nullspace_threshold]
+            self.projectors[key] = (small @ small.T).to(device=mom2.device, dtype=torch.float32)
+        return self.projectors[key]
 
     def prepare(self, model: nn.Module, tok: PreTrainedTokenizerBase, hparams: Any, layers: Sequence[int]) -> "EditCache":
         """Derive the prefixes and the statistics of `layers` from the (unedited) model now."""

@@ -56,6 +56,25 @@ class WeightJournal:
                 for layer, weight in sorted(self.saved.items())}
 
 
+class EditorState:
+    """What an editor remembers from one edit to the next within a run (AlphaEdit: the keys of the
+    earlier edits), as named tensors. The lifelong runner creates one per run, saves it with the
+    weights and restores it on resume; `editing.edit` restores it, like the weights, when an edit
+    fails. Editors without memory ignore it."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        self.tensors: dict[str, torch.Tensor] = dict(tensors or {})
+        self._saved: dict[str, torch.Tensor] | None = None
+
+    def snapshot(self) -> None:
+        self._saved = {k: v.clone() for k, v in self.tensors.items()}
+
+    def restore(self) -> None:
+        if self._saved is not None:
+            self.tensors = self._saved
+            self._saved = None
+
+
 def single_layer(layers: list[int] | None, default: int | None, editor: str) -> int:
     """The one layer an editor edits: `layers=[l]` if given, else its default; ValueError otherwise."""
     if layers is not None and len(layers) != 1:

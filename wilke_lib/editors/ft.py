@@ -16,14 +16,15 @@ from transformers import PreTrainedTokenizerBase
 
 from wilke_lib.arch import ModelAdapter, frozen, model_device
 from wilke_lib.editors.cache import EditCache
-from wilke_lib.editors.common import EditorOutput, WeightJournal, single_layer
+from wilke_lib.editors.common import EditorOutput, EditorState, WeightJournal, single_layer
 from wilke_lib.errors import EditError
 from wilke_lib.hparams import FTHParams
 from wilke_lib.tokens import encode_prompt, prepare_request
 
 
 def ft_editor(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, hparams: FTHParams, *,
-              journal: WeightJournal, layers: list[int] | None, cache: EditCache | None = None) -> EditorOutput:
+              journal: WeightJournal, layers: list[int] | None, cache: EditCache | None = None,
+              state: EditorState | None = None) -> EditorOutput:
     """The "ft" editor of the registry: fine-tune W_proj of one layer in place (journal snapshots it first)."""
     layer = single_layer(layers, hparams.layer, "FT-L")
     prepared = prepare_request(tok, request)

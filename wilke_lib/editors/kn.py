@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from wilke_lib.arch import ModelAdapter, frozen, hooks, model_device
 from wilke_lib.editors.cache import EditCache
-from wilke_lib.editors.common import EditorOutput, WeightJournal
+from wilke_lib.editors.common import EditorOutput, EditorState, WeightJournal
 from wilke_lib.errors import EditError
 from wilke_lib.hparams import KNHParams
 from wilke_lib.tokens import encode_prompt, prepare_request
@@ -67,7 +67,8 @@ def neuron_attributions(model: nn.Module, tok: PreTrainedTokenizerBase, prompt: 
 
 
 def kn_editor(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, hparams: KNHParams, *,
-              journal: WeightJournal, layers: list[int] | None, cache: EditCache | None = None) -> EditorOutput:
+              journal: WeightJournal, layers: list[int] | None, cache: EditCache | None = None,
+              state: EditorState | None = None) -> EditorOutput:
     """The "kn" editor of the registry: find knowledge neurons of target_true and rewrite their value vectors."""
     prepared = prepare_request(tok, request)
     if prepared.target_true_ids is None:

@@ -16,7 +16,7 @@ EditError.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from wilke_lib.arch import ModelAdapter, frozen, hidden_of, hooks, model_device
 from wilke_lib.editors.batched_delta import optimize_deltas_batched
 from wilke_lib.editors.cache import EditCache
-from wilke_lib.editors.common import EditorOutput, WeightJournal
+from wilke_lib.editors.common import EditorOutput, EditorState, WeightJournal
 from wilke_lib.editors.delta import compute_ks, optimize_delta
 from wilke_lib.errors import EditError
 from wilke_lib.hparams import MEMITHParams
@@ -88,13 +88,19 @@ def memit_update(resid: torch.Tensor, keys: torch.Tensor, mom2: torch.Tensor, mo
     return dW
 
 
+LayerUpdate = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(layer, residual R (d_model, n), keys K (d_mlp, n)) -> dW (d_model, d_mlp)."""
+
+
 def apply_memit(model: nn.Module, tok: PreTrainedTokenizerBase, requests: Sequence[dict], hparams: MEMITHParams, *,
                 cache: EditCache | None = None, layers: Sequence[int] | None = None,
-                journal: WeightJournal | None = None) -> dict[str, Any]:
+                journal: WeightJournal | None = None, layer_update: LayerUpdate | None = None) -> dict[str, Any]:
     """Edit all `requests` at once with MEMIT, in place; returns an info dict.
 
     Without a journal, one is made and used to restore the weights if anything fails. Prefer
-    `editing.edit` for a single request (it records the deltas and the time).
+    `editing.edit` for a single request (it records the deltas and the time). `layer_update` replaces
+    MEMIT's Eq. 14 for each layer (AlphaEdit's projected update); the targets z and the spreading of
+    the residual over the layers stay MEMIT's.
     """
     if not requests:
         raise ValueError("no requests")
@@ -121,7 +127,10 @@ def apply_memit(model: nn.Module, tok: PreTrainedTokenizerBase, requests: Sequen
             keys = torch.stack([compute_ks(model, tok, r, [layer], hparams, prefixes)[layer] for r in requests], dim=1)
             current = hidden_at_fact_token(model, tok, requests, last, hparams.fact_token)
             resid = (Z - current) / (len(layers) - i)
-            dW = memit_update(resid, keys, mom2s[layer], hparams.mom2_update_weight, layer)
+            if layer_update is None:
+                dW = memit_update(resid, keys, mom2s[layer], hparams.mom2_update_weight, layer)
+            else:
+                dW = layer_update(layer, resid, keys)
             journal.add(layer, dW)
             per_layer.append({"layer": layer, "resid_norm": float(resid.norm()), "dW_norm": float(dW.norm())})
         final = hidden_at_fact_token(model, tok, requests, last, hparams.fact_token)
@@ -138,7 +147,8 @@ def apply_memit(model: nn.Module, tok: PreTrainedTokenizerBase, requests: Sequen
 
 
 def memit_editor(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, hparams: MEMITHParams, *,
-                 journal: WeightJournal, layers: list[int] | None, cache: EditCache) -> EditorOutput:
+                 journal: WeightJournal, layers: list[int] | None, cache: EditCache,
+                 state: EditorState | None = None) -> EditorOutput:
     """The "memit" editor of the registry: MEMIT on one request."""
     used = list(layers) if layers is not None else list(hparams.layers)
     info = apply_memit(model, tok, [request], hparams, cache=cache, layers=used, journal=journal)

@@ -32,7 +32,7 @@ from transformers import PreTrainedTokenizerBase
 from wilke_lib.arch import ModelAdapter
 from wilke_lib.editors.batched_delta import optimize_deltas_batched
 from wilke_lib.editors.cache import EditCache
-from wilke_lib.editors.common import EditorOutput, WeightJournal, single_layer
+from wilke_lib.editors.common import EditorOutput, EditorState, WeightJournal, single_layer
 from wilke_lib.editors.delta import LayerKeys, compute_keys, optimize_delta
 from wilke_lib.errors import EditError
 from wilke_lib.hparams import UPDATE_FORMS, ROMEHParams
@@ -121,7 +121,8 @@ def apply_rank_one(model: nn.Module, outcome: RomeOutcome, journal: WeightJourna
 
 
 def rome_editor(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, hparams: ROMEHParams, *,
-                journal: WeightJournal, layers: list[int] | None, cache: EditCache) -> EditorOutput:
+                journal: WeightJournal, layers: list[int] | None, cache: EditCache,
+                state: EditorState | None = None) -> EditorOutput:
     """The "rome" editor of the registry: ROME's update at `layers=[l]` or at hparams.layer."""
     layer = single_layer(layers, hparams.layer, "ROME")
     outcome = compute_rome_update(model, tok, request, layer, hparams, cache)

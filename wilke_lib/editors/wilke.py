@@ -31,7 +31,7 @@ from transformers import PreTrainedTokenizerBase
 from wilke_lib.arch import ModelAdapter, model_device
 from wilke_lib.editors.batched_delta import optimize_deltas_batched, timed
 from wilke_lib.editors.cache import EditCache
-from wilke_lib.editors.common import EditorOutput, WeightJournal
+from wilke_lib.editors.common import EditorOutput, EditorState, WeightJournal
 from wilke_lib.editors.delta import LayerKeys, compute_keys
 from wilke_lib.editors.rome import RomeOutcome, apply_rank_one, compute_v, rank_one_update, rome_target
 from wilke_lib.hparams import WilKEHParams
@@ -167,7 +167,7 @@ def choose_layer(candidates: dict[int, LayerCandidate]) -> int:
 
 def wilke_editor(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, hparams: WilKEHParams, *,
                  journal: WeightJournal, layers: list[int] | None, cache: EditCache,
-                 profile: dict[str, float] | None = None) -> EditorOutput:
+                 state: EditorState | None = None, profile: dict[str, float] | None = None) -> EditorOutput:
     """The "wilke" editor of the registry: search (unless layers=[l] is given) and apply ROME's update at l*.
 
     profile: with the batched search, a dict that accumulates seconds per phase (benchmarks)."""

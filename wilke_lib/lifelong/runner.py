@@ -36,13 +36,13 @@ from tqdm.auto import tqdm
 from wilke_lib import counterfact, editing, generation
 from wilke_lib.arch import ModelAdapter
 from wilke_lib.editors.cache import EditCache
+from wilke_lib.editors.common import EditorState
 from wilke_lib.lifelong import store
 from wilke_lib.lifelong.config import LifelongConfig, records_fingerprint, resolve_hparams, run_dir, run_identity
 from wilke_lib.lifelong.toxicity import ToxicityMonitor, is_snapshot_step
-from wilke_lib.metrics import score_S
+from wilke_lib.metrics import answers_true, evaluate_edit, fraction, score_S
 from wilke_lib.models import context_length, model_key
 from wilke_lib.results import append_jsonl, digest, read_json, runs_dir, write_json_atomic
-from wilke_lib.tokens import rewrite_prompt, target_str
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class Backend:
     known: Callable[..., list[dict]]
     edit_error: type[BaseException] | tuple[type[BaseException], ...] = ValueError
     prepare: Callable[[nn.Module, Any, Any, Any], Any] = lambda model, tok, hparams, cache: cache
+    stateful: bool = False  # edit / rollback take `state=` (an `EditorState`, saved and restored with the weights)
 
 
 def predefined_layers(hparams: Any) -> list[int]:
@@ -99,7 +100,8 @@ def prepare_edit_cache(model: nn.Module, tok: Any, hparams: Any, cache: EditCach
 def default_backend() -> Backend:
     """Backend of the real editors (`wilke_lib.editing`) and evaluator (`wilke_lib.generation`)."""
     return Backend(edit=editing.edit, rollback=editing.rollback, matches=generation.greedy_matches,
-                   known=counterfact.known_records, edit_error=editing.EditError, prepare=prepare_edit_cache)
+                   known=counterfact.known_records, edit_error=editing.EditError, prepare=prepare_edit_cache,
+                   stateful=True)
 
 
 # --------------------------------------------------------------------------- records
@@ -141,41 +143,6 @@ def known_cached(model: nn.Module, tok: Any, records: Sequence[dict], config: Li
     return [records[i] for i in indices]
 
 
-# --------------------------------------------------------------------------- evaluation
-def _fraction(flags: Sequence[bool]) -> float:
-    return float(np.mean(flags)) if len(flags) else math.nan
-
-
-def evaluate_edit(backend: Backend, model: nn.Module, tok: Any, rec: dict, batch_size: int,
-                  edited: bool = True) -> dict[str, float]:
-    """ES (Eq. 12), PS (Eq. 13, fraction of paraphrases) and NS (Eq. 14, fraction of neighbourhood
-    prompts keeping target_true) of one record on the current model, in one matcher call.
-    With `edited=False` (failed edit) ES = PS = 0 and only NS is measured."""
-    rw = rec["requested_rewrite"]
-    new, true = target_str(rw["target_new"]), target_str(rw["target_true"])
-    para = list(rec.get("paraphrase_prompts", [])) if edited else []
-    neigh = list(rec.get("neighborhood_prompts", []))
-    rewrite = [rewrite_prompt(rec)] if edited else []
-    prompts = rewrite + para + neigh
-    targets = [new] * (len(rewrite) + len(para)) + [true] * len(neigh)
-    flags = list(backend.matches(model, tok, prompts, targets, batch_size=batch_size)) if prompts else []
-    k = len(rewrite)
-    return {"ES": _fraction(flags[:k]) if edited else 0.0, "PS": _fraction(flags[k:k + len(para)]) if edited else 0.0,
-            "NS": _fraction(flags[k + len(para):])}
-
-
-def answers_true(backend: Backend, model: nn.Module, tok: Any, recs: Sequence[dict], batch_size: int,
-                 with_paraphrases: bool = False) -> list[bool]:
-    """Whether each record's rewrite prompt (and paraphrases) answers its target_true (Eq. 15-16, App. B)."""
-    prompts, targets = [], []
-    for rec in recs:
-        extra = list(rec.get("paraphrase_prompts", [])) if with_paraphrases else []
-        for prompt in [rewrite_prompt(rec)] + extra:
-            prompts.append(prompt)
-            targets.append(target_str(rec["requested_rewrite"]["target_true"]))
-    return [bool(m) for m in backend.matches(model, tok, prompts, targets, batch_size=batch_size)] if prompts else []
-
-
 # --------------------------------------------------------------------------- one step
 @dataclass
 class _RunState:
@@ -193,14 +160,17 @@ class _RunState:
     key: str
     dir: Path
     monitor: ToxicityMonitor
+    editor_state: EditorState = field(default_factory=EditorState)
     touched: set[str] = field(default_factory=set)
     steps: list[dict] = field(default_factory=list)
     checkpoints: list[dict] = field(default_factory=list)
     snapshots: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _call_editor(fn: Callable[..., Any], cache: Any, *args: Any) -> tuple[Any, float]:
-    kwargs = {"cache": cache} if cache is not None else {}
+def _call_editor(st: _RunState, fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    kwargs: dict[str, Any] = {"cache": st.cache} if st.cache is not None else {}
+    if st.backend.stateful:
+        kwargs["state"] = st.editor_state
     t0 = time.perf_counter()
     result = fn(*args, **kwargs)
     return result, time.perf_counter() - t0
@@ -236,7 +206,7 @@ def step_row(st: _RunState, step: int) -> dict[str, Any]:
     torch.manual_seed(st.config.seed * 1_000_003 + step)  # editors that draw random numbers
     t0 = time.perf_counter()
     try:
-        res, row["edit_seconds"] = _call_editor(st.backend.edit, st.cache, st.model, st.tok, request, st.hparams)
+        res, row["edit_seconds"] = _call_editor(st, st.backend.edit, st.model, st.tok, request, st.hparams)
     except st.backend.edit_error as err:  # weights unchanged by contract
         log.warning("step %d (case %s): edit failed: %s", step, row["case_id"], err)
         row.update(failed=True, error=f"{type(err).__name__}: {err}", rollback_seconds=0.0,
@@ -250,7 +220,7 @@ def step_row(st: _RunState, step: int) -> dict[str, Any]:
                    edit_scores={str(k): float(v) for k, v in scores.items()} if scores else None)
         row.update(evaluate_edit(st.backend, st.model, st.tok, rec, bs))
         try:
-            back, row["rollback_seconds"] = _call_editor(st.backend.rollback, st.cache, st.model, st.tok, request,
+            back, row["rollback_seconds"] = _call_editor(st, st.backend.rollback, st.model, st.tok, request,
                                                          st.hparams, res)
             names += _touch(st, back)
             row.update(rollback_layers=list(getattr(back, "layers", [])),
@@ -258,7 +228,7 @@ def step_row(st: _RunState, step: int) -> dict[str, Any]:
         except st.backend.edit_error as err:  # the edited model carries on
             log.warning("step %d (case %s): rollback failed: %s", step, row["case_id"], err)
             row["rollback_error"] = f"{type(err).__name__}: {err}"
-    row["rollback_success"] = _fraction(answers_true(st.backend, st.model, st.tok, [rec], bs, with_paraphrases=True))
+    row["rollback_success"] = fraction(answers_true(st.backend, st.model, st.tok, [rec], bs, with_paraphrases=True))
     row["weight_norms_after_rollback"] = {n: float(torch.linalg.norm(st.params[n].detach().float()))
                                           for n in sorted(set(names))}
     row.update(st.monitor.row())
@@ -273,7 +243,7 @@ def checkpoint_row(st: _RunState, step: int) -> dict[str, Any]:
     ors_flags = answers_true(st.backend, st.model, st.tok, st.Q, bs)
     rows = st.steps[:step]
     m = {k: float(np.nanmean([r[k] for r in rows])) for k in ("ES", "PS", "NS")}
-    m["ERS"], m["ORS"] = _fraction(ers_flags), _fraction(ors_flags)
+    m["ERS"], m["ORS"] = fraction(ers_flags), fraction(ors_flags)
     finite = all(math.isfinite(v) for v in m.values())
     m["S"] = score_S(m["ES"], m["PS"], m["NS"], m["ERS"], m["ORS"]) if finite else math.nan
     return {"step": step, **m, "n_failed_edits": sum(bool(r["failed"]) for r in rows),
@@ -296,8 +266,8 @@ def _resume(st: _RunState) -> int:
         st.steps = store.truncate_rows(st.dir / store.STEPS_FILE, 0)
     st.checkpoints = store.truncate_rows(st.dir / store.CHECKPOINTS_FILE, step)
     st.snapshots = store.load_toxicity(st.dir / store.TOXICITY_FILE, step)
-    store.apply_state(st.params, state)
-    st.touched = set(state)
+    st.editor_state = EditorState(store.apply_state(st.params, state))
+    st.touched = {n for n in state if not n.startswith(store.EDITOR_STATE_PREFIX)}
     if step:
         log.info("resuming %s after step %d", st.dir.name, step)
     return step
@@ -387,7 +357,7 @@ def _loop(st: _RunState, start: int, on_step: Callable[[int, dict], None] | None
         if on_step is not None:
             on_step(step, row)
         if step % max(cfg.save_every, 1) == 0 or step == n:
-            store.save_state(st.dir / store.STATE_FILE, st.params, st.touched, step, st.key)
+            store.save_state(st.dir / store.STATE_FILE, st.params, st.touched, step, st.key, st.editor_state.tensors)
         bar.update(1)
         bar.set_postfix(_postfix(st, t0, step - start))
     bar.close()

@@ -110,9 +110,15 @@ def start_dir(rdir: Path, config: LifelongConfig, hparams: Any, identity: dict, 
                              "format_version": FORMAT_VERSION})
 
 
-def save_state(path: Path, params: dict[str, nn.Parameter], touched: set[str], step: int, key: str) -> None:
-    """Current values of the touched parameters + step, written atomically."""
+EDITOR_STATE_PREFIX = "editor_state/"
+
+
+def save_state(path: Path, params: dict[str, nn.Parameter], touched: set[str], step: int, key: str,
+               editor_state: dict[str, torch.Tensor] | None = None) -> None:
+    """Current values of the touched parameters and of the editor's state (`EditorState`, names
+    prefixed "editor_state/") + step, written atomically."""
     tensors = {n: params[n].detach().to("cpu", copy=True).contiguous() for n in sorted(touched)}
+    tensors.update({EDITOR_STATE_PREFIX + n: t.detach().to("cpu").contiguous() for n, t in (editor_state or {}).items()})
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"step": str(step), "key": key})
     os.replace(tmp, path)
@@ -133,8 +139,10 @@ def read_state(path: Path, params: dict[str, nn.Parameter], key: str) -> tuple[i
             state = {name: fh.get_tensor(name) for name in fh.keys()}
         step = int(meta["step"])
         for name, tensor in state.items():
-            if name not in params or params[name].shape != tensor.shape or not torch.isfinite(tensor).all():
-                raise ValueError(f"parameter {name!r} is unknown, of another shape or not finite")
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{name!r} is not finite")
+            if not name.startswith(EDITOR_STATE_PREFIX) and (name not in params or params[name].shape != tensor.shape):
+                raise ValueError(f"parameter {name!r} is unknown or of another shape")
     except (SafetensorError, OSError, ValueError, KeyError) as err:
         discard(path, f"unusable ({err})")
         return 0, {}
@@ -149,10 +157,16 @@ def discard(path: Path, why: str) -> None:
         log.warning("%s is %s: moved to %s, the run starts again from step 0", path, why, bad.name)
 
 
-def apply_state(params: dict[str, nn.Parameter], state: dict[str, torch.Tensor]) -> None:
+def apply_state(params: dict[str, nn.Parameter], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy the saved parameters into the model; return the editor's state (prefix removed)."""
+    editor_state = {}
     with torch.no_grad():
         for name, tensor in state.items():
-            params[name].copy_(tensor.to(device=params[name].device, dtype=params[name].dtype))
+            if name.startswith(EDITOR_STATE_PREFIX):
+                editor_state[name[len(EDITOR_STATE_PREFIX):]] = tensor
+            else:
+                params[name].copy_(tensor.to(device=params[name].device, dtype=params[name].dtype))
+    return editor_state
 
 
 def truncate_rows(path: Path, last_step: int) -> list[dict[str, Any]]:

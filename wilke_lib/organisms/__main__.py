@@ -9,43 +9,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 from dataclasses import replace
 from pathlib import Path
 
-from wilke_lib.organisms.report import organism_report
+import pandas as pd
+
+from wilke_lib.organisms.report import REPORT_FILE, organism_report, target_table
 from wilke_lib.organisms.train import ORGANISM_DIR, ORGANISMS, train
 from wilke_lib.results import write_json_atomic
-
-REPORT_FILE = "report.json"
-TARGETS = (  # issue 12: (key, description, test)
-    ("known_rate", ">= 0.90", lambda r: r["known_rate"] >= 0.9),
-    ("n_known", ">= 2560", lambda r: r["n_known"] >= 2560),
-    ("subject_state_recovery_median", ">= 0.5", lambda r: r["subject_state_recovery_median"] >= 0.5),
-    ("causal_peak_median", "in layers 2-8 of 12", lambda r: 2 * r["layers"] / 12 <= r["causal_peak_median"] <= 8 * r["layers"] / 12),
-    ("causal_peak_distinct", ">= 4", lambda r: r["causal_peak_distinct"] >= 4),
-    ("causal_peak_top_share", "<= 0.60", lambda r: r["causal_peak_top_share"] <= 0.6),
-    ("rome_success", ">= 0.90", lambda r: r["rome_success"] >= 0.9),
-    ("rome_clamp_factor", "<= 8", lambda r: r["rome_clamp_factor"] <= 8),
-    ("rome_steps", "<= 40", lambda r: r["rome_steps"] <= 40),
-    ("last_token_recall", ">= 0.90", lambda r: r["last_token_recall"] >= 0.9),
-)
 
 
 def print_report(reports: list[dict]) -> None:
     """A table: one row per measured key and target, one column per organism."""
-    names = [r["model"] for r in reports]
-    print("| key | target | " + " | ".join(names) + " |")
-    print("|---|---|" + "---|" * len(names))
-    for key in ("n_facts", "layers", "d_model", "train_seconds", "n_traced", "rome_layer"):
-        print(f"| {key} | | " + " | ".join(str(r.get(key)) for r in reports) + " |")
-    for key, target, test in TARGETS:
-        cells = []
-        for r in reports:
-            value = r.get(key)
-            shown = f"{value:.3g}" if isinstance(value, float) and not math.isnan(value) else str(value)
-            cells.append(f"{shown} {'ok' if test(r) else 'MISSED'}")
-        print(f"| {key} | {target} | " + " | ".join(cells) + " |")
+    tables = [target_table(r).set_index(["key", "target"])["value"].rename(r["model"]) for r in reports]
+    print(pd.concat(tables, axis=1).to_string())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -171,3 +172,31 @@ def organism_report(model_name: str, *, n_traced: int = 120, n_edits: int = 100,
         "rome_rollback_restored": sum(e["rollback_restored"] for e in edits) / len(edits),
         "last_token_recall": sum(flips) / len(flips),
     }
+
+
+REPORT_FILE = "report.json"
+TARGETS = (  # the targets of the organisms issue: (key, what is asked, test)
+    ("known_rate", ">= 0.90", lambda r: r["known_rate"] >= 0.9),
+    ("n_known", ">= 2560", lambda r: r["n_known"] >= 2560),
+    ("subject_state_recovery_median", ">= 0.5", lambda r: r["subject_state_recovery_median"] >= 0.5),
+    ("causal_peak_median", "in layers 2-8 of 12",
+     lambda r: 2 * r["layers"] / 12 <= r["causal_peak_median"] <= 8 * r["layers"] / 12),
+    ("causal_peak_distinct", ">= 4", lambda r: r["causal_peak_distinct"] >= 4),
+    ("causal_peak_top_share", "<= 0.60", lambda r: r["causal_peak_top_share"] <= 0.6),
+    ("rome_success", ">= 0.90", lambda r: r["rome_success"] >= 0.9),
+    ("rome_clamp_factor", "<= 8", lambda r: r["rome_clamp_factor"] <= 8),
+    ("rome_steps", "<= 40", lambda r: r["rome_steps"] <= 40),
+    ("last_token_recall", ">= 0.90", lambda r: r["last_token_recall"] >= 0.9),
+)
+DESCRIPTIVE = ("n_facts", "layers", "d_model", "d_mlp", "n_parameters", "train_seconds", "train_tokens", "n_traced",
+               "rome_layer", "rome_update_form")
+
+
+def target_table(report: dict[str, Any]) -> pd.DataFrame:
+    """key, target, value (with "met" / "MISSED") of one organism's report."""
+    rows = [{"key": k, "target": "", "value": str(report.get(k))} for k in DESCRIPTIVE]
+    for key, target, test in TARGETS:
+        value = report.get(key)
+        shown = f"{value:.3g}" if isinstance(value, float) and math.isfinite(value) else str(value)
+        rows.append({"key": key, "target": target, "value": f"{shown} ({'met' if test(report) else 'MISSED'})"})
+    return pd.DataFrame(rows)
