@@ -19,10 +19,10 @@ TORCH_VERSION   ?= 2.13.0
 # pinned torch then comes from the configured indexes / local wheels.
 TORCH_CPU_INDEX ?=
 
-.PHONY: venv test book book-only toc organisms organism-report runs bench bench-success clean distclean help
+.PHONY: venv test book book-only check-site toc organisms organism-report runs bench bench-success clean distclean help
 
 help:
-	@echo "targets: venv test book book-only toc organisms organism-report runs bench bench-success clean distclean"
+	@echo "targets: venv test book book-only check-site toc organisms organism-report runs bench bench-success clean distclean"
 	@echo "variables: PROFILE=$(PROFILE) MODELS='$(MODELS)' NB_ARGS='$(NB_ARGS)'"
 
 $(PY):
@@ -59,6 +59,14 @@ book: venv
 book-only: venv
 	$(PY) scripts/make_toc.py --book-dir book
 	$(VENV)/bin/jupyter-book build book/
+
+# Load every page of book/_build/html in headless Chromium (Debian's chromium + chromium-driver) and
+# fail on broken links or images, console errors, raw LaTeX, tracebacks or progress bars in outputs
+# and figures without a caption; prints the counts. CHECK_ARGS="--screenshot glance.html" saves a
+# screenshot under book/_build/screenshots/.
+CHECK_ARGS ?=
+check-site: venv
+	$(PY) scripts/check_site.py --html-dir book/_build/html $(CHECK_ARGS)
 
 toc: venv
 	$(PY) scripts/make_toc.py --book-dir book

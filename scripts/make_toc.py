@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Generate ``book/_toc.yml`` from the executed notebooks present under ``book/<model>/``.
 
-One part per chapter (the ``NN`` prefix of the notebook name), captions from ``CHAPTERS``;
-inside a part, one entry per model that has the notebook (``toy-gpt2`` and ``toy-gptj`` first).
+The command first writes ``book/glance.md`` ("Results at a glance", scripts/make_glance.py), the
+book's first page when it exists; the intro follows. Then one part per chapter (the ``NN`` prefix
+of the notebook name), captioned ``"N. <topic>"`` from ``CHAPTERS``; inside a part, one entry per
+model that has the notebook (``toy-gpt2`` and ``toy-gptj`` first), shown in the sidebar as the
+model's name (the page's own title, "N. <title> — <model>", comes from book/_ext/wilke_site.py).
 ``--all`` writes the full planned table of contents whether the notebooks exist or not.
 """
 from __future__ import annotations
@@ -40,11 +43,13 @@ def chapter_number(stem: str) -> int | None:
 
 
 def caption_for(stem: str) -> str:
-    """Part caption: from CHAPTERS when known, else derived from the file name."""
+    """Part caption, "N. <topic>": from CHAPTERS when known, else derived from the file name."""
     n = chapter_number(stem)
     if n in CHAPTERS:
-        return CHAPTERS[n][1]
-    return re.sub(r"^\d+[_-]*", "", stem).replace("_", " ").strip().capitalize() or stem
+        topic = CHAPTERS[n][1]
+    else:
+        topic = re.sub(r"^\d+[_-]*", "", stem).replace("_", " ").strip().capitalize() or stem
+    return f"{n}. {topic}" if n is not None else topic
 
 
 def find_models(book_dir: Path) -> list[str]:
@@ -64,9 +69,11 @@ def build_toc(book_dir: Path, all_planned: bool = False) -> dict:
                    for m in models for p in (book_dir / m).glob("*.ipynb")}
     parts: dict[tuple[int, str], list[dict]] = {}
     for n, stem, m in sorted(entries, key=lambda e: (e[0], e[1], models.index(e[2]))):
-        parts.setdefault((n, stem), []).append({"file": f"{m}/{stem}"})
-    toc: dict = {"format": "jb-book", "root": "intro"}
-    toc_parts = [{"caption": caption_for(stem), "chapters": chapters} for (_, stem), chapters in parts.items()]
+        parts.setdefault((n, stem), []).append({"file": f"{m}/{stem}", "title": m})
+    glance = (book_dir / "glance.md").exists()
+    toc: dict = {"format": "jb-book", "root": "glance" if glance else "intro"}
+    toc_parts = [{"caption": "About this companion", "chapters": [{"file": "intro"}]}] if glance else []
+    toc_parts += [{"caption": caption_for(stem), "chapters": chapters} for (_, stem), chapters in parts.items()]
     if (book_dir / "references.md").exists():
         toc_parts.append({"caption": "References", "chapters": [{"file": "references"}]})
     if toc_parts:
@@ -86,7 +93,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--book-dir", type=Path, default=REPO / "book")
     ap.add_argument("--all", action="store_true", help="write the full planned toc, present or not")
+    ap.add_argument("--no-glance", action="store_true", help="do not (re)write book/glance.md")
     args = ap.parse_args(argv)
+    if not args.no_glance:
+        try:
+            from scripts.make_glance import main as make_glance
+        except ModuleNotFoundError:  # run as `python scripts/make_toc.py`
+            from make_glance import main as make_glance
+        make_glance(["--book-dir", str(args.book_dir)])
     path = write_toc(args.book_dir, args.all)
     n = sum(len(p["chapters"]) for p in yaml.safe_load(path.read_text()).get("parts", []))
     print(f"wrote {path} ({n} pages besides the intro)")

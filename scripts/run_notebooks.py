@@ -8,6 +8,12 @@ model name (``EleutherAI/gpt-j-6b`` -> ``gpt-j-6b``). A failing notebook does no
 others; failures are listed at the end and the exit status is 1. A timing table is printed
 and written to ``book/_timings.csv`` (merged with the rows of earlier runs).
 
+Progress stays on the terminal: the kernels run with ``TQDM_DISABLE=1`` (no progress bar in the
+notebooks; the book does not render stderr either) and this script prints a line per notebook.
+The kernels get ``WILKE_BOOK_DIR=<book dir>``: ``wilke_lib.present`` writes each page's figures,
+data and verdicts to ``<book dir>/<model>/<notebook stem>_files/``, which is emptied before the
+notebook runs so that no file of an earlier run is left behind.
+
 Examples::
 
     python scripts/run_notebooks.py                               # all notebooks, toy-gpt2 + toy-gptj
@@ -20,6 +26,8 @@ import argparse
 from concurrent.futures import ThreadPoolExecutor
 import csv
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -83,11 +91,25 @@ def find_notebooks(nb_dir: Path, only: list[str] | None) -> list[Path]:
     return nbs
 
 
+KERNEL_ENVIRONMENT = {"TQDM_DISABLE": "1"}  # progress bars stay on the terminal, not in the pages
+
+
+def kernel_environment(book_dir: Path) -> dict[str, str]:
+    """What the kernels inherit: no progress bars, and where the pages' files go."""
+    return {**KERNEL_ENVIRONMENT, "WILKE_BOOK_DIR": str(Path(book_dir).resolve())}
+
+
+def page_files(out: Path) -> Path:
+    """``<model dir>/<notebook stem>_files``: the figures, data and verdicts of an executed page."""
+    return out.with_name(f"{out.stem}_files")
+
+
 def run_one(nb: Path, out: Path, parameters: dict, kernel: str, cwd: Path, timeout: int | None) -> str:
     """Execute one notebook; return "ok" or a one-line failure description."""
     import papermill as pm
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(page_files(out), ignore_errors=True)
     try:
         pm.execute_notebook(
             str(nb), str(out), parameters=parameters, kernel_name=kernel, language="python", cwd=str(cwd),
@@ -156,6 +178,7 @@ def main(argv=None) -> int:
         print(f"no notebooks found in {args.notebooks_dir} (only={args.only})", file=sys.stderr)
         return 1
     kernel = ensure_kernel(args.kernel)
+    os.environ.update(kernel_environment(args.book_dir))  # set once, before any kernel starts
     extras = {k: parse_value(v) for k, v in args.parameter}
     jobs = [(nb, m) for m in models for nb in notebooks]
     t_all = time.perf_counter()

@@ -1,13 +1,16 @@
-"""Sweep ROME's editing layer and optimisation settings on an organism: the procedure that derives
-the organisms' settings in wilke_lib/hparams (see wilke_lib/hparams/README.md), starting from the
-paper's (20 steps at lr 0.5, clamp 4, weight decay 0.5).
+"""Sweep an editor's hyper-parameters on an organism: the procedure that derives the organisms'
+settings in wilke_lib/hparams (see wilke_lib/hparams/README.md), starting from the paper's.
 
-    .venv/bin/python -m scripts.sweep_organism_hparams toy-gpt2 --records 20 --layers 0 1 2 3 \
-        --steps 20 40 --lrs 0.5 1.0 --clamps 4 8
+    .venv/bin/python -m scripts.sweep_organism_hparams toy-gpt2 --editor rome --records 20 \
+        --grid layer=2,3,4 clamp_norm_factor=4,8 v_lr=0.5,1.0
+    .venv/bin/python -m scripts.sweep_organism_hparams toy-gptj --editor memit \
+        --grid "layers=[2,3],[2,3,4]" mom2_update_weight=100,1000
 
-Prints, per setting, the share of known records whose rewrite prompt greedily answers target_new
-after one ROME edit (ES), the mean paraphrase success (PS), the share whose rollback restores
-target_true, and the seconds per edit.
+Each grid value is read as YAML (`[2,3]` is a list). Every setting edits the same evenly spaced
+known records, each on a fresh copy of the organism, and reports ES (the rewrite prompt answers
+target_new), PS (share of paraphrases), NS (share of neighbourhood prompts still answering
+target_true), the share whose rollback restores target_true (editors that roll back) and the
+seconds per edit. The rows are printed and appended to `results/sweeps/<model>/<editor>.csv`.
 """
 
 from __future__ import annotations
@@ -17,54 +20,99 @@ import dataclasses
 import itertools
 import time
 
+import pandas as pd
 import torch
+import yaml
+from tqdm.auto import tqdm
 
-from wilke_lib import counterfact, editing, experiments, generation, hparams, models
+from wilke_lib import counterfact, editing, experiments, hparams, models
+from wilke_lib.lifelong.runner import default_backend
+from wilke_lib.metrics import evaluate_edit
+from wilke_lib.results import model_slug, results_dir
+
+ROLLBACK_EDITORS = ("rome", "wilke")
 
 
-def sweep(model_name: str, n_records: int, layers, steps, lrs, clamps, decays, forms) -> list[dict]:
+def parse_grid(items: list[str]) -> dict[str, list]:
+    """`key=v1,v2` -> {key: [v1, v2]}, each value read as YAML; commas inside brackets stay."""
+    grid = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--grid entry {item!r}: expected key=value[,value...]")
+        values, depth, start = [], 0, 0
+        for i, ch in enumerate(text + ","):
+            depth += (ch in "[{") - (ch in "]}")
+            if ch == "," and depth == 0:
+                values.append(yaml.safe_load(text[start:i]))
+                start = i + 1
+        grid[key] = values
+    return grid
+
+
+def settings(base, grid: dict[str, list]):
+    """Every combination of the grid, as hyper-parameters validated like a YAML file."""
+    keys = list(grid)
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        changes = dict(zip(keys, combo))
+        unknown = set(changes) - {f.name for f in dataclasses.fields(base)}
+        if unknown:
+            raise SystemExit(f"{type(base).__name__} has no field(s) {sorted(unknown)}")
+        yield changes, dataclasses.replace(base, **changes)
+
+
+def measure(model, tok, records, hp, cache, backend) -> dict:
+    totals = dict(ES=0.0, PS=0.0, NS=0.0, rollback=0.0, failed=0)
+    started = time.time()
+    for record in records:
+        if hp.editor in ROLLBACK_EDITORS:
+            totals["rollback"] += experiments.edit_and_rollback(model, tok, record, hp, cache)["rollback_restored"]
+        try:
+            edited = editing.edit(model, tok, record["requested_rewrite"], hp, copy=True, cache=cache).model
+        except editing.EditError:
+            totals["failed"] += 1
+            continue
+        scores = evaluate_edit(backend, edited, tok, record, batch_size=32)
+        for key in ("ES", "PS", "NS"):
+            totals[key] += scores[key]
+    n = len(records)
+    row = {k: totals[k] / n for k in ("ES", "PS", "NS")}
+    row["rollback"] = totals["rollback"] / n if hp.editor in ROLLBACK_EDITORS else float("nan")
+    row["failed"] = totals["failed"]
+    row["seconds"] = (time.time() - started) / n
+    return row
+
+
+def sweep(model_name: str, editor: str, n_records: int, grid: dict[str, list]) -> pd.DataFrame:
     model, tok = models.load_model(model_name, device="cpu")
     known = counterfact.known_records(model, tok, counterfact.load_counterfact("toy-world"))
     chosen = experiments.evenly_spaced(known, n_records)
     cache = editing.EditCache.for_model(model)
-    base = hparams.load_hparams("rome", model_name)
+    backend = default_backend()
+    base = hparams.load_hparams(editor, model_name)
     rows = []
-    print("layer steps    lr clamp decay form       ES     PS  rollback s/edit", flush=True)
-    for layer, n_steps, lr, clamp, decay, form in itertools.product(layers, steps, lrs, clamps, decays, forms):
-        hp = dataclasses.replace(base, layer=layer, v_num_grad_steps=n_steps, v_lr=lr, clamp_norm_factor=clamp,
-                                 v_weight_decay=decay, update_form=form)
-        es = ps = back = 0.0
-        started = time.time()
-        for record in chosen:
-            result = experiments.edit_and_rollback(model, tok, record, hp, cache)
-            es += result["success"]
-            back += result["rollback_restored"]
-            edited = editing.edit(model, tok, record["requested_rewrite"], hp, copy=True, cache=cache).model
-            paraphrases = record["paraphrase_prompts"]
-            new = record["requested_rewrite"]["target_new"]["str"]
-            ps += sum(generation.greedy_matches(edited, tok, paraphrases, [new] * len(paraphrases))) / len(paraphrases)
-        n = len(chosen)
-        row = dict(layer=layer, steps=n_steps, lr=lr, clamp=clamp, decay=decay, form=form, ES=es / n, PS=ps / n,
-                   rollback=back / n, seconds=(time.time() - started) / n / 2)
+    for changes, hp in tqdm(list(settings(base, grid)), desc=f"{editor} on {model_name}"):
+        row = {**{k: str(v) for k, v in changes.items()}, **measure(model, tok, chosen, hp, cache, backend)}
         rows.append(row)
-        print(f"{layer:5d} {n_steps:5d} {lr:5.2f} {clamp:5.1f} {decay:5.2f} {form:9s} {es / n:6.1%} {ps / n:6.1%} "
-              f"{back / n:6.1%} {row['seconds']:6.2f}", flush=True)
-    return rows
+        tqdm.write("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    frame = pd.DataFrame(rows).assign(model=model_name, editor=editor, records=len(chosen))
+    out = results_dir() / "sweeps" / model_slug(model_name) / f"{editor}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out, mode="a", header=not out.exists(), index=False)
+    return frame
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model_name")
+    parser.add_argument("--editor", default="rome", choices=sorted(hparams.HPARAMS_CLASSES))
     parser.add_argument("--records", type=int, default=20)
-    parser.add_argument("--layers", type=int, nargs="+", default=[0, 1, 2, 3])
-    parser.add_argument("--steps", type=int, nargs="+", default=[20])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[0.5])
-    parser.add_argument("--clamps", type=float, nargs="+", default=[4.0])
-    parser.add_argument("--decays", type=float, nargs="+", default=[0.5])
-    parser.add_argument("--forms", nargs="+", default=["released"], choices=list(hparams.UPDATE_FORMS))
+    parser.add_argument("--grid", nargs="*", default=[], help="key=v1,v2 (YAML values)")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    sweep(args.model_name, args.records, args.layers, args.steps, args.lrs, args.clamps, args.decays, args.forms)
+    torch.set_num_threads(args.threads)
+    frame = sweep(args.model_name, args.editor, args.records, parse_grid(args.grid))
+    print(frame.to_string(index=False))
 
 
 if __name__ == "__main__":

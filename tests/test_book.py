@@ -43,8 +43,9 @@ def _fake_book(tmp_path: Path) -> Path:
     book.mkdir()
     for name in ["_config.yml", "intro.md", "references.bib", "references.md"]:
         shutil.copy(BOOK / name, book / name)
-    if (BOOK / "_static").is_dir():
-        shutil.copytree(BOOK / "_static", book / "_static")
+    for folder in ["_static", "_ext"]:
+        if (BOOK / folder).is_dir():
+            shutil.copytree(BOOK / folder, book / folder)
     _executed_notebook(book / "toy-gpt2" / "01_world_and_organism.ipynb")
     return book
 
@@ -56,8 +57,9 @@ def test_make_toc_on_one_notebook(tmp_path):
     path = make_toc.write_toc(book)
     toc = yaml.safe_load(path.read_text())
     assert toc["format"] == "jb-book" and toc["root"] == "intro"
-    assert toc["parts"][0] == {"caption": "The world and the organisms",
-                               "chapters": [{"file": "toy-gpt2/01_world_and_organism"}]}
+    assert toc["parts"][0] == {"caption": "1. The world and the organisms",
+                               "chapters": [{"file": "toy-gpt2/01_world_and_organism",
+                                             "title": "toy-gpt2"}]}
     assert toc["parts"][-1]["chapters"] == [{"file": "references"}]
     for part in toc["parts"]:
         for chapter in part["chapters"]:
@@ -74,10 +76,10 @@ def test_make_toc_orders_chapters_and_models(tmp_path):
     for model in ["zz-other", "toy-gptj", "toy-gpt2"]:
         for nb in ["10_performance", "03_lifelong"]:
             _executed_notebook(book / model / f"{nb}.ipynb", model)
-    _executed_notebook(book / "toy-gpt2" / "11_new_thing.ipynb")
+    _executed_notebook(book / "toy-gpt2" / "42_new_thing.ipynb")
     toc = make_toc.build_toc(book)
     assert [p["caption"] for p in toc["parts"]] == [
-        "Lifelong editing: Table 1 and curves", "Performance", "New thing"]
+        "3. Lifelong editing: Table 1 and curves", "10. Performance", "42. New thing"]
     assert [c["file"] for c in toc["parts"][0]["chapters"]] == [
         "toy-gpt2/03_lifelong", "toy-gptj/03_lifelong", "zz-other/03_lifelong"]
 
@@ -85,7 +87,8 @@ def test_make_toc_orders_chapters_and_models(tmp_path):
 def test_full_planned_toc_lists_both_organisms(tmp_path):
     toc = _load_make_toc().build_toc(tmp_path, all_planned=True)
     files = [c["file"] for p in toc["parts"] for c in p["chapters"]]
-    assert len(toc["parts"]) == 10 and len(files) == 20
+    assert len(toc["parts"]) == len(_load_make_toc().CHAPTERS)
+    assert len(files) == 2 * len(_load_make_toc().CHAPTERS)
     assert files[:2] == ["toy-gpt2/01_world_and_organism", "toy-gptj/01_world_and_organism"]
 
 

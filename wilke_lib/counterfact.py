@@ -132,24 +132,26 @@ def load_counterfact(source: str | Path) -> list[dict]:
     path = Path(source).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"CounterFact file not found: {path} (or pass {TOY_WORLD!r} for the synthetic world)")
+    data = path.read_bytes()
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as err:
-        raise RecordError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); CounterFact files are UTF-8 "
-                          "JSON: convert it, e.g. `iconv -f latin1 -t utf-8`") from err
+        encoding = "UTF-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in data[:4] else "latin1"
+        raise RecordError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}), probably {encoding}; CounterFact "
+                          f"files are UTF-8 JSON: convert it, e.g. `iconv -f {encoding} -t utf-8`") from err
     except json.JSONDecodeError as err:
         raise RecordError(f"{path}: not valid JSON ({err})") from err
     return validate_records(records, str(path))
 
 
 def check_for_model(records: Sequence[dict], tok: PreTrainedTokenizerBase, max_positions: int | None,
-                    source: str = "records", margin: int = 16) -> list[dict]:
+                    source: str = "records", margin: int = 16, positions: Sequence[int] | None = None) -> list[dict]:
     """Check valid records against a model before a run starts: every prompt, filled with its subject
     and followed by its longer target, must fit in the model's context with `margin` tokens to spare
     (ROME's context prefixes go in front), every target must encode to at least one token, and the
     records together must have paraphrase and neighbourhood prompts (else PS or NS has no value).
-    RecordError naming the record and the field otherwise."""
-    for index, rec in enumerate(records):
+    RecordError naming the record (`positions[i]`, its place in the file, else i) and the field otherwise."""
+    for index, rec in zip(positions if positions is not None else range(len(records)), records):
         rw = rec["requested_rewrite"]
         targets = {w: encode_target(tok, rw[w]["str"], f"requested_rewrite.{w}.str") for w in ("target_new", "target_true")}
         longest = max(len(t) for t in targets.values())

@@ -31,6 +31,7 @@ class EditorVariant:
     label: str
     editor: str
     overrides: dict = field(default_factory=dict)
+    name: str = ""  # the table's editor name ("r-rome"), when the variant is one
 
     def hparams(self, model_name: str):
         base = hparams_lib.load_hparams(self.editor, model_name)
@@ -40,7 +41,7 @@ class EditorVariant:
 def editor_variant(name: str) -> EditorVariant:
     """The variant of a table's editor name ("rome", "r-rome", ...)."""
     editor, overrides = DERIVED_EDITORS.get(name, (name, {}))
-    return EditorVariant(EDITOR_LABELS.get(name, name), editor, dict(overrides))
+    return EditorVariant(EDITOR_LABELS.get(name, name), editor, dict(overrides), name)
 
 
 def editor_variants(editors: tuple[str, ...]) -> list[EditorVariant]:
@@ -69,10 +70,10 @@ def run_config(model_name: str, variant: EditorVariant, n_edits: int, seed: int,
 
 def run_variants(model_name: str, records: list[dict], variants: list[EditorVariant],
                  profile: Profile, out_dir: Path | None = None) -> dict[str, list[lifelong.RunResult]]:
-    """Every variant for every seed of the profile; finished runs are read back."""
+    """Every variant for its seeds in the profile; finished runs are read back."""
     configs, labels = [], []
     for v in variants:
-        for seed in profile.seeds:
+        for seed in profile.seeds_for(v.name or v.editor):
             configs.append(run_config(model_name, v, profile.n_edits, seed, profile, out_dir))
             labels.append(v.label)
     runs = lifelong.run_many(models.load_model, records, configs)
@@ -87,6 +88,14 @@ def table(grouped: dict[str, list[lifelong.RunResult]], model_name: str) -> pd.D
     rows = [metrics.summarise_runs([r.final for r in runs], model=model_name, editor=label)
             for label, runs in grouped.items()]
     return pd.concat(rows, ignore_index=True)
+
+
+def run_sources(grouped: dict[str, list[lifelong.RunResult]]) -> pd.DataFrame:
+    """Which runs this page read back from `runs/` and which it computed, with their folders."""
+    rows = [{"editor": label, "seed": run.config.seed, "edits": run.config.n_edits, "source": run.source,
+             "run": str(run.run_dir.relative_to(run.run_dir.parents[1]))}
+            for label, runs in grouped.items() for run in runs]
+    return pd.DataFrame(rows)
 
 
 def curves(grouped: dict[str, list[lifelong.RunResult]]) -> pd.DataFrame:
@@ -123,7 +132,12 @@ def side_by_side(ours: pd.DataFrame, model_name: str) -> pd.DataFrame:
 def wilke_improvement(frame: pd.DataFrame, wilke_label: str = "WilKE") -> tuple[float, str]:
     """Relative improvement of WilKE's S over the best other editor's S (the paper's 46.2% and
     67.8%), and the name of that editor."""
+    if wilke_label not in set(frame["editor"]):
+        raise ValueError(f"wilke_improvement: no {wilke_label!r} row among the editors "
+                         f"{sorted(frame['editor'])}; add 'wilke' to the profile's editors")
     others = frame[frame["editor"] != wilke_label]
+    if others.empty:
+        raise ValueError(f"wilke_improvement: no editor besides {wilke_label!r} to compare with")
     best = others.loc[others["S"].idxmax()]
     wilke_s = float(frame.loc[frame["editor"] == wilke_label, "S"].iloc[0])
     return metrics.relative_improvement(wilke_s, float(best["S"])), str(best["editor"])

@@ -373,8 +373,12 @@ def hparams_from_file(path: str | Path, editor: str | None = None) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"hyper-parameter file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    form = "JSON" if path.suffix == ".json" else "YAML"
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if form == "JSON" else yaml.safe_load(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as err:  # a bare parser error names no file
+        raise ValueError(f"{path}: not readable {form} in UTF-8 ({' '.join(str(err).split())})") from err
     if data is None:
         data = {}
     if not isinstance(data, dict):

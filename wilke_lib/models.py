@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from huggingface_hub import try_to_load_from_cache
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from wilke_lib.results import REPO_ROOT, model_slug
@@ -142,15 +143,29 @@ def load_model(name_or_path: str | Path, device: torch.device | str | None = Non
     when it has none, and right padding; generation.py pads explicitly on the left.
     """
     path = resolve_model_path(name_or_path)
-    if not Path(path).is_dir():
+    local = Path(path).is_dir()
+    if local and not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model {str(name_or_path)!r} is a directory ({Path(path).resolve()}) with no config.json in it; give a "
+            f"directory saved with save_pretrained, an organism ({', '.join(ORGANISMS)}) or a hub id")
+    if not local:
         require_hub_model(path)
     device = torch.device(device) if device is not None else default_device()
     dtype = resolve_dtype(dtype)
-    with quiet_loading():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    try:
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        if not local:
+            raise
+        raise ValueError(f"cannot load the model saved in {path}: {type(err).__name__}: {' '.join(str(err).split())}; "
+                         "save it again with save_pretrained") from err
+    if len(tok) < 2:  # transformers makes an empty tokenizer for a folder without tokenizer files
+        raise FileNotFoundError(f"{path} has no tokenizer files (the tokenizer loaded from it is empty); save the "
+                                "model's tokenizer there too, with tokenizer.save_pretrained")
     # Older transformers 4.x ignore `dtype=` (they want `torch_dtype=`): cast to be sure.
     model.to(device=device, dtype=dtype).eval()
-    tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"

@@ -16,6 +16,9 @@ ALL_EDITORS: tuple[str, ...] = ("ft", "kn", "rome", "r-rome", "memit", "alphaedi
 """The editors of the lifelong tables (`experiments.editor_variant`: "r-rome" is ROME with the update
 of Gupta et al. 2024)."""
 
+TABLE1_EDITORS: tuple[str, ...] = ("rome", "memit", "wilke")
+"""The editors whose Table 1 rows the paper gives with three seeds (the others: one seed here)."""
+
 DEFAULT_N_EDITS = 16
 """Lifelong edits of the "default" profile: what fits the 20-minute CPU budget of `make book`."""
 
@@ -38,7 +41,9 @@ class Profile:
     n_strength_records: normal records of the activation strength (08, App. D.1);
     layer_stride: 06 edits every layer_stride-th layer (and the predefined one); 1 = every layer;
     n_heatmaps: records per group drawn as full causal-trace heatmaps (07; the paper: 8 + 8);
-    ablation_n_edits: lifelong edits of each WilKE variant of the ablation (04, Fig. 9).
+    ablation_n_edits: lifelong edits of each WilKE variant of the ablation (04, Fig. 9);
+    multi_seed_editors: the editors run with every seed (Table 1's); the others run with seeds[0]
+        (None: every editor with every seed).
     """
 
     name: str
@@ -53,6 +58,33 @@ class Profile:
     layer_stride: int = 1
     n_heatmaps: int = 2
     ablation_n_edits: int = 16
+    multi_seed_editors: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        def fail(field_name: str, want: str) -> None:
+            raise ValueError(f"profile {self.name!r}: {field_name} must be {want}, "
+                             f"got {getattr(self, field_name)!r}")
+
+        for name in ("n_edits", "eval_batch_size", "n_flash_records", "n_trace_records",
+                     "n_strength_records", "layer_stride", "n_heatmaps", "ablation_n_edits"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                fail(name, "a positive int")
+        if not isinstance(self.seeds, tuple) or not self.seeds or not all(
+                isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
+            fail("seeds", "a non-empty tuple of ints, e.g. (9, 10, 11)")
+        for name in ("editors", "multi_seed_editors"):
+            value = getattr(self, name)
+            if value is None and name == "multi_seed_editors":
+                continue
+            if not isinstance(value, tuple) or not value or not all(isinstance(e, str) for e in value):
+                fail(name, 'a non-empty tuple of editor names, e.g. ("rome", "wilke")')
+
+    def seeds_for(self, editor: str) -> tuple[int, ...]:
+        """The seeds `editor` (a table name: "rome", "r-rome", ...) runs with."""
+        if self.multi_seed_editors is None or editor in self.multi_seed_editors:
+            return self.seeds
+        return self.seeds[:1]
 
 
 PROFILES: dict[str, Profile] = {
@@ -66,7 +98,7 @@ PROFILES: dict[str, Profile] = {
     "paper": Profile(name="paper", n_edits=1024, seeds=(9, 10, 11), editors=ALL_EDITORS,
                      n_flash_records=20, n_trace_records=200,
                      n_strength_records=1024, layer_stride=1, n_heatmaps=8,
-                     ablation_n_edits=1024),
+                     ablation_n_edits=1024, multi_seed_editors=TABLE1_EDITORS),
 }
 
 

@@ -131,8 +131,9 @@ def _metadata(model_key: str, corpus: str, layer: int, n_samples: int, max_lengt
             "layer": str(layer), "n_samples": str(n_samples), "max_length": str(max_length)}
 
 
-def _read_cached(path: Path, expected: dict[str, str]) -> torch.Tensor | None:
-    """The cached C at `path` if its metadata match `expected` and it is finite; None (logged) otherwise."""
+def _read_cached(path: Path, expected: dict[str, str], shape: tuple[int, int]) -> torch.Tensor | None:
+    """The cached C at `path` if its metadata match `expected`, it has `shape` and it is finite; None (logged)
+    otherwise."""
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
@@ -143,6 +144,10 @@ def _read_cached(path: Path, expected: dict[str, str]) -> torch.Tensor | None:
     wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
     if wrong:
         log.warning("statistics file %s does not match what is asked (%s): recomputing it", path, wrong)
+        return None
+    if tuple(mom2.shape) != shape:
+        log.warning("statistics file %s holds a matrix of shape %s, not the model's %s: recomputing it", path,
+                    tuple(mom2.shape), shape)
         return None
     if not torch.isfinite(mom2).all():
         log.warning("statistics file %s holds non-finite values: recomputing it", path)
@@ -171,8 +176,8 @@ def second_moments(model: nn.Module, tok: PreTrainedTokenizerBase, layers: Seque
     for l in layers:
         path = stats_path(key, corpus, l, n_samples, cache_dir)
         expected = _metadata(key, corpus, l, n_samples, max_length)
-        mom2 = _read_cached(path, expected) if path.is_file() else None
-        if mom2 is not None and mom2.shape == (ModelAdapter(model).d_mlp,) * 2:
+        mom2 = _read_cached(path, expected, (ModelAdapter(model).d_mlp,) * 2) if path.is_file() else None
+        if mom2 is not None:
             result[l] = mom2.to(device=device, dtype=out_dtype)
             continue
         missing.append(l)

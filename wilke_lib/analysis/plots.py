@@ -1,24 +1,44 @@
 """Matplotlib figures shared by the notebooks (Hu et al. 2024 and Meng et al. 2022a figure styles).
 
-Every function returns a `matplotlib.figure.Figure` built without pyplot, so a
-notebook shows it once (as the cell's value) and `book.save_figure` can save it.
+Every function returns a `matplotlib.figure.Figure` built without pyplot, so a notebook shows it
+once (`wilke_lib.present.Page.figure` saves and captions it). Presentation rules of the book:
+fonts legible at the page's width (`STYLE`), integer ticks on layer axes, and curves that cannot
+hide one another (each curve its own marker and line style, hollow markers of decreasing size; a
+curve equal to an earlier one says so in the legend). `*_data` functions return the numbers a
+figure shows as a tidy table, for the CSV beside it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Mapping, Sequence
 
+import matplotlib as mpl
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 TRACE_CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 TRACE_TITLES = {"hidden": "single restored layer", "mlp": "restored MLP window", "attn": "restored attention window"}
 METRIC_ORDER = ("ES", "PS", "NS", "ERS", "ORS", "S")
+STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
+         "xtick.labelsize": 9, "ytick.labelsize": 9, "figure.titlesize": 12, "lines.linewidth": 1.4}
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+LINESTYLES = ("-", "--", "-.", ":")
 
 
-def _grid(n: int, ncols: int, size: tuple[float, float] = (3.2, 2.6)) -> tuple[Figure, list]:
+def _styled(function):
+    """Build the figure with the book's font sizes (rcParams are read when artists are created)."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with mpl.rc_context(STYLE):
+            return function(*args, **kwargs)
+    return wrapper
+
+
+def _grid(n: int, ncols: int, size: tuple[float, float] = (3.4, 2.8)) -> tuple[Figure, list]:
     """A figure with n axes in rows of `ncols` (unused cells hidden)."""
     ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)
@@ -29,7 +49,26 @@ def _grid(n: int, ncols: int, size: tuple[float, float] = (3.2, 2.6)) -> tuple[F
     return fig, axes[:n]
 
 
+def integer_layers(ax, axis: str = "x") -> None:
+    """Layer numbers are integers: no tick at 2.5."""
+    (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
+
+
+def _log2_steps(ax) -> None:
+    """Editing steps on a log-2 axis, labelled 1, 2, 4, ... rather than 2^0, 2^1, ..."""
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+
+def _series_style(i: int, n: int) -> dict:
+    """Marker, line style and size of the i-th of n curves on one axes (hollow markers, the first
+    largest, so that equal curves stay visible on top of one another)."""
+    return {"marker": MARKERS[i % len(MARKERS)], "ls": LINESTYLES[i % len(LINESTYLES)],
+            "ms": max(3.5, 8.5 - 1.2 * i) if n > 1 else 5, "mfc": "none", "mew": 1.2}
+
+
 # --------------------------------------------------------------------------- toxicity (Sec. 4)
+@_styled
 def norm_trajectory_figure(traj: pd.DataFrame, *, snapshot_steps: Sequence[int] = (), logy: bool = False,
                            title: str | None = None) -> Figure:
     """Fig. 3a-6a: ||W_proj||_F of the predefined layer over steps (blue solid) vs original (red dashed).
@@ -37,19 +76,21 @@ def norm_trajectory_figure(traj: pd.DataFrame, *, snapshot_steps: Sequence[int] 
     `traj` has columns step, norm, original_norm (`toxicity.norm_trajectory`,
     or a `ToxicityRecording.table` with an `original_norm` column added).
     """
-    fig = Figure(figsize=(6, 3.2), layout="constrained")
+    fig = Figure(figsize=(6.4, 3.4), layout="constrained")
     ax = fig.subplots()
     ax.plot(traj["step"], traj["norm"], "b-", label="actual")
     ax.plot(traj["step"], traj["original_norm"], "r--", label="original")
     for step in snapshot_steps:
         ax.axvline(step, color="0.8", lw=0.6, zorder=0)
     ax.set(xlabel="editing step", ylabel=r"$\|W_{proj}\|_2$ (Frobenius)", title=title or "")
+    integer_layers(ax)
     if logy:
         ax.set_yscale("log")
     ax.legend()
     return fig
 
 
+@_styled
 def toxicity_heatmaps_figure(snapshots: Mapping[int, np.ndarray], *, ncols: int = 5, cmap: str = "RdBu_r",
                              title: str | None = None) -> Figure:
     """Fig. 3b-6b: accumulated toxicity W* - W at the given steps, one shared symmetric colour scale.
@@ -57,7 +98,7 @@ def toxicity_heatmaps_figure(snapshots: Mapping[int, np.ndarray], *, ncols: int 
     `snapshots` maps step -> (downsampled) toxicity matrix of one layer.
     """
     steps = sorted(snapshots)
-    fig, axes = _grid(len(steps), ncols, (2.4, 2.4))
+    fig, axes = _grid(len(steps), ncols, (2.5, 2.5))
     vmax = max(float(np.abs(snapshots[s]).max()) for s in steps) or 1.0
     for ax, step in zip(axes, steps):
         image = ax.imshow(snapshots[step], cmap=cmap, vmin=-vmax, vmax=vmax, aspect="auto")
@@ -68,6 +109,19 @@ def toxicity_heatmaps_figure(snapshots: Mapping[int, np.ndarray], *, ncols: int 
     return fig
 
 
+def heatmaps_data(snapshots: Mapping[int, np.ndarray]) -> pd.DataFrame:
+    """The matrices of `toxicity_heatmaps_figure`, one row per (step, matrix row), columns c0, c1, ..."""
+    frames = []
+    for step in sorted(snapshots):
+        matrix = np.asarray(snapshots[step])
+        frame = pd.DataFrame(matrix, columns=[f"c{j}" for j in range(matrix.shape[1])])
+        frame.insert(0, "row", np.arange(matrix.shape[0]))
+        frame.insert(0, "step", step)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+@_styled
 def layer_flash_figure(tables: pd.DataFrame | Mapping[str, pd.DataFrame], *, predefined_layer: int | None = None,
                        ncols: int = 4, show_rollback: bool = False, logy: bool = False) -> Figure:
     """Fig. 7-8, 39-42: ||W_proj^l|| originally (red dashed) and after a single edit at l (blue solid).
@@ -77,90 +131,144 @@ def layer_flash_figure(tables: pd.DataFrame | Mapping[str, pd.DataFrame], *, pre
     tables = {"": tables} if isinstance(tables, pd.DataFrame) else dict(tables)
     fig, axes = _grid(len(tables), ncols)
     for ax, (label, df) in zip(axes, tables.items()):
-        ax.plot(df["layer"], df["norm_edited"], "b-", marker=".", label="after edit")
+        ax.plot(df["layer"], df["norm_edited"], "b-", marker="o", ms=4, label="after edit")
         ax.plot(df["layer"], df["norm_original"], "r--", label="original")
         if show_rollback:
-            ax.plot(df["layer"], df["norm_rolled_back"], "g:", label="after edit + rollback")
+            ax.plot(df["layer"], df["norm_rolled_back"], "g:", marker="x", ms=4, label="after edit + rollback")
         if predefined_layer is not None:
-            ax.axvline(predefined_layer, color="0.6", lw=0.8, ls=":")
-        ax.set(xlabel="layer", ylabel="L2 norm", title=str(label))
+            ax.axvline(predefined_layer, color="0.4", lw=0.9, ls=":", label=f"predefined layer {predefined_layer}")
+        ax.set(xlabel="edited layer", ylabel=r"$\|W_{proj}^l\|$", title=str(label))
+        integer_layers(ax)
         if logy:
             ax.set_yscale("log")
-    axes[0].legend(fontsize="small")
+    axes[0].legend()
     return fig
 
 
 # --------------------------------------------------------------------------- causal tracing
-def _trace_axes(ax, result, fig: Figure) -> None:
+def _trace_axes(ax, result, fig: Figure, show_tokens: bool = True) -> None:
     """One causal-trace heatmap (Meng et al. 2022a, Fig. 1 style): tokens x layers, subject tokens starred."""
     b, e = result.subject_range
     labels = [f"{t!r}*" if b <= i < e else repr(t) for i, t in enumerate(result.tokens)]
     image = ax.pcolor(result.scores, cmap=TRACE_CMAPS.get(result.kind, "viridis"), vmin=result.low_score)
     ax.invert_yaxis()
-    ax.set_yticks(np.arange(len(labels)) + 0.5, labels, fontsize="small")
-    ax.set_xticks(np.arange(0, result.scores.shape[1], max(1, result.scores.shape[1] // 8)) + 0.5,
-                  np.arange(0, result.scores.shape[1], max(1, result.scores.shape[1] // 8)))
+    ax.set_yticks(np.arange(len(labels)) + 0.5, labels if show_tokens else [])
+    n_layers = result.scores.shape[1]
+    step = max(1, math.ceil(n_layers / 8))
+    ax.set_xticks(np.arange(0, n_layers, step) + 0.5, np.arange(0, n_layers, step))
     ax.set(xlabel="layer", title=TRACE_TITLES.get(result.kind, result.kind))
-    fig.colorbar(image, ax=ax, label=f"p({result.target.strip()})")
+    fig.colorbar(image, ax=ax, label=f"p({result.target.strip()})", shrink=0.9)
 
 
+@_styled
 def causal_trace_figure(results: Mapping[str, object], *, title: str | None = None) -> Figure:
-    """Three heatmaps (hidden / MLP / attention) of `causal_trace.trace_all_kinds` (Appendix A, Fig. 10-25)."""
-    fig, axes = _grid(len(results), 3, (4.2, 3.2))
-    for ax, result in zip(axes, results.values()):
-        _trace_axes(ax, result, fig)
+    """Three heatmaps (hidden / MLP / attention) of `causal_trace.trace_all_kinds` (Appendix A, Fig. 10-25),
+    the tokens named once, on the left."""
+    items = list(results.values())
+    n_tokens = max((len(r.tokens) for r in items), default=1)
+    fig, axes = _grid(len(items), 3, (4.4, 0.32 * n_tokens + 1.6))
+    for i, (ax, result) in enumerate(zip(axes, items)):
+        _trace_axes(ax, result, fig, show_tokens=(i % 3 == 0))
     if title:
         fig.suptitle(title)
     return fig
 
 
+def causal_trace_data(results: Mapping[str, object]) -> pd.DataFrame:
+    """The scores of `causal_trace_figure`: kind, token position, token, subject?, layer, p(target)."""
+    rows = []
+    for result in results.values():
+        b, e = result.subject_range
+        for t, token in enumerate(result.tokens):
+            for layer, score in enumerate(np.asarray(result.scores)[t]):
+                rows.append({"kind": result.kind, "position": t, "token": token, "subject_token": b <= t < e,
+                             "layer": layer, "p_target": float(score), "p_corrupted": float(result.low_score),
+                             "p_clean": float(result.high_score)})
+    return pd.DataFrame(rows)
+
+
+@_styled
 def aie_figure(aies: Mapping[str, object] | Sequence[object], *, title: str | None = None) -> Figure:
     """AIE per layer at the last subject token (Meng et al. 2022a, Fig. 2), one curve per kind."""
     items = list(aies.values()) if isinstance(aies, Mapping) else list(aies)
-    fig = Figure(figsize=(6, 3.2), layout="constrained")
+    fig = Figure(figsize=(6.4, 3.4), layout="constrained")
     ax = fig.subplots()
     colours = {"hidden": "purple", "mlp": "green", "attn": "red"}
-    for res in items:
-        ax.plot(np.arange(len(res.aie)), res.aie, color=colours.get(res.kind), marker=".",
-                label=f"{res.kind} (peak {res.peak_layer})")
+    for i, res in enumerate(items):
+        ax.plot(np.arange(len(res.aie)), res.aie, color=colours.get(res.kind), **_series_style(i, len(items)),
+                label=f"{res.kind} (peak at layer {res.peak_layer})")
     ax.set(xlabel="layer", ylabel="average indirect effect", title=title or "")
+    integer_layers(ax)
     ax.legend()
     return fig
+
+
+def aie_data(aies: Mapping[str, object] | Sequence[object]) -> pd.DataFrame:
+    """The curves of `aie_figure`: layer, kind, average indirect effect."""
+    items = list(aies.values()) if isinstance(aies, Mapping) else list(aies)
+    return pd.DataFrame([{"kind": r.kind, "layer": layer, "aie": float(v)}
+                         for r in items for layer, v in enumerate(np.asarray(r.aie))])
 
 
 # --------------------------------------------------------------------------- strength (App. D)
+@_styled
 def strength_figure(flash: Mapping[str, Sequence[float]], normal: Mapping[str, Sequence[float]] | None = None, *,
                     ylabel: str = r"$\|\sigma(x W_{fc}^l)\|_2$", log: bool = True,
-                    predefined_layer: int | None = None, title: str | None = None) -> Figure:
-    """Fig. 31-38: activation or delta strength per layer, flash records (red) vs normal ones (blue).
+                    predefined_layer: int | None = None, title: str | None = None,
+                    flash_label: str = "flash", normal_label: str = "normal") -> Figure:
+    """Fig. 31-38: activation or delta strength per layer, the flash group (red) vs normal records (blue).
 
-    The values of each record are a sequence over layers 0, 1, ... or a Series indexed by layer."""
-    fig = Figure(figsize=(6, 3.4), layout="constrained")
+    The values of each record are a sequence over layers 0, 1, ... or a Series indexed by layer.
+    `flash_label` names the red group in the legend (e.g. "largest jumps" when no record was flagged)."""
+    fig = Figure(figsize=(6.4, 3.6), layout="constrained")
     ax = fig.subplots()
-    for group, colour, name in ((flash, "tab:red", "flash"), (normal or {}, "tab:blue", "normal")):
+    for group, colour, name, marker in ((flash, "tab:red", flash_label, "o"),
+                                        (normal or {}, "tab:blue", normal_label, "s")):
         for i, values in enumerate(group.values()):
             x = values.index if isinstance(values, pd.Series) else np.arange(len(values))  # Series: by layer
-            ax.plot(x, np.asarray(values, dtype=float), color=colour, alpha=0.7, lw=1, marker=".", ms=3,
-                    label=name if i == 0 else None)
+            ax.plot(x, np.asarray(values, dtype=float), color=colour, alpha=0.75, lw=1, marker=marker, ms=3.5,
+                    mfc="none", label=name if i == 0 else None)
     if predefined_layer is not None:
-        ax.axvline(predefined_layer, color="0.5", ls=":", lw=0.8)
+        ax.axvline(predefined_layer, color="0.4", ls=":", lw=0.9, label=f"predefined layer {predefined_layer}")
     if log:
         ax.set_yscale("log")
     ax.set(xlabel="layer", ylabel=ylabel, title=title or "")
+    integer_layers(ax)
     ax.legend()
     return fig
+
+
+def strength_data(flash: Mapping, normal: Mapping | None = None, *, value: str = "value",
+                  flash_label: str = "flash", normal_label: str = "normal") -> pd.DataFrame:
+    """The curves of `strength_figure`: group, record, layer, value."""
+    rows = []
+    for group, label in ((flash, flash_label), (normal or {}, normal_label)):
+        for record, values in group.items():
+            x = values.index if isinstance(values, pd.Series) else np.arange(len(values))
+            rows += [{"group": label, "record": record, "layer": int(layer), value: float(v)}
+                     for layer, v in zip(x, np.asarray(values, dtype=float))]
+    return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------- lifelong curves
 def _curves(ax, df: pd.DataFrame, y: str, group: str, x: str = "step") -> None:
-    """Mean over seeds of `y` vs `x` per `group`, with a min-max band when there are several seeds."""
-    for name, sub in df.groupby(group, sort=False):
+    """Mean over seeds of `y` vs `x` per `group`, with a min-max band when there are several seeds.
+    Each group has its own marker and line style; a curve equal to an earlier one is named so."""
+    groups = list(df.groupby(group, sort=False))
+    drawn: list[tuple[str, pd.DataFrame]] = []
+    for i, (name, sub) in enumerate(groups):
         stats = sub.groupby(x)[y].agg(["mean", "min", "max"]).reset_index()
-        line, = ax.plot(stats[x], stats["mean"], marker=".", label=str(name))
+        same = next((other for other, s in drawn if len(s) == len(stats) and np.allclose(
+            s["mean"].to_numpy(), stats["mean"].to_numpy(), rtol=0, atol=1e-9) and (s[x].to_numpy() == stats[x].to_numpy()).all()),
+            None)
+        label = f"{name} (= {same})" if same else str(name)
+        line, = ax.plot(stats[x], stats["mean"], label=label, **_series_style(i, len(groups)))
         if (stats["max"] > stats["min"]).any():
             ax.fill_between(stats[x], stats["min"], stats["max"], color=line.get_color(), alpha=0.15)
+        drawn.append((str(name), stats))
 
 
+@_styled
 def lifelong_metrics_figure(df: pd.DataFrame, *, metrics: Sequence[str] = METRIC_ORDER, group: str = "editor",
                             ncols: int = 3, logx: bool = True, percent: bool = True,
                             title: str | None = None) -> Figure:
@@ -168,56 +276,75 @@ def lifelong_metrics_figure(df: pd.DataFrame, *, metrics: Sequence[str] = METRIC
 
     `df`: a long table with columns step, `group` and the metrics (e.g. the
     runs' `checkpoints` tables concatenated with an `editor` column; several
-    seeds are averaged, their range shaded).
+    seeds are averaged, their range shaded). The legend is drawn once, under the panels.
     """
-    fig, axes = _grid(len(metrics), ncols)
+    fig, axes = _grid(len(metrics), ncols, (3.6, 2.9))
     scale = 100.0 if percent else 1.0
     data = df.assign(**{m: df[m] * scale for m in metrics})
     for ax, metric in zip(axes, metrics):
         _curves(ax, data, metric, group)
         ax.set(xlabel="editing step", ylabel=f"{metric}{' (%)' if percent else ''}", title=metric)
         if logx:
-            ax.set_xscale("log", base=2)
-    axes[0].legend(fontsize="small")
+            _log2_steps(ax)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4))
     if title:
         fig.suptitle(title)
     return fig
 
 
+@_styled
 def ablation_figure(df: pd.DataFrame, *, metric: str = "S", group: str = "variant", logx: bool = True,
                     percent: bool = True, title: str | None = None) -> Figure:
     """Fig. 9: the score over editing steps for WilKE and its ablations (one curve per `group`)."""
-    fig = Figure(figsize=(6, 3.4), layout="constrained")
+    fig = Figure(figsize=(6.4, 3.8), layout="constrained")
     ax = fig.subplots()
     scale = 100.0 if percent else 1.0
     _curves(ax, df.assign(**{metric: df[metric] * scale}), metric, group)
     ax.set(xlabel="editing step", ylabel=f"{metric}{' (%)' if percent else ''}", title=title or "")
     if logx:
-        ax.set_xscale("log", base=2)
+        _log2_steps(ax)
     ax.legend()
     return fig
 
 
+@_styled
 def recording_norms_figure(recording, layers: Sequence[int] | None = None, *, flash_steps: Sequence[int] = (),
-                           ncols: int = 3, logy: bool = False, title: str | None = None) -> Figure:
+                           ncols: int = 3, logy: bool = False, title: str | None = None,
+                           flash_label: str = "flagged as flash") -> Figure:
     """Fig. 3a-6a (one layer) / 26a-30a (MEMIT, one panel per layer): ||W_proj^l||_F after each step of
     a `toxicity.ToxicityRecording` (blue solid) vs the original norm (red dashed); `flash_steps` are
-    marked with red crosses."""
+    marked with red crosses (and named `flash_label` in the legend only when there are some)."""
     layers = list(recording.layers) if layers is None else list(layers)
-    fig, axes = _grid(len(layers), ncols, (4.2, 2.8) if len(layers) > 1 else (6, 3.2))
+    fig, axes = _grid(len(layers), ncols, (4.4, 3.0) if len(layers) > 1 else (6.4, 3.4))
     table = recording.table.sort_values("step")
     marked = table[table["step"].isin(list(flash_steps))]
     for ax, layer in zip(axes, layers):
         original = recording.original_norms[layer]  # step 0: the unedited model
-        ax.plot([0, *table["step"]], [original, *table[f"norm_{layer}"]], "b-", label="actual")
+        ax.plot([0, *table["step"]], [original, *table[f"norm_{layer}"]], "b-", marker="o", ms=3, label="actual")
         ax.axhline(original, color="r", ls="--", label="original")
         if len(marked):
-            ax.plot(marked["step"], marked[f"norm_{layer}"], "rx", ms=8, mew=2, label="flash")
+            ax.plot(marked["step"], marked[f"norm_{layer}"], "rx", ms=8, mew=2, label=flash_label)
         ax.set(xlabel="editing step", ylabel=r"$\|W_{proj}\|$ (Frobenius)",
                title=f"layer {layer}" if len(layers) > 1 else "")
+        integer_layers(ax)
         if logy:
             ax.set_yscale("log")
-    axes[0].legend(fontsize="small")
+    axes[0].legend()
     if title:
         fig.suptitle(title)
     return fig
+
+
+def recording_norms_data(recording, layers: Sequence[int] | None = None) -> pd.DataFrame:
+    """The curves of `recording_norms_figure`: step (0: unedited), then per layer its norm and the
+    original norm."""
+    layers = list(recording.layers) if layers is None else list(layers)
+    table = recording.table.sort_values("step")
+    out = pd.DataFrame({"step": [0, *table["step"].astype(int)]})
+    if "case_id" in table:
+        out["case_id"] = [None, *table["case_id"]]
+    for layer in layers:
+        out[f"norm_layer{layer}"] = [recording.original_norms[layer], *table[f"norm_{layer}"]]
+        out[f"original_norm_layer{layer}"] = recording.original_norms[layer]
+    return out

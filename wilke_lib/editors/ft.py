@@ -54,7 +54,10 @@ def ft_editor(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, hpa
                 if loss.item() < hparams.early_stop_loss:
                     break
                 loss.backward()
-                optimizer.step()
+                try:
+                    optimizer.step()
+                except RuntimeError as exc:  # e.g. an lr that overflows float32 inside Adam's update
+                    raise EditError(f"FT-L's Adam step {step} failed with lr={hparams.lr:g}: {exc}") from exc
                 with torch.no_grad():
                     change = (weight - original).clamp_(-hparams.norm_constraint, hparams.norm_constraint)
                     weight.copy_(original + change)

@@ -25,6 +25,10 @@ from wilke_lib.results import digest, plain
 FORMAT_VERSION = 2
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class CheckpointPolicy:
     """When ERS / ORS are measured: powers of two, multiples of `multiple_of`, the last step."""
@@ -33,6 +37,12 @@ class CheckpointPolicy:
     multiple_of: int | None = 50
     include_last: bool = True
     extra: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.multiple_of is not None and (not _is_int(self.multiple_of) or self.multiple_of < 1):
+            raise ValueError(f"CheckpointPolicy.multiple_of must be an int >= 1 or None, got {self.multiple_of!r}")
+        if not all(_is_int(s) and s >= 1 for s in self.extra):
+            raise ValueError(f"CheckpointPolicy.extra must be steps (ints >= 1), got {self.extra!r}")
 
     def is_checkpoint(self, step: int, n_edits: int) -> bool:
         """Whether ERS / ORS are measured after step `step` (1-based) of `n_edits`."""
@@ -79,11 +89,15 @@ class LifelongConfig:
     def __post_init__(self) -> None:
         for name in ("n_edits", "seed", "eval_batch_size", "save_every"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not _is_int(value):
                 raise TypeError(f"LifelongConfig.{name} must be an int, got {value!r} ({type(value).__name__})")
         if self.n_edits < 1 or self.eval_batch_size < 1 or self.save_every < 1:
             raise ValueError(f"LifelongConfig: n_edits, eval_batch_size and save_every must be >= 1, got "
                              f"{self.n_edits}, {self.eval_batch_size}, {self.save_every}")
+        layers = self.toxicity_layers
+        if layers is not None and not (isinstance(layers, (list, tuple)) and all(_is_int(l) and l >= 0 for l in layers)):
+            raise TypeError(f"LifelongConfig.toxicity_layers must be layer indices (ints >= 0) or None, got "
+                            f"{self.toxicity_layers!r}")
 
 
 def resolve_hparams(config: LifelongConfig) -> Any:

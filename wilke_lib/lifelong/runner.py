@@ -38,11 +38,12 @@ from wilke_lib.arch import ModelAdapter
 from wilke_lib.editors.cache import EditCache
 from wilke_lib.editors.common import EditorState
 from wilke_lib.lifelong import store
-from wilke_lib.lifelong.config import LifelongConfig, records_fingerprint, resolve_hparams, run_dir, run_identity
+from wilke_lib.lifelong.config import (LifelongConfig, checkpoint_steps, records_fingerprint, resolve_hparams, run_dir,
+                                       run_identity)
 from wilke_lib.lifelong.toxicity import ToxicityMonitor, is_snapshot_step
 from wilke_lib.metrics import answers_true, evaluate_edit, fraction, score_S
 from wilke_lib.models import context_length, model_key
-from wilke_lib.results import append_jsonl, digest, read_json, runs_dir, write_json_atomic
+from wilke_lib.results import CorruptFileError, append_jsonl, digest, read_json, runs_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +131,15 @@ def known_cached(model: nn.Module, tok: Any, records: Sequence[dict], config: Li
     key = digest({"model": config.model_name, "model_key": model_key(config.model_name), "records": records_fp})
     path = Path(config.out_dir) / "known" / f"{Path(config.model_name).name}__{key[:12]}.json"
     if path.exists():
-        indices = read_json(path)["indices"]
-        if all(isinstance(i, int) and 0 <= i < len(records) for i in indices):
+        try:
+            data = read_json(path, rebuild="filtering again")
+        except CorruptFileError as err:
+            log.warning("%s", err)
+            data = None
+        indices = data.get("indices") if isinstance(data, dict) else None
+        if isinstance(indices, list) and all(isinstance(i, int) and 0 <= i < len(records) for i in indices):
             return [records[i] for i in indices]
-        log.warning("%s lists records that do not exist: filtering again", path)
+        log.warning("%s does not list known records: filtering again", path)
     log.info("filtering %d records for facts %s knows", len(records), config.model_name)
     known = {id(r) for r in backend.known(model, tok, list(records), batch_size=config.eval_batch_size)}
     indices = [i for i, rec in enumerate(records) if id(rec) in known]
@@ -256,16 +262,15 @@ def _resume(st: _RunState) -> int:
     """Restore a killed run's weights and rows; return the last completed step (0 if new).
 
     The rows are cut back to the saved state's step (a step written twice keeps one row); when the
-    state and the rows disagree (rows missing), the run starts again from the original model."""
+    state and the rows disagree (step or checkpoint rows or toxicity snapshots missing), the run starts
+    again from the original model."""
     state_path = st.dir / store.STATE_FILE
     step, state = store.read_state(state_path, st.params, st.key)
-    st.steps = store.truncate_rows(st.dir / store.STEPS_FILE, step)
-    if [r.get("step") for r in st.steps] != list(range(1, step + 1)):
-        store.discard(state_path, f"at step {step} while {store.STEPS_FILE} holds only {len(st.steps)} of its steps")
+    st.steps, st.checkpoints, st.snapshots, missing = store.read_rows(st.dir, step, st.config, st.monitor.layers)
+    if missing:
+        store.discard(state_path, f"at step {step} while {missing}")
         step, state = 0, {}
-        st.steps = store.truncate_rows(st.dir / store.STEPS_FILE, 0)
-    st.checkpoints = store.truncate_rows(st.dir / store.CHECKPOINTS_FILE, step)
-    st.snapshots = store.load_toxicity(st.dir / store.TOXICITY_FILE, step)
+        st.steps, st.checkpoints, st.snapshots, _ = store.read_rows(st.dir, 0, st.config, st.monitor.layers)
     st.editor_state = EditorState(store.apply_state(st.params, state))
     st.touched = {n for n in state if not n.startswith(store.EDITOR_STATE_PREFIX)}
     if step:
@@ -307,23 +312,32 @@ def run_lifelong(model: nn.Module, tok: Any, records: Sequence[dict], config: Li
     (an exception there behaves like a kill at the worst moment; the run resumes from the last
     saved state). Edits that raise `backend.edit_error` are recorded as failed steps.
     """
+    if isinstance(records, (str, bytes, Path)) or not all(isinstance(r, dict) for r in records):
+        raise TypeError(f"run_lifelong: records must be a list of CounterFact records (dicts), got "
+                        f"{type(records).__name__}; read a file with counterfact.load_counterfact")
     hparams = resolve_hparams(config)
     fp = records_fingerprint(records)
     identity = run_identity(config, fp, hparams)
-    key = digest(identity)
+    key, measured = digest(identity), checkpoint_steps(config.n_edits, config.checkpoints)
     rdir = run_dir(config.out_dir, config, fp, hparams)
-    if store.finished(rdir, key):
+    if store.finished(rdir, key, measured):
         log.info("lifelong run already finished, reading %s", rdir)
         return store.load_run(rdir)
     backend = backend or default_backend()
     P, Q = split_records(known_cached(model, tok, records, config, backend, fp), config.n_edits, config.seed)
-    counterfact.check_for_model(P + Q, tok, context_length(model), config.records_source)
+    place = {id(rec): i for i, rec in enumerate(records)}  # a record's number in the file, for the errors
+    counterfact.check_for_model(P + Q, tok, context_length(model), config.records_source,
+                                positions=[place[id(rec)] for rec in P + Q])
+    layers = list(config.toxicity_layers) if config.toxicity_layers is not None else predefined_layers(hparams)
+    n_layers = ModelAdapter(model).n_layers
+    if any(not 0 <= l < n_layers for l in layers):
+        raise ValueError(f"toxicity layers {layers} out of range for a {n_layers}-layer model "
+                         "(LifelongConfig.toxicity_layers, or the editor's layers when it is None)")
     with store.writer_lock(rdir):
-        if store.finished(rdir, key):  # finished by another process while this one waited
+        if store.finished(rdir, key, measured):  # finished by another process while this one waited
             return store.load_run(rdir)
         store.start_dir(rdir, config, hparams, identity, key)
         cache = backend.prepare(model, tok, hparams, cache)
-        layers = list(config.toxicity_layers) if config.toxicity_layers is not None else predefined_layers(hparams)
         st = _RunState(model=model, tok=tok, config=config, hparams=hparams, backend=backend, cache=cache,
                        params=dict(model.named_parameters()), P=P, Q=Q, key=key, dir=rdir,
                        monitor=ToxicityMonitor(model, layers))
@@ -373,7 +387,8 @@ def run_many(model_loader: Callable[[str], tuple[nn.Module, Any]], records: Sequ
     for config in configs:
         hparams = resolve_hparams(config)
         rdir = run_dir(config.out_dir, config, fp, hparams)
-        if store.finished(rdir, digest(run_identity(config, fp, hparams))):
+        if store.finished(rdir, digest(run_identity(config, fp, hparams)), checkpoint_steps(config.n_edits,
+                                                                                          config.checkpoints)):
             results.append(store.load_run(rdir))
             continue
         model, tok = model_loader(config.model_name)

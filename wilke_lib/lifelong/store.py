@@ -35,7 +35,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from wilke_lib.lifelong.config import FORMAT_VERSION, LifelongConfig, config_from_dict, config_to_dict
+from wilke_lib.lifelong.config import FORMAT_VERSION, LifelongConfig, checkpoint_steps, config_from_dict, config_to_dict
+from wilke_lib.lifelong.toxicity import is_snapshot_step
 from wilke_lib.results import CorruptFileError, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
@@ -84,15 +85,25 @@ def writer_lock(rdir: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def finished(rdir: Path, key: str) -> bool:
+def finished(rdir: Path, key: str, checkpoints: list[int] | None = None) -> bool:
+    """Whether `rdir` holds this run (`key`) finished: its result.json, and when `checkpoints` (the steps
+    the run measures) is given, a row in checkpoints.jsonl for each; a warning and False otherwise."""
     path = rdir / RESULT_FILE
     if not path.exists():
         return False
     try:
-        return read_json(path).get("key") == key
+        result = read_json(path, rebuild="the run will be recomputed")
     except CorruptFileError as err:
-        log.warning("%s; the run will be recomputed", err)
+        log.warning("%s", err)
         return False
+    if not isinstance(result, dict) or result.get("key") != key:
+        return False
+    found = [row.get("step") for row in read_jsonl(rdir / CHECKPOINTS_FILE)]
+    if checkpoints is not None and found != list(checkpoints):
+        log.warning("%s holds the checkpoints of steps %s instead of %s: the run will be recomputed",
+                    rdir / CHECKPOINTS_FILE, found, list(checkpoints))
+        return False
+    return True
 
 
 def start_dir(rdir: Path, config: LifelongConfig, hparams: Any, identity: dict, key: str) -> None:
@@ -100,10 +111,10 @@ def start_dir(rdir: Path, config: LifelongConfig, hparams: Any, identity: dict, 
     path = rdir / CONFIG_FILE
     if path.exists():
         try:
-            if read_json(path).get("key") == key:
+            if read_json(path, rebuild="starting the run again").get("key") == key:
                 return
         except CorruptFileError as err:
-            log.warning("%s; starting the run again", err)
+            log.warning("%s", err)
     for stale in (STEPS_FILE, STEPS_ARCHIVE, CHECKPOINTS_FILE, STATE_FILE, TOXICITY_FILE, RESULT_FILE):
         (rdir / stale).unlink(missing_ok=True)
     write_json_atomic(path, {"key": key, "identity": identity, "config": config_to_dict(config, hparams),
@@ -181,6 +192,27 @@ def truncate_rows(path: Path, last_step: int) -> list[dict[str, Any]]:
     return kept
 
 
+def read_rows(rdir: Path, step: int, config: LifelongConfig, snapshot_layers: list[int]
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, torch.Tensor], str]:
+    """(step rows, checkpoint rows, toxicity snapshots) of a run up to `step` (those after it cut off),
+    and what is missing among them ("" when nothing): a run resumed with a row or a snapshot missing
+    would lose that point of its curves for good, so the caller starts it again instead."""
+    steps = truncate_rows(rdir / STEPS_FILE, step)
+    checkpoints = truncate_rows(rdir / CHECKPOINTS_FILE, step)
+    snapshots = load_toxicity(rdir / TOXICITY_FILE, step)
+    lacks = []
+    if [r.get("step") for r in steps] != list(range(1, step + 1)):
+        lacks.append(f"{STEPS_FILE} holds only {len(steps)} of its steps")
+    expected = [s for s in checkpoint_steps(config.n_edits, config.checkpoints) if s <= step]
+    if [r.get("step") for r in checkpoints] != expected:
+        lacks.append(f"{CHECKPOINTS_FILE} holds the checkpoints of steps {[r.get('step') for r in checkpoints]} "
+                     f"instead of {expected}")
+    names = {f"step{s}/layer{l}" for s in range(1, step + 1) if is_snapshot_step(s) for l in snapshot_layers}
+    if names - set(snapshots):
+        lacks.append(f"{TOXICITY_FILE} lacks the snapshots {sorted(names - set(snapshots))}")
+    return steps, checkpoints, snapshots, "; ".join(lacks)
+
+
 def save_toxicity(path: Path, snapshots: dict[str, torch.Tensor]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in snapshots.items()}, str(tmp))
@@ -237,6 +269,8 @@ def read_steps(rdir: Path) -> list[dict[str, Any]]:
 def load_run(path: str | Path, source: str = "read back") -> RunResult:
     """Read a run directory (finished or not; `final` is empty for an unfinished run)."""
     rdir = Path(path)
+    if not (rdir / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{rdir} is not a lifelong run: it has no {CONFIG_FILE}")
     rebuild = f"delete {rdir} to recompute the run"
     cfg = read_json(rdir / CONFIG_FILE, rebuild)
     result_path = rdir / RESULT_FILE

@@ -38,7 +38,8 @@ from wilke_lib.editors.delta import add_delta_hook, optimize_delta
 from wilke_lib.experiments import edit_and_rollback, evenly_spaced
 from wilke_lib.generation import greedy_matches
 from wilke_lib.hparams import load_hparams
-from wilke_lib.models import load_model
+from wilke_lib.models import ORGANISMS_DIR, load_model
+from wilke_lib.results import read_json
 from wilke_lib.organisms.train import training_summary
 from wilke_lib.organisms.world import build_world
 from wilke_lib.tokens import fact_token_index, prepare_request
@@ -200,3 +201,17 @@ def target_table(report: dict[str, Any]) -> pd.DataFrame:
         shown = f"{value:.3g}" if isinstance(value, float) and math.isfinite(value) else str(value)
         rows.append({"key": key, "target": target, "value": f"{shown} ({'met' if test(report) else 'MISSED'})"})
     return pd.DataFrame(rows)
+
+
+def traced_frame(report: dict[str, Any]) -> pd.DataFrame:
+    """One row per traced record of a report: case_id, subject kind, subject_state_recovery and the
+    MLP causal peak layer (the distributions chapter 07 draws)."""
+    return pd.DataFrame({"case_id": report["traced_case_ids"], "kind": report["traced_kinds"],
+                         "subject_state_recovery": report["subject_state_recovery"],
+                         "causal_peak": report["causal_peak_per_record"]})
+
+
+def load_report(model_name: str) -> dict[str, Any] | None:
+    """The committed `organisms/<name>/report.json` of an organism, or None when it has none."""
+    path = ORGANISMS_DIR / model_name / REPORT_FILE
+    return read_json(path) if path.is_file() else None

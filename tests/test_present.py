@@ -1,0 +1,240 @@
+"""The book's presentation layer: figures and tables with their data, Table 1, the claims and the
+"Results at a glance" page, the table of contents and the site extension's helpers (no browser)."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+
+from wilke_lib import claims, present
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def book(tmp_path, monkeypatch):
+    """A book folder in WILKE_BOOK_DIR; what the page displays is collected in `shown`."""
+    monkeypatch.setenv(present.BOOK_DIR_VARIABLE, str(tmp_path / "book"))
+    shown: list[str] = []
+    monkeypatch.setattr(present, "show_markdown", shown.append)
+    return tmp_path / "book", shown
+
+
+def _figure(width: float = 5.0) -> Figure:
+    fig = Figure(figsize=(width, 3))
+    fig.subplots().plot([1, 2, 3], [3, 1, 2])
+    return fig
+
+
+def test_figure_saves_png_and_data_beside_the_page_and_shows_a_captioned_figure(book):
+    root, shown = book
+    page = present.page("toy-gpt2", "03_lifelong", profile="quick")
+    data = pd.DataFrame({"step": [1, 2, 3], "S": [0.3, 0.1, 0.2]})
+    png = page.figure(_figure(9), "curves", "S over the steps.", alt="S falls then rises", data=data, paper="Fig. 43")
+    folder = root / "toy-gpt2" / "03_lifelong_files"
+    assert png == folder / "curves.png" and png.read_bytes().startswith(b"\x89PNG")
+    assert pd.read_csv(folder / "curves.csv").equals(data)
+    md = shown[-1]
+    assert md.startswith("````{figure} 03_lifelong_files/curves.png\n")
+    assert ":name: toy-gpt2-03-lifelong-curves" in md and ":alt: S falls then rises" in md
+    assert ":width: 100%" in md  # wide: shown at the column width, full size on a click
+    assert "S over the steps. (Paper: Fig. 43.)" in md
+    assert "[full-size PNG](03_lifelong_files/curves.png)" in md and "[data (CSV)](03_lifelong_files/curves.csv)" in md
+    assert md.rstrip().endswith("````")
+    page.figure(_figure(), "small", "A small one.", alt="a line", data={"a": [1, 2]})
+    assert ":width:" not in shown[-1] and json.loads((folder / "small.json").read_text()) == {"a": [1, 2]}
+    with pytest.raises(ValueError, match="alt text"):
+        page.figure(_figure(), "no_alt", "No alt text.", alt=" ")
+
+
+def test_table_shows_every_cell_in_full_and_offers_the_csv(book):
+    root, shown = book
+    page = present.page("toy-gptj", "05_toxicity")
+    long_text = "the largest 10% of the steps make 97% of the growth " * 4
+    frame = pd.DataFrame({"phenomenon": ["a | b", "x*y_z $3"], "this model": [long_text, "10^-0.5"],
+                          "value": [1.23456, 2e-7], "observed": [True, False]})
+    page.table(frame, "verdicts", "What the model shows.", paper="Sec. 4.1")
+    md = shown[-1]
+    assert md.startswith("````{table} What the model shows. (Paper: Sec. 4.1.)\n:name: toy-gptj-05-toxicity-verdicts")
+    assert " ".join(long_text.split()) in md and "…" not in md
+    assert r"a \| b" in md and r"x\*y\_z \$3" in md
+    assert "| 1.235 |" in md and "| 2.000e-07 |" in md and "| yes |" in md
+    assert "[data (CSV)](05_toxicity_files/verdicts.csv)" in md
+    assert len(pd.read_csv(root / "toy-gptj" / "05_toxicity_files" / "verdicts.csv")) == 2
+    assert page.table(frame.iloc[:0], "empty", "Nothing.", empty="No record was flagged.") is None
+    assert shown[-1] == "No record was flagged."
+
+
+def test_files_go_to_results_without_a_book_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv(present.BOOK_DIR_VARIABLE, raising=False)
+    monkeypatch.setenv("WILKE_RESULTS_DIR", str(tmp_path / "results"))
+    assert present.files_dir("EleutherAI/gpt-j-6b", "03_lifelong") == tmp_path / "results" / "gpt-j-6b" / "pages" / "03_lifelong_files"
+    with pytest.raises(ValueError):
+        present.files_dir("toy-gpt2", "../escape")
+
+
+def test_format_value_and_markdown_table():
+    assert [present.format_value(v) for v in (None, float("nan"), True, 3, 83.123, 0.0123, 2.5e-5, 123456.0)] == [
+        "–", "–", "yes", "3", "83.12", "0.0123", "2.500e-05", "1.235e+05"]
+    table = present.markdown_table(pd.DataFrame({"n": [1, 2]}, index=pd.Index(["a", "b"], name="editor")))
+    assert table.splitlines()[:2] == ["| editor | n |", "|---|---:|"]
+
+
+def test_table1_side_by_side_with_n_a_for_a_single_seed():
+    ours = pd.DataFrame([{"editor": e, "n_runs": 1, **{m: 50.0 + i for m in present.TABLE1_METRICS},
+                          **{f"{m}_ci": 0.0 for m in present.TABLE1_METRICS}} for i, e in enumerate(["WilKE", "FT", "ROME"])])
+    paper = pd.read_csv(ROOT / "wilke_lib" / "data" / "table1_reported.csv")
+    paper = paper[paper["model"] == "gpt2-xl"]
+    frame = present.table1(ours, paper, "toy-gpt2", "gpt2-xl")
+    assert frame["editor"].tolist() == ["FT", "KE", "KN", "MEND", "ROME", "MEMIT", "WilKE"]
+    wilke = frame.set_index("editor").loc["WilKE"]
+    assert wilke["S paper (gpt2-xl)"] == "19.3 (5.6)" and wilke["S toy-gpt2"] == "50.0 (n/a)"
+    assert frame.set_index("editor").loc["FT", "S paper (gpt2-xl)"] == "–"
+    assert frame.set_index("editor").loc["KE", "ES toy-gpt2"] == "–"
+    three = present.table1(ours.assign(n_runs=3, S_ci=1.25), paper, "toy-gpt2", "gpt2-xl")
+    assert three.set_index("editor").loc["WilKE", "S toy-gpt2"] == "50.0 (1.2)"
+    caption = present.table1_caption("toy-gpt2", "gpt2-xl", 16, [9])
+    assert "16 lifelong edits" in caption and "seed(s) 9" in caption and "n/a" in caption and "1,024" in caption
+
+
+# ------------------------------------------------------------------------------------- claims
+def test_registry_is_complete_and_names_the_chapters():
+    reg = claims.registry()
+    assert len(reg) >= 10 and all(c.words and c.section and c.evidence and c.rule and c.title for c in reg.values())
+    notebooks = {p.stem for p in (ROOT / "notebooks").glob("*.ipynb")}
+    assert {c.chapter for c in reg.values()} <= notebooks
+    import nbformat
+
+    for claim in reg.values():  # every chapter that tests a claim records it
+        nb = nbformat.read(ROOT / "notebooks" / f"{claim.chapter}.ipynb", as_version=4)
+        source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+        assert f'"{claim.id}"' in source or (claim.rows and "claims_from_table" in source) or \
+            ("memit_verdicts" in source and claim.id.startswith("memit")), claim.id
+
+
+def test_verdicts_from_flags_and_from_a_verdict_table():
+    assert claims.verdict_from_flags([True, True]) == "reproduced"
+    assert claims.verdict_from_flags([True, False, None]) == "partly"
+    assert claims.verdict_from_flags([False]) == "not reproduced"
+    assert claims.verdict_from_flags([None]) == "not testable here"
+    from wilke_lib.analysis.verdicts import empty_groups, verdict_table
+
+    table = verdict_table([("step-like shape", "p", "60% of the growth", True),
+                           ("norm hundreds of times the original", "p", "max 5.2", False)])
+    reg = claims.registry()
+    assert claims.verdict_from_rows(table, reg["staircase"]) == (
+        "partly", "step-like shape: 60% of the growth; norm hundreds of times the original: max 5.2")
+    verdict, number = claims.verdict_from_rows(table, reg["buildup_without_flash"])
+    assert verdict == "not testable here" and "no flash record" in number
+    assert claims.verdict_from_rows(empty_groups(), reg["predefined_layer_causes_flash"]) == (
+        "not testable here", "one of the groups is empty")
+
+
+def test_lifelong_claim_helpers():
+    s = {"KN": 50.0, "ROME": 78.7, "MEMIT": 84.1, "WilKE": 78.7, "AlphaEdit": 90.0}
+    assert claims.wilke_vs_baselines(s) == ("not reproduced", "S: WilKE 78.7 vs MEMIT 84.1 (-6.4%)")
+    assert claims.wilke_vs_baselines({**s, "WilKE": 84.1})[0] == "partly"  # a tie with the best baseline
+    assert claims.wilke_vs_baselines({**s, "WilKE": 90.0})[0] == "reproduced"  # AlphaEdit is not a paper baseline
+    assert claims.editors_fail({"ROME": 9.3, "MEMIT": 60.0}) == ("partly", "S: ROME 9.3, MEMIT 60.0")
+    curves = pd.DataFrame({"step": [1, 16, 1, 16], "editor": ["ROME", "ROME", "WilKE", "WilKE"], "S": [1.0, 0.5, 0.8, 0.9]})
+    assert claims.s_decline(curves)[0] == "partly"
+    assert claims.layer_spread(pd.Series({0: 16, 1: 0}), [0]) == (
+        "not reproduced", "1 layer(s) over 16 edits; layer 0 took 100% (ROME's layer: 0)")
+    assert claims.layer_spread(pd.Series({0: 5, 3: 5}))[0] == "reproduced"
+    s_ab = {"WilKE eq10 full": 80.0, "WilKE eq10 w/o delta": 70.0, "WilKE eq10 w/o activation": 80.0,
+            "WilKE eq10 w/o ||W_proj||": 79.0}
+    assert claims.ablation_verdict(s_ab)[0] == "partly"
+    same = pd.DataFrame([[8, 0]] * 4, index=list(s_ab), columns=[0, 3])
+    assert claims.ablation_verdict(s_ab, layer_choices=same)[0] == "not testable here"
+    per_layer = pd.DataFrame({"layer": [0, 1], "buildup rho": [0.9, 0.95], "max ||W||/||W_0||": [1.2, 1.5],
+                              "steps with a jump > 10 x median": [0, 0]})
+    out = claims.memit_verdicts(per_layer, 5.0)
+    assert out["memit_buildup"][0] == "reproduced" and out["memit_conceals_flash"][0] == "reproduced"
+    assert claims.memit_verdicts(per_layer, float("nan"))["memit_conceals_flash"][0] == "not testable here"
+
+
+def test_record_claim_validates_and_writes_the_record_and_its_page_copy(tmp_path, monkeypatch):
+    monkeypatch.setenv("WILKE_RESULTS_DIR", str(tmp_path / "results"))
+    with pytest.raises(KeyError):
+        claims.record_claim("toy-gpt2", "05_toxicity", "no_such_claim", "reproduced", "1")
+    with pytest.raises(ValueError, match="belongs to chapter"):
+        claims.record_claim("toy-gpt2", "03_lifelong", "toxicity_flash", "reproduced", "1")
+    with pytest.raises(ValueError, match="verdict"):
+        claims.record_claim("toy-gpt2", "05_toxicity", "toxicity_flash", "maybe", "1")
+    copy = tmp_path / "page_files"
+    claims.record_claim("toy-gpt2", "05_toxicity", "toxicity_flash", "not reproduced", "0 flagged", copies=[copy],
+                        page="toy-gpt2/05_toxicity", label="toy-gpt2-05-toxicity-verdicts", context={"profile": "quick"})
+    claims.record_claim("toy-gpt2", "05_toxicity", "toxicity_buildup", "reproduced", "rho 0.99", copies=[copy])
+    record = json.loads(claims.claims_path("toy-gpt2", "05_toxicity").read_text())
+    assert set(record["claims"]) == {"toxicity_flash", "toxicity_buildup"} and record["context"] == {"profile": "quick"}
+    assert json.loads((copy / "claims.json").read_text()) == record
+    claims.reset_chapter("toy-gpt2", "05_toxicity", copies=[copy])
+    assert not claims.claims_path("toy-gpt2", "05_toxicity").exists() and not (copy / "claims.json").exists()
+
+
+def _load_script(name: str):
+    return importlib.import_module(f"scripts.{name}")
+
+
+def test_glance_page_shows_recorded_verdicts_and_not_run_for_the_rest(book, monkeypatch, tmp_path):
+    root, shown = book
+    monkeypatch.setenv("WILKE_RESULTS_DIR", str(tmp_path / "results"))
+    for model in ("toy-gpt2", "toy-gptj"):
+        (root / model).mkdir(parents=True, exist_ok=True)
+    (root / "toy-gpt2" / "05_toxicity.ipynb").write_text(
+        '{"cells": [{"outputs": [{"data": {"text/markdown": ":name: toy-gpt2-05-toxicity-verdicts"}}]}]}')
+    page = present.page("toy-gpt2", "05_toxicity", profile="default", n_edits=16, seeds=[9])
+    page.claim("toxicity_buildup", "reproduced", "rho 0.99", ref="verdicts")
+    page.claim("toxicity_flash", "not reproduced", "0 records | flagged", ref="missing_label")
+    glance = _load_script("make_glance")
+    path = glance.write_glance(root)
+    text = path.read_text()
+    assert text.startswith("# Results at a glance") and "{list-table}" in text
+    assert "`toy-gpt2`" in text and "`toy-gptj`" not in text  # toy-gptj has no executed page
+    assert "{bdg-success}`reproduced`" in text and "{numref}`toy-gpt2-05-toxicity-verdicts`" in text
+    assert r"0 records \| flagged · {doc}`page </toy-gpt2/05_toxicity>`" in text  # label not on the page: link the page
+    rows = claims.glance_rows(root, ["toy-gpt2"])
+    verdicts = {r["claim"].id: r["cells"]["toy-gpt2"]["verdict"] for r in rows}
+    assert verdicts["toxicity_buildup"] == "reproduced" and verdicts["wilke_beats_sota"] == claims.NOT_RUN
+    assert text.count(f"`{claims.NOT_RUN}`") >= len(rows) - 2
+    assert "profile `default`, 16 lifelong edits, seed(s) 9" in text
+    csv = pd.read_csv(root / "glance_files" / "glance.csv")
+    assert len(csv) == len(claims.registry()) and "toy-gpt2 verdict" in csv.columns
+
+
+def test_make_toc_names_models_in_the_sidebar_and_puts_the_glance_first(tmp_path):
+    make_toc = _load_script("make_toc")
+    book_dir = tmp_path / "book"
+    for model in ("toy-gptj", "toy-gpt2"):
+        (book_dir / model).mkdir(parents=True)
+        (book_dir / model / "03_lifelong.ipynb").write_text("{}")
+    (book_dir / "references.md").write_text("# References")
+    toc = make_toc.build_toc(book_dir)
+    assert toc["root"] == "intro"
+    assert toc["parts"][0] == {"caption": "3. Lifelong editing: Table 1 and curves",
+                               "chapters": [{"file": "toy-gpt2/03_lifelong", "title": "toy-gpt2"},
+                                            {"file": "toy-gptj/03_lifelong", "title": "toy-gptj"}]}
+    (book_dir / "glance.md").write_text("# Results at a glance")
+    toc = make_toc.build_toc(book_dir)
+    assert toc["root"] == "glance" and toc["parts"][0]["chapters"] == [{"file": "intro"}]
+
+
+def test_site_extension_helpers():
+    spec = importlib.util.spec_from_file_location("wilke_site", ROOT / "book" / "_ext" / "wilke_site.py")
+    site = importlib.util.module_from_spec(spec)
+    sys.modules["wilke_site"] = site
+    spec.loader.exec_module(site)
+    assert site.chapter_of("toy-gpt2/03_lifelong") == ("toy-gpt2", 3)
+    assert site.chapter_of("intro") is None and site.chapter_of("toy-gpt2/notes") is None
+    assert site.page_title("Lifelong editing", "toy-gpt2", 3) == "3. Lifelong editing — toy-gpt2"
+    assert site.page_title("3. Lifelong editing — toy-gpt2", "toy-gpt2", 3) == "3. Lifelong editing — toy-gpt2"
+    source = site.mathjax_source()
+    assert source is None or (source / site.MATHJAX_SCRIPT).is_file()
+    assert site.MATHJAX_SKIP.search("tex-svg.js") and site.MATHJAX_SKIP.search("sre/mathmaps/de.json")
+    assert not site.MATHJAX_SKIP.search("tex-mml-chtml.js") and not site.MATHJAX_SKIP.search("sre/mathmaps/en.json")
