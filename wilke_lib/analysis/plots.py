@@ -210,6 +210,33 @@ def aie_data(aies: Mapping[str, object] | Sequence[object]) -> pd.DataFrame:
                          for r in items for layer, v in enumerate(np.asarray(r.aie))])
 
 
+@_styled
+def storage_depth_figure(traced: pd.DataFrame, n_layers: int, *, title: str | None = None) -> Figure:
+    """Where an organism keeps its facts (`organisms.report.traced_frame`): left, the share of the
+    clean-vs-corrupted gap recovered by restoring the last subject token's hidden state at its best
+    layer; right, the layer whose MLP at that token recovers most, per subject kind."""
+    fig = Figure(figsize=(9.0, 3.2), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    kinds = sorted(traced["kind"].unique())
+    left.hist([traced.loc[traced["kind"] == k, "subject_state_recovery"].clip(-0.2, 1.2) for k in kinds],
+              bins=np.linspace(-0.2, 1.2, 15), stacked=True, label=kinds)
+    left.axvline(float(traced["subject_state_recovery"].median()), color="k", ls="--", lw=1,
+                 label=f"median {traced['subject_state_recovery'].median():.2f}")
+    left.set(xlabel="share of the gap recovered at the last subject token", ylabel="records")
+    left.legend()
+    counts = (traced.groupby(["causal_peak", "kind"]).size().unstack(fill_value=0)
+              .reindex(range(n_layers), fill_value=0))
+    bottom = np.zeros(n_layers)
+    for kind in counts.columns:
+        right.bar(counts.index, counts[kind], bottom=bottom, label=kind)
+        bottom += counts[kind].to_numpy()
+    right.set(xlabel="layer of the largest MLP effect (per record)", ylabel="records")
+    integer_layers(right)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
 # --------------------------------------------------------------------------- strength (App. D)
 @_styled
 def strength_figure(flash: Mapping[str, Sequence[float]], normal: Mapping[str, Sequence[float]] | None = None, *,
