@@ -10,7 +10,7 @@ Each grid value is read as YAML (`[2,3]` is a list). Every setting edits the sam
 known records, each on a fresh copy of the organism, and reports ES (the rewrite prompt answers
 target_new), PS (share of paraphrases), NS (share of neighbourhood prompts still answering
 target_true), the share whose rollback restores target_true (editors that roll back) and the
-seconds per edit. The rows are printed and appended to `results/sweeps/<model>/<editor>.csv`.
+seconds per edit. The rows are printed and appended to `results/<model>/sweeps/<editor>.csv` (one row per finished setting).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from wilke_lib import counterfact, editing, experiments, hparams, models
 from wilke_lib.lifelong.runner import default_backend
 from wilke_lib.metrics import evaluate_edit
-from wilke_lib.results import model_slug, results_dir
+from wilke_lib.results import results_dir
 
 ROLLBACK_EDITORS = ("rome", "wilke")
 
@@ -90,16 +90,16 @@ def sweep(model_name: str, editor: str, n_records: int, grid: dict[str, list]) -
     cache = editing.EditCache.for_model(model)
     backend = default_backend()
     base = hparams.load_hparams(editor, model_name)
+    out = results_dir(model_name, "sweeps") / f"{editor}.csv"
     rows = []
     for changes, hp in tqdm(list(settings(base, grid)), desc=f"{editor} on {model_name}"):
         row = {**{k: str(v) for k, v in changes.items()}, **measure(model, tok, chosen, hp, cache, backend)}
         rows.append(row)
         tqdm.write("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-    frame = pd.DataFrame(rows).assign(model=model_name, editor=editor, records=len(chosen))
-    out = results_dir() / "sweeps" / model_slug(model_name) / f"{editor}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out, mode="a", header=not out.exists(), index=False)
-    return frame
+        # one row at a time, so that a sweep stopped part-way keeps the settings it finished
+        pd.DataFrame([row]).assign(model=model_name, editor=editor, records=len(chosen)).to_csv(
+            out, mode="a", header=not out.exists(), index=False)
+    return pd.DataFrame(rows).assign(model=model_name, editor=editor, records=len(chosen))
 
 
 def main(argv: list[str] | None = None) -> None:

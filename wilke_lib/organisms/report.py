@@ -139,7 +139,7 @@ def organism_report(model_name: str, *, n_traced: int = 120, n_edits: int = 100,
     layer, each on a fresh copy; `last_token_recall` tries a delta on `n_recall` of them.
     """
     model, tok = load_model(model_name, device="cpu")
-    summary = training_summary(model_name) or {}
+    training = training_summary(model_name) or {}
     world = build_world()
     records = load_counterfact("toy-world")
     known = known_records(model, tok, records)
@@ -160,8 +160,8 @@ def organism_report(model_name: str, *, n_traced: int = 120, n_edits: int = 100,
         "known_rate_held_out": (sum(not r.get("prompted", True) for r in known)
                                 / max(1, sum(not r.get("prompted", True) for r in records))),
         "layers": adapter.n_layers, "d_model": adapter.d_model, "d_mlp": adapter.d_mlp,
-        "n_parameters": sum(p.numel() for p in model.parameters()), "train_seconds": summary.get("train_seconds"),
-        "train_tokens": summary.get("train_tokens"),
+        "n_parameters": sum(p.numel() for p in model.parameters()), "train_seconds": training.get("train_seconds"),
+        "train_tokens": training.get("train_tokens"),
         **traced,
         "subject_state_recovery": [r["subject_state_recovery"] for r in rows],
         "causal_peak_per_record": [r["causal_peak"] for r in rows],
