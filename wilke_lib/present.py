@@ -40,6 +40,14 @@ from wilke_lib import claims as claims_lib
 from wilke_lib.results import model_slug, plain, results_dir, write_text_atomic
 
 BOOK_DIR_VARIABLE = "WILKE_BOOK_DIR"
+
+
+class SavedFile(type(Path())):
+    """The path of a file a page saved. A notebook cell that ends with `page.figure(...)` or
+    `page.table(...)` shows nothing more than the figure or table: no `PosixPath(...)` line."""
+
+    def _ipython_display_(self) -> None:
+        pass
 DPI = 150
 WIDE_INCHES = 7.0  # figures wider than this are shown at the column width, a click opens the full size
 TABLE1_METRICS = ("S", "ES", "PS", "NS", "ERS", "ORS")
@@ -250,7 +258,7 @@ class Page:
         lines += [self._links(png, data_path), "````"]
         show_markdown("\n".join(lines))
         _release(fig)
-        return png
+        return SavedFile(png)
 
     def table(self, frame: pd.DataFrame, name: str, caption: str, *, paper: str | None = None,
               index: bool | None = None, digits: int = 4, escape: bool = True, note: str | None = None,
@@ -271,7 +279,7 @@ class Page:
             lines += [" ".join(note.split()), ""]
         lines.append(self._links(path))
         show_markdown("\n".join(lines))
-        return path
+        return SavedFile(path)
 
     # ---------------------------------------------------------------------------------- claims
     def claim(self, claim_id: str, verdict: str, number: str, *, ref: str | None = None, note: str = "") -> None:
