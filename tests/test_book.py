@@ -21,20 +21,25 @@ def _load_make_toc():
     return make_toc
 
 
-def _executed_notebook(path: Path, model_name: str = "toy-gpt2") -> None:
-    """Write a small notebook that looks like papermill's output (parameters + injected cell + outputs)."""
+def papermill_notebook(model_name: str, heading: str, executed_cell) -> "nbformat.NotebookNode":
+    """A notebook that looks like papermill's output: a heading, the source's defaults cell, the
+    injected parameters (profile "quick") and one executed cell."""
     nb = nbformat.v4.new_notebook()
     params = nbformat.v4.new_code_cell('model_name = "toy-gpt2"\nprofile = "default"')
     params.metadata["tags"] = ["parameters"]
     injected = nbformat.v4.new_code_cell(f'# Parameters\nmodel_name = "{model_name}"\nprofile = "quick"\n')
     injected.metadata["tags"] = ["injected-parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell(heading), params, injected, executed_cell]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    return nb
+
+
+def _executed_notebook(path: Path, model_name: str = "toy-gpt2") -> None:
+    """Write a small executed notebook (it prints its parameters) at `path`."""
     out = nbformat.v4.new_code_cell("print(model_name, profile)", execution_count=3)
     out.outputs = [nbformat.v4.new_output("stream", name="stdout", text=f"{model_name} quick\n")]
-    nb.cells = [nbformat.v4.new_markdown_cell("# The world and the organisms\n\nA test page."),
-                params, injected, out]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     path.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, path)
+    nbformat.write(papermill_notebook(model_name, "# The world and the organisms\n\nA test page.", out), path)
 
 
 def _fake_book(tmp_path: Path) -> Path:

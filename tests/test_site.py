@@ -20,6 +20,7 @@ BOOK = ROOT / "book"
 
 
 from scripts import check_site  # noqa: E402
+from test_book import papermill_notebook  # noqa: E402
 
 
 def _browser():
@@ -80,20 +81,13 @@ def test_checker_finds_each_planted_fault_and_passes_a_clean_page(tmp_path):
 def _executed_page(path: Path, model: str, shown: list[str]) -> None:
     """An executed notebook like papermill's: source defaults, injected parameters, outputs of
     wilke_lib.present (figure and table as Markdown), and a stderr stream (a progress bar)."""
-    nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell('model_name = "toy-gpt2"\nprofile = "default"')
-    params.metadata["tags"] = ["parameters"]
-    injected = nbformat.v4.new_code_cell(f'# Parameters\nmodel_name = "{model}"\nprofile = "quick"\n')
-    injected.metadata["tags"] = ["injected-parameters"]
     out = nbformat.v4.new_code_cell("page.figure(...); page.table(...)", execution_count=3)
     out.outputs = [nbformat.v4.new_output("stream", name="stderr",
                                           text="\rrome toy seed 9:  50%|#####     | 8/16 [00:34<00:32,  4.03s/edit]"),
                    *[nbformat.v4.new_output("display_data", data={"text/markdown": md, "text/plain": "md"})
                      for md in shown]]
-    nb.cells = [nbformat.v4.new_markdown_cell("# Lifelong editing\n\nThe norm $\\|W_{proj}\\|$ grows:\n\n"
-                                              "$$\nl^* = \\operatorname{argmin}_l \\|\\delta^l\\|\n$$"),
-                params, injected, out]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb = papermill_notebook(model, "# Lifelong editing\n\nThe norm $\\|W_{proj}\\|$ grows:\n\n"
+                                   "$$\nl^* = \\operatorname{argmin}_l \\|\\delta^l\\|\n$$", out)
     nbformat.write(nb, path)
 
 
