@@ -22,6 +22,8 @@ from wilke_lib.lifelong import (
     LifelongConfig,
     checkpoint_steps,
     load_run,
+    read_back,
+    read_progress,
     run_dir,
     run_lifelong,
     run_many,
@@ -281,6 +283,22 @@ def test_finished_run_is_read_back_not_recomputed(tmp_path: Path, tiny_tokenizer
                          backend=make_backend(editor, known_calls))
     assert editor.calls == 8 and known_calls == [1]
     assert other.run_dir != first.run_dir
+
+
+def test_progress_of_a_run_is_read_without_computing(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    records = make_records(16)
+    cfg = config(tmp_path, n_edits=6)
+    assert read_progress(records, cfg) is None and read_back(records, cfg) is None  # not started
+    with pytest.raises(Kill):
+        run_lifelong(new_model(tiny_tokenizer), tiny_tokenizer, records, cfg, backend=make_backend(FakeEditor()),
+                     on_step=_kill_at(5))
+    partial = read_progress(records, cfg)
+    assert read_back(records, cfg) is None
+    assert partial.source == "unfinished at step 5" and not partial.final
+    assert partial.checkpoints["step"].tolist() == [1, 2, 4]
+    full = run_lifelong(new_model(tiny_tokenizer), tiny_tokenizer, records, cfg, backend=make_backend(FakeEditor()))
+    assert read_progress(records, cfg).final == read_back(records, cfg).final == full.final
+    assert read_progress(records, config(tmp_path, n_edits=6, seed=10)) is None  # another seed: not started
 
 
 def test_run_many_loads_a_fresh_model_per_unfinished_run(tmp_path: Path, tiny_tokenizer: Any) -> None:

@@ -71,12 +71,13 @@ def test_summarise_runs_in_table1_format() -> None:
               dict(ES=0.6, PS=0.5, NS=0.1, ERS=0.2, ORS=0.3),
               dict(ES=0.7, PS=0.5, NS=0.1, ERS=0.2, ORS=0.2)]
     table = summarise_runs(finals, model="toy-gpt2", editor="WilKE")
-    assert list(table.columns) == (["model", "editor"] + [c for m in METRICS for c in (m, f"{m}_ci")]
+    assert list(table.columns) == (["model", "editor"] + [c for m in METRICS for c in (m, f"{m}_ci", f"{m}_std")]
                                    + ["n_runs"])
     row = table.iloc[0]
     assert row["ES"] == pytest.approx(70.0)
     assert row["ES_ci"] == pytest.approx(4.302653 * 10 / math.sqrt(3), rel=1e-6)
     assert row["PS_ci"] == pytest.approx(0.0)
+    assert row["ES_std"] == pytest.approx(10 * math.sqrt(2 / 3))  # np.std: ddof 0, as the authors print it
     s_values = [100 * score_S(*(f[k] for k in ("ES", "PS", "NS", "ERS", "ORS"))) for f in finals]
     assert row["S"] == pytest.approx(sum(s_values) / 3)  # S per run, then averaged
     assert row["n_runs"] == 3

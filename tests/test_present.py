@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from wilke_lib import claims, present
+from wilke_lib import claims, metrics, present
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,6 +101,20 @@ def test_table1_side_by_side_with_n_a_for_a_single_seed():
     assert three.set_index("editor").loc["WilKE", "S toy-gpt2"] == "50.0 (1.2)"
     caption = present.table1_caption("toy-gpt2", "gpt2-xl", 16, [9])
     assert "16 lifelong edits" in caption and "seed(s) 9" in caption and "n/a" in caption and "1,024" in caption
+
+
+def test_table1_both_forms_sets_the_papers_spread_beside_ours_in_the_same_form():
+    finals = [dict(ES=0.8, PS=0.5, NS=0.1, ERS=0.2, ORS=0.1), dict(ES=0.6, PS=0.5, NS=0.1, ERS=0.2, ORS=0.3),
+              dict(ES=0.7, PS=0.5, NS=0.1, ERS=0.2, ORS=0.2)]
+    ours = pd.concat([metrics.summarise_runs(finals, editor="WilKE"), metrics.summarise_runs(finals[:1], editor="FT")])
+    paper = pd.read_csv(ROOT / "wilke_lib" / "data" / "table1_reported.csv")
+    frame = present.table1_both_forms(ours, paper[paper["model"] == "gpt2-xl"], "toy-gpt2", "gpt2-xl")
+    wilke = frame[frame["editor"] == "WilKE"].set_index("source")["ES"]
+    assert wilke["paper (gpt2-xl): ± as printed (np.std)"] == "70.7 ± 9.2"
+    assert wilke["toy-gpt2: ± np.std"] == "70.0 ± 8.2"          # 10 * sqrt(2/3)
+    assert wilke["toy-gpt2: ± 95% t-interval"] == "70.0 ± 24.8"  # 4.303 * 10 / sqrt(3)
+    ft = frame[frame["editor"] == "FT"]
+    assert len(ft) == 2 and set(ft["ES"]) == {"80.0 (n/a)"} and set(ft["seeds"]) == {"1"}
 
 
 # ------------------------------------------------------------------------------------- claims

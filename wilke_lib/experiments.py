@@ -5,6 +5,7 @@ numbers the paper reports (`wilke_lib/data/table1_reported.csv`)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,72 @@ def run_variants(model_name: str, records: list[dict], variants: list[EditorVari
     for label, run in zip(labels, runs):
         grouped.setdefault(label, []).append(run)
     return grouped
+
+
+def matrix_progress(model_name: str, records: list[dict], profile: Profile,
+                    editors: tuple[str, ...] | None = None) -> tuple[dict[str, list[lifelong.RunResult]], pd.DataFrame]:
+    """The runs of a profile's matrix (`make runs`: every editor with `Profile.seeds_for` its seeds) as far
+    as they are on disk, computing nothing: ({label: runs, finished or unfinished}, one status row per
+    run: editor, seed, steps written, n_edits, status). Runs not started are in the status table only."""
+    grouped: dict[str, list[lifelong.RunResult]] = {}
+    rows = []
+    fp = lifelong.records_fingerprint(records)
+    for v in editor_variants(tuple(editors or profile.editors)):
+        for seed in profile.seeds_for(v.name or v.editor):
+            run = lifelong.read_progress(fp, run_config(model_name, v, profile.n_edits, seed, profile))
+            done = 0 if run is None else len(run.steps)
+            rows.append({"editor": v.label, "seed": seed, "steps": done, "n_edits": profile.n_edits,
+                         "status": "not started" if run is None else
+                         ("finished" if run.final else f"unfinished ({done} of {profile.n_edits} steps)")})
+            if run is not None and len(run.checkpoints):
+                grouped.setdefault(v.label, []).append(run)
+    return grouped, pd.DataFrame(rows)
+
+
+def finished_only(grouped: dict[str, list[lifelong.RunResult]]) -> dict[str, list[lifelong.RunResult]]:
+    """The finished runs of `grouped` (those with final metrics), editors without one dropped."""
+    out = {label: [r for r in runs if r.final] for label, runs in grouped.items()}
+    return {label: runs for label, runs in out.items() if runs}
+
+
+def collapse_steps(curves_frame: pd.DataFrame, fraction_of_start: float = 0.5) -> pd.DataFrame:
+    """When each editor's lifelong run collapses: the first checkpoint at which its S (mean over the
+    seeds measured there) falls below `fraction_of_start` of its S at the first checkpoint, with S
+    there and at the last checkpoint measured (step and S in %); NaN step: no collapse as far as measured."""
+    rows = []
+    for editor, frame in curves_frame.groupby("editor", sort=False):
+        s = frame.groupby("step")["S"].mean().sort_index() * 100
+        below = s[s < fraction_of_start * s.iloc[0]]
+        rows.append({"editor": editor, "S first": s.iloc[0], "collapse step": below.index[0] if len(below) else math.nan,
+                     "S at collapse": below.iloc[0] if len(below) else math.nan,
+                     "last step": int(s.index[-1]), "S last": s.iloc[-1]})
+    return pd.DataFrame(rows)
+
+
+def scale_verdicts(ours: pd.DataFrame, collapse: pd.DataFrame, paper: pd.DataFrame, n_edits: int) -> list[str]:
+    """The paper-scale comparisons in sentences, from the numbers: WilKE against ROME and MEMIT (S and
+    the relative gain, beside the paper's), and when each editor collapses (`collapse_steps`)."""
+    lines = []
+    s = ours.set_index("editor")["S"] if len(ours) else pd.Series(dtype=float)
+    paper_s = paper.set_index("editor")["S"] if len(paper) else pd.Series(dtype=float)
+    for other in ("ROME", "MEMIT"):
+        if "WilKE" in s and other in s:
+            gain = metrics.relative_improvement(float(s["WilKE"]), float(s[other]))
+            text = (f"After {n_edits:,} edits WilKE (S {s['WilKE']:.1f}) {'beats' if gain > 0 else 'does not beat'} "
+                    f"{other} (S {s[other]:.1f}): {gain:+.0%}")
+            if "WilKE" in paper_s and other in paper_s:
+                text += (f"; the paper: {paper_s['WilKE']:.1f} vs {paper_s[other]:.1f} "
+                         f"({metrics.relative_improvement(paper_s['WilKE'], paper_s[other]):+.0%})")
+            lines.append(text + ".")
+    for _, row in collapse.iterrows():
+        if math.isnan(row["collapse step"]):
+            lines.append(f"{row['editor']} does not collapse as far as measured: S {row['S first']:.1f} at the first "
+                         f"checkpoint, {row['S last']:.1f} at step {row['last step']:,}.")
+        else:
+            lines.append(f"{row['editor']} collapses at step {int(row['collapse step']):,} (S {row['S first']:.1f} at the "
+                         f"first checkpoint, {row['S at collapse']:.1f} there, {row['S last']:.1f} at step "
+                         f"{row['last step']:,}).")
+    return lines
 
 
 def table(grouped: dict[str, list[lifelong.RunResult]], model_name: str) -> pd.DataFrame:

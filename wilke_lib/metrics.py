@@ -112,16 +112,19 @@ def summarise_runs(finals: Sequence[Mapping[str, float]], **labels: str) -> pd.D
     """One-row table in the format of Table 1 (`wilke_lib/data/table1_reported.csv`).
 
     `finals` holds one final-metrics dict (fractions) per seed. Columns: the `labels` given
-    (e.g. model=..., editor=...), then for each of S, ES, PS, NS, ERS, ORS the mean in % and
-    `<metric>_ci` the 95% CI half width in %, then `n_runs`. S is computed per run, then averaged.
+    (e.g. model=..., editor=...), then for each of S, ES, PS, NS, ERS, ORS the mean in %,
+    `<metric>_ci` the 95% t-interval half width in % and `<metric>_std` the standard deviation over
+    the runs in % as `np.std` computes it (ddof 0: the spread the authors' notebook prints after
+    "+-" and the paper's Table 1 calls a 95% CI), then `n_runs`. S is computed per run, then averaged.
     """
     if not finals:
         raise ValueError("summarise_runs needs at least one run")
     runs = [_with_s(f) for f in finals]
     row: dict[str, object] = dict(labels)
     for m in METRICS:
-        mean, half = mean_ci95([100.0 * r[m] for r in runs])
-        row[m], row[f"{m}_ci"] = mean, half
+        values = [100.0 * r[m] for r in runs]
+        mean, half = mean_ci95(values)
+        row[m], row[f"{m}_ci"], row[f"{m}_std"] = mean, half, float(np.std(values))
     row["n_runs"] = len(runs)
     return pd.DataFrame([row])
 

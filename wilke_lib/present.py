@@ -352,6 +352,35 @@ def table1(ours: pd.DataFrame, paper: pd.DataFrame, model_name: str,
     return pd.DataFrame(rows)
 
 
+def table1_both_forms(ours: pd.DataFrame, paper: pd.DataFrame, model_name: str,
+                      paper_model: str | None = None) -> pd.DataFrame:
+    """Table 1 with the spread in both forms, paper and ours alike: per editor a row "paper, mean +- printed
+    spread" (the authors' notebook prints `np.std` over three runs; the paper calls it a 95% CI), a row
+    "<model>, mean +- np.std" (the same form) and a row "<model>, mean +- 95% t-interval" (`n_runs`
+    seeds; "n/a" with one). Columns: editor, source, seeds, then the metrics in %."""
+    paper_label = f"paper ({paper_model})" if paper_model else "paper"
+    ours_rows = {str(r["editor"]): r for _, r in ours.iterrows()}
+    paper_rows = {str(r["editor"]): r for _, r in paper.iterrows()}
+    names = [e for e in EDITOR_ORDER if e in ours_rows or e in paper_rows]
+    names += [e for e in list(paper_rows) + list(ours_rows) if e not in names]
+
+    def row(editor: str, source: str, seeds: str, r: pd.Series, spread: str, with_spread: bool) -> dict:
+        cells = {m: "–" if r is None else (f"{float(r[m]):.1f} ± {float(r[f'{m}_{spread}']):.1f}" if with_spread
+                                           else f"{float(r[m]):.1f} (n/a)") for m in TABLE1_METRICS}
+        return {"editor": editor, "source": source, "seeds": seeds, **cells}
+
+    rows = []
+    for editor in names:
+        p, o = paper_rows.get(editor), ours_rows.get(editor)
+        if p is not None:
+            rows.append(row(editor, f"{paper_label}: ± as printed (np.std)", "3", p, "ci", True))
+        if o is not None:
+            n = int(o.get("n_runs", 1) or 1)
+            rows.append(row(editor, f"{model_slug(model_name)}: ± np.std", str(n), o, "std", n >= 2))
+            rows.append(row(editor, f"{model_slug(model_name)}: ± 95% t-interval", str(n), o, "ci", n >= 2))
+    return pd.DataFrame(rows)
+
+
 def table1_caption(model_name: str, paper_model: str | None, n_edits: int, seeds: Sequence[int]) -> str:
     """The header of `table1`: what is compared, after how many edits, over which seeds."""
     seeds = list(seeds)

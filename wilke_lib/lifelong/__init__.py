@@ -9,10 +9,11 @@
 from wilke_lib.lifelong.config import (CheckpointPolicy, LifelongConfig, checkpoint_steps, records_fingerprint,
                                        resolve_hparams, run_dir, run_identity)
 from wilke_lib.lifelong.runner import (Backend, default_backend, evaluate_edit, lifelong_dir, predefined_layers,
-                                       prepare_edit_cache, run_lifelong, run_many, split_records)
+                                       prepare_edit_cache, read_back, read_progress, run_lifelong, run_many,
+                                       split_records)
 from wilke_lib.lifelong.store import RunLockedError, RunResult, load_run, toxicity_snapshots
 
 __all__ = ["Backend", "CheckpointPolicy", "LifelongConfig", "RunLockedError", "RunResult", "checkpoint_steps",
            "default_backend", "evaluate_edit", "lifelong_dir", "load_run", "predefined_layers", "prepare_edit_cache",
-           "records_fingerprint", "resolve_hparams", "run_dir", "run_identity", "run_lifelong", "run_many",
-           "split_records", "toxicity_snapshots"]
+           "read_back", "read_progress", "records_fingerprint", "resolve_hparams", "run_dir", "run_identity",
+           "run_lifelong", "run_many", "split_records", "toxicity_snapshots"]

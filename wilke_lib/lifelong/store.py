@@ -8,7 +8,9 @@ Under `config.run_dir(...)`:
 * `checkpoints.jsonl` one JSON object per checkpoint (`runner.checkpoint_row`);
 * `state.safetensors` the current values of every parameter touched so far, with the step in the
   metadata, replaced atomically after every `save_every` steps: resuming loads the original model,
-  overwrites those parameters and continues, bit-identical to an uninterrupted run;
+  overwrites those parameters and continues, bit-identical to an uninterrupted run. It holds only
+  the touched layers (< 1 MB on the organisms) and is deleted when the run finishes, so an unfinished
+  paper-scale run is committed with it and a later session (or machine) resumes where it stopped;
 * `toxicity.safetensors` the block-averaged toxicity matrices W - W_0 of the recorded layers at
   powers of two (Fig. 3b-6b), "step<s>/layer<l>";
 * `result.json`       the final metrics; a run with this file is read back, never recomputed. It is
