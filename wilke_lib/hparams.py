@@ -1,14 +1,16 @@
 """Typed hyper-parameters of the editors and their YAML files.
 
-One dataclass per editor. The files live in `wilke_lib/hparams/<editor>/<model>.yaml`
-(editors: rome, memit, wilke, ft, kn; models: the organisms toy-gpt2 / toy-gptj and the
-paper's gpt2-xl / gpt-j-6b). `load_hparams("rome", "toy-gpt2")` reads one of them;
+One dataclass per editor (this module is longer than 420 lines because every editor's settings, with
+their documentation and checks, live together). The files live in
+`wilke_lib/hparams/<editor>/<model>.yaml` (editors: rome, memit, wilke, alphaedit, comeba_hk, ft, kn;
+models: the organisms toy-gpt2 / toy-gptj and the paper's gpt2-xl / gpt-j-6b). `load_hparams("rome", "toy-gpt2")` reads one of them;
 `hparams_from_file(path)` reads any JSON or YAML file. Unknown keys are an error that names
 the key and lists the valid ones, so a typo never silently falls back to a default.
 
 References: ROME = Meng et al. 2022a ("Locating and Editing Factual Associations in GPT"),
 MEMIT = Meng et al. 2022b ("Mass-Editing Memory in a Transformer"), WilKE = Hu et al. 2024,
-FT-L = Zhu et al. 2020 as used by ROME, KN = Dai et al. 2021 ("Knowledge Neurons").
+FT-L = Zhu et al. 2020 as used by ROME, KN = Dai et al. 2021 ("Knowledge Neurons"), AlphaEdit = Fang
+et al. 2025, COMEBA-HK = Li et al. 2024 ("Consecutive Model Editing with Batch alongside HooK Layers").
 """
 
 from __future__ import annotations
@@ -278,6 +280,19 @@ class AlphaEditHParams(MEMITHParams):
 
 
 @dataclass(kw_only=True)
+class COMEBAHKHParams(MEMITHParams):
+    """COMEBA-HK (Li et al. 2024, "Consecutive Model Editing with Batch alongside HooK Layers"): MEMIT's
+    targets and residual spreading over `layers`, written into hook layers with the accumulated keys of
+    the earlier edits in the system (C_accu = mom2_update_weight * C + sum K K^T); a token takes the
+    hook's output when its z-score reaches alpha, which starts at `alpha_init` and is lowered after each
+    batch. `delta_runner` "full" (the default here): the z-scores are taken over whole prompts."""
+
+    alpha_init: float = 2.2
+    delta_runner: str = "full"
+    editor: ClassVar[str] = "comeba_hk"
+
+
+@dataclass(kw_only=True)
 class FTHParams:
     """FT-L (Zhu et al. 2020, ROME's constrained fine-tuning baseline): Adam on W_proj of one layer,
     NLL of target_new after the prompt, L-inf constraint |W - W_0| <= norm_constraint."""
@@ -317,12 +332,13 @@ class KNHParams:
             raise ValueError("ig_steps >= 1, 0 < threshold <= 1 and max_neurons >= 1 are required")
 
 
-HParams = ROMEHParams | WilKEHParams | MEMITHParams | AlphaEditHParams | FTHParams | KNHParams
+HParams = ROMEHParams | WilKEHParams | MEMITHParams | AlphaEditHParams | COMEBAHKHParams | FTHParams | KNHParams
 
 HPARAMS_CLASSES: dict[str, type] = {
     "rome": ROMEHParams,
     "memit": MEMITHParams,
     "alphaedit": AlphaEditHParams,
+    "comeba_hk": COMEBAHKHParams,
     "wilke": WilKEHParams,
     "ft": FTHParams,
     "kn": KNHParams,

@@ -51,7 +51,7 @@ class SavedFile(type(Path())):
 DPI = 150
 WIDE_INCHES = 7.0  # figures wider than this are shown at the column width, a click opens the full size
 TABLE1_METRICS = ("S", "ES", "PS", "NS", "ERS", "ORS")
-EDITOR_ORDER = ("FT", "KE", "KN", "MEND", "ROME", "r-ROME", "MEMIT", "AlphaEdit", "WilKE")
+EDITOR_ORDER = ("FT", "KE", "KN", "MEND", "ROME", "r-ROME", "MEMIT", "AlphaEdit", "COMEBA-HK", "WilKE")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 VERDICT_BADGES = {"reproduced": "bdg-success", "partly": "bdg-warning", "not reproduced": "bdg-danger",
                   "not testable here": "bdg-secondary", claims_lib.NOT_RUN: "bdg-dark-line"}
@@ -302,7 +302,7 @@ class Page:
         path = claims_lib.claims_path(self.model_name, self.chapter)
         recorded = claims_lib.read_json(path)["claims"] if path.exists() else {}
         registry = claims_lib.registry()
-        lines = [f"**The paper's claims tested on this page** (all of them: {{doc}}`/glance`)", ""]
+        lines = ["**The paper's claims tested on this page** (all of them: {doc}`/glance`)", ""]
         for claim_id, cell in recorded.items():
             claim = registry[claim_id]
             note = f" *({md_escape(cell['note'])})*" if cell.get("note") else ""

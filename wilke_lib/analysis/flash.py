@@ -163,13 +163,16 @@ def flash_analysis(model: nn.Module, tok, records: Sequence[dict], model_name: s
 
 
 def flash_free_run(model: nn.Module, tok, records: Sequence[dict], analysis: FlashAnalysis, hparams: Any, *,
-                   model_name: str, seed: int, cache: Any = None, known: Callable | None = None) -> ToxicityRecording:
+                   model_name: str, seed: int, cache: Any = None, known: Callable | None = None,
+                   compute: bool = True) -> ToxicityRecording | None:
     """The same experiment with the flash records left out of the known records (Sec. 4.2, Fig. 5-6);
-    the run itself when nothing was flagged."""
+    the run itself when nothing was flagged. With `compute=False` a run not finished on disk is not
+    computed (a 1,024-step run costs about an hour of a CPU core): None."""
     if not analysis.flash_records:
         return analysis.recording
     return toxicity_run(model, tok, records, model_name, hparams, n_steps=len(analysis.sequence), seed=seed,
-                        cache=cache, exclude=[r["case_id"] for r in analysis.flash_records], known=known)
+                        cache=cache, exclude=[r["case_id"] for r in analysis.flash_records], known=known,
+                        compute=compute)
 
 
 @dataclass

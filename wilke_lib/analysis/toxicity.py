@@ -27,8 +27,8 @@ from wilke_lib.analysis.verdicts import verdict_table
 from wilke_lib.arch import ModelAdapter
 from wilke_lib.editors.common import WeightJournal
 from wilke_lib.hparams import editor_of
-from wilke_lib.lifelong import (Backend, LifelongConfig, RunResult, default_backend, lifelong_dir, records_fingerprint,
-                                run_lifelong)
+from wilke_lib.lifelong import (Backend, LifelongConfig, RunResult, default_backend, lifelong_dir, read_back,
+                                records_fingerprint, run_lifelong)
 from wilke_lib.lifelong import toxicity_snapshots as run_snapshots
 from wilke_lib.lifelong.runner import known_cached, split_records
 
@@ -104,17 +104,34 @@ def _backend(known: Callable | None) -> Backend:
     return backend
 
 
+def longest_finished(records: Sequence[dict], model_name: str, hparams: Any | Sequence[Any], seed: int,
+                     sizes: Sequence[int]) -> int:
+    """The largest of `sizes` (run lengths) at which the lifelong run of every editor in `hparams` with
+    `seed` is finished on disk (the paper's 1,024 once `make runs` has computed it), else the smallest
+    size (which the page then computes or reads back as before). Never computes."""
+    editors = list(hparams) if isinstance(hparams, (list, tuple)) else [hparams]
+    fp = records_fingerprint(records)
+    for n in sorted(set(sizes), reverse=True):
+        if all(read_back(fp, toxicity_config(model_name, h, n, seed)) is not None for h in editors):
+            return n
+    return min(sizes)
+
+
 def toxicity_run(model: nn.Module, tok, records: Sequence[dict], model_name: str, hparams: Any, *, n_steps: int,
-                 seed: int, cache: Any = None, exclude: Sequence[Any] = (), known: Callable | None = None
-                 ) -> ToxicityRecording:
+                 seed: int, cache: Any = None, exclude: Sequence[Any] = (), known: Callable | None = None,
+                 compute: bool = True) -> ToxicityRecording | None:
     """The lifelong run (edit + rollback, Appendix F) of `hparams`' editor on `n_steps` known records,
     computed or read back, as a `ToxicityRecording`; records whose case_id is in `exclude` are left
     out before the split (the flash-free run of Sec. 4.2). `known` replaces the known-record filter.
+    With `compute=False` a run that is not finished on disk is not computed: None.
     The model's weights are unchanged on return."""
     if exclude:
         dropped = set(exclude)
         records = [r for r in records if r.get("case_id") not in dropped]
     config = toxicity_config(model_name, hparams, n_steps, seed)
+    if not compute:
+        done = read_back(records, config)
+        return None if done is None else recording_of(done)
     with preserved_weights(model):
         run = run_lifelong(model, tok, records, config, cache, backend=_backend(known))
     return recording_of(run)

@@ -10,6 +10,7 @@ edits in the `EditorState` (`editors.common`). To add one: write
 from collections.abc import Callable
 
 from wilke_lib.editors.alphaedit import alphaedit_editor
+from wilke_lib.editors.comeba_hk import comeba_hk_editor
 from wilke_lib.editors.common import EditorOutput
 from wilke_lib.editors.ft import ft_editor
 from wilke_lib.editors.kn import kn_editor
@@ -20,5 +21,6 @@ from wilke_lib.editors.wilke import wilke_editor
 EditorFn = Callable[..., EditorOutput]
 
 EDITORS: dict[str, EditorFn] = {"rome": rome_editor, "memit": memit_editor, "wilke": wilke_editor,
-                                "ft": ft_editor, "kn": kn_editor, "alphaedit": alphaedit_editor}
+                                "ft": ft_editor, "kn": kn_editor, "alphaedit": alphaedit_editor,
+                                "comeba_hk": comeba_hk_editor}
 """name -> implementation(model, tok, request, hparams, *, journal, layers, cache, state) -> EditorOutput."""

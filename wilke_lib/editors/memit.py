@@ -94,13 +94,16 @@ LayerUpdate = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def apply_memit(model: nn.Module, tok: PreTrainedTokenizerBase, requests: Sequence[dict], hparams: MEMITHParams, *,
                 cache: EditCache | None = None, layers: Sequence[int] | None = None,
-                journal: WeightJournal | None = None, layer_update: LayerUpdate | None = None) -> dict[str, Any]:
+                journal: WeightJournal | None = None, layer_update: LayerUpdate | None = None,
+                on_targets: Callable[[], None] | None = None) -> dict[str, Any]:
     """Edit all `requests` at once with MEMIT, in place; returns an info dict.
 
     Without a journal, one is made and used to restore the weights if anything fails. Prefer
     `editing.edit` for a single request (it records the deltas and the time). `layer_update` replaces
     MEMIT's Eq. 14 for each layer (AlphaEdit's projected update); the targets z and the spreading of
-    the residual over the layers stay MEMIT's.
+    the residual over the layers stay MEMIT's. `on_targets` is called once the targets z are computed,
+    before the first layer's keys (COMEBA-HK switches its hook layers there). `journal` is anything with
+    `add(layer, dW)` (COMEBA-HK writes into its hook layers instead of the weights).
     """
     if not requests:
         raise ValueError("no requests")
@@ -121,6 +124,8 @@ def apply_memit(model: nn.Module, tok: PreTrainedTokenizerBase, requests: Sequen
             zs.append(z)
             z_infos.append(info)
         Z = torch.stack(zs, dim=1)  # (d_model, n)
+        if on_targets is not None:
+            on_targets()
         mom2s = cache.get_mom2(model, tok, layers, hparams)
         per_layer = []
         for i, layer in enumerate(layers):

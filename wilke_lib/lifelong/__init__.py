@@ -9,9 +9,8 @@
 from wilke_lib.lifelong.config import (CheckpointPolicy, LifelongConfig, checkpoint_steps, records_fingerprint,
                                        resolve_hparams, run_dir, run_identity)
 from wilke_lib.lifelong.runner import (Backend, default_backend, evaluate_edit, lifelong_dir, predefined_layers,
-                                       prepare_edit_cache, read_back, read_progress, run_lifelong, run_many,
-                                       split_records)
-from wilke_lib.lifelong.store import RunLockedError, RunResult, load_run, toxicity_snapshots
+                                       prepare_edit_cache, run_lifelong, run_many, split_records)
+from wilke_lib.lifelong.store import RunLockedError, RunResult, load_run, read_back, read_progress, toxicity_snapshots
 
 __all__ = ["Backend", "CheckpointPolicy", "LifelongConfig", "RunLockedError", "RunResult", "checkpoint_steps",
            "default_backend", "evaluate_edit", "lifelong_dir", "load_run", "predefined_layers", "prepare_edit_cache",

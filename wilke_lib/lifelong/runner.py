@@ -385,7 +385,7 @@ def run_many(model_loader: Callable[[str], tuple[nn.Module, Any]], records: Sequ
     results = []
     fp = records_fingerprint(records)
     for config in configs:
-        finished = read_back(fp, config)
+        finished = store.read_back(fp, config)
         if finished is not None:
             results.append(finished)
             continue
@@ -397,39 +397,6 @@ def run_many(model_loader: Callable[[str], tuple[nn.Module, Any]], records: Sequ
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return results
-
-
-def locate(records: Sequence[dict] | str, config: LifelongConfig) -> tuple[Path, str]:
-    """(directory, key) of the run `config` on `records` (or their `records_fingerprint`)."""
-    fp = records if isinstance(records, str) else records_fingerprint(records)
-    hparams = resolve_hparams(config)
-    return run_dir(config.out_dir, config, fp, hparams), digest(run_identity(config, fp, hparams))
-
-
-def read_back(records: Sequence[dict] | str, config: LifelongConfig) -> store.RunResult | None:
-    """The run `config` if it is finished on disk, else None; never loads a model or computes."""
-    rdir, key = locate(records, config)
-    if store.finished(rdir, key, checkpoint_steps(config.n_edits, config.checkpoints)):
-        return store.load_run(rdir)
-    return None
-
-
-def read_progress(records: Sequence[dict] | str, config: LifelongConfig) -> store.RunResult | None:
-    """The run `config` as far as it got: finished (`source` "read back"), unfinished with the steps
-    and checkpoints written so far (`source` "unfinished at step <k>", `final` empty), or None when
-    it has not started (or its folder belongs to other settings). Never computes."""
-    done = read_back(records, config)
-    if done is not None:
-        return done
-    rdir, key = locate(records, config)
-    try:
-        if read_json(rdir / store.CONFIG_FILE, rebuild="the run will start again").get("key") != key:
-            return None
-    except (FileNotFoundError, CorruptFileError):
-        return None
-    run = store.load_run(rdir, source="unfinished")
-    run.source = f"unfinished at step {len(run.steps)}"
-    return run
 
 
 def lifelong_dir(model_name: str) -> Path:

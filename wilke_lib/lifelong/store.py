@@ -26,6 +26,7 @@ import gzip
 import json
 import logging
 import os
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +38,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from wilke_lib.lifelong.config import FORMAT_VERSION, LifelongConfig, checkpoint_steps, config_from_dict, config_to_dict
+from wilke_lib.lifelong.config import (FORMAT_VERSION, LifelongConfig, checkpoint_steps, config_from_dict, config_to_dict,
+                                       records_fingerprint, resolve_hparams, run_dir, run_identity)
 from wilke_lib.lifelong.toxicity import is_snapshot_step
-from wilke_lib.results import CorruptFileError, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
+from wilke_lib.results import CorruptFileError, digest, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 
@@ -280,3 +282,36 @@ def load_run(path: str | Path, source: str = "read back") -> RunResult:
     return RunResult(config=config_from_dict(cfg["config"]), steps=pd.DataFrame(read_steps(rdir)),
                      checkpoints=pd.DataFrame(read_jsonl(rdir / CHECKPOINTS_FILE)), final=final, run_dir=rdir,
                      source=source)
+
+
+def locate(records: Sequence[dict] | str, config: LifelongConfig) -> tuple[Path, str]:
+    """(directory, key) of the run `config` on `records` (or their `records_fingerprint`)."""
+    fp = records if isinstance(records, str) else records_fingerprint(records)
+    hparams = resolve_hparams(config)
+    return run_dir(config.out_dir, config, fp, hparams), digest(run_identity(config, fp, hparams))
+
+
+def read_back(records: Sequence[dict] | str, config: LifelongConfig) -> RunResult | None:
+    """The run `config` if it is finished on disk, else None; never loads a model or computes."""
+    rdir, key = locate(records, config)
+    if finished(rdir, key, checkpoint_steps(config.n_edits, config.checkpoints)):
+        return load_run(rdir)
+    return None
+
+
+def read_progress(records: Sequence[dict] | str, config: LifelongConfig) -> RunResult | None:
+    """The run `config` as far as it got: finished (`source` "read back"), unfinished with the steps
+    and checkpoints written so far (`source` "unfinished at step <k>", `final` empty), or None when
+    it has not started (or its folder belongs to other settings). Never computes."""
+    done = read_back(records, config)
+    if done is not None:
+        return done
+    rdir, key = locate(records, config)
+    try:
+        if read_json(rdir / CONFIG_FILE, rebuild="the run will start again").get("key") != key:
+            return None
+    except (FileNotFoundError, CorruptFileError):
+        return None
+    run = load_run(rdir, source="unfinished")
+    run.source = f"unfinished at step {len(run.steps)}"
+    return run
