@@ -33,3 +33,26 @@ def test_notebook_executes_with_quick_profile(name, tmp_path, monkeypatch):
     executed = json.loads(out.read_text())
     errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+
+
+def test_consecutive_chapter_reads_the_runs_on_disk(tmp_path, monkeypatch):
+    """Chapter 12 computes nothing: with one quick-profile run on disk (MEMIT, batches of 4) it shows that
+    run's row and curves and lists the others as not started."""
+    papermill = pytest.importorskip("papermill")
+    monkeypatch.setenv("WILKE_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("WILKE_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("WILKE_FIGURES_DIR", str(tmp_path / "figures"))
+    from wilke_lib import counterfact, models
+    from wilke_lib.lifelong.consecutive import ConsecutiveConfig, run_consecutive
+
+    model, tok = models.load_model("toy-gpt2")
+    run_consecutive(model, tok, counterfact.load_counterfact("toy-world"),
+                    ConsecutiveConfig(model_name="toy-gpt2", editor="memit", n_edits=8, batch_size=4))
+    out = tmp_path / "12.ipynb"
+    papermill.execute_notebook(str(REPO / "notebooks" / "12_consecutive_batch.ipynb"), str(out),
+                               parameters={"model_name": "toy-gpt2", "profile": "quick"}, cwd=str(REPO),
+                               progress_bar=False)
+    text = out.read_text()
+    assert "| MEMIT | 4 | 2 | 2 | finished |" in text and "| COMEBA-HK | 1 | 0 | 8 | not started |" in text
+    assert "consecutive_curves.png" in text and '"output_type": "error"' not in text

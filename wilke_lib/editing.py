@@ -26,14 +26,14 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from wilke_lib.arch import ModelAdapter, model_device
-from wilke_lib.editors import EDITORS
+from wilke_lib.editors import BATCH_EDITORS, EDITORS
 from wilke_lib.editors.cache import EditCache
-from wilke_lib.editors.common import EditorState, WeightJournal
+from wilke_lib.editors.common import EditorOutput, EditorState, WeightJournal
 from wilke_lib.errors import EditError
 from wilke_lib.hparams import editor_of
 from wilke_lib.tokens import as_request, swapped
 
-__all__ = ["EDITORS", "EditCache", "EditError", "EditResult", "edit", "rollback"]
+__all__ = ["BATCH_EDITORS", "EDITORS", "EditCache", "EditError", "EditResult", "edit", "edit_batch", "rollback"]
 
 
 @dataclass
@@ -67,8 +67,42 @@ def edit(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, hparams:
     a run (AlphaEdit); restored with the weights when the edit fails. Raises EditError, weights
     untouched, when impossible.
     """
-    editor = editor_of(hparams)
     request = as_request(request)
+    chosen = list(layers) if layers is not None else None
+
+    def apply(editor: str, model: nn.Module, journal: WeightJournal, cache: EditCache) -> EditorOutput:
+        return EDITORS[editor](model, tok, request, hparams, journal=journal, layers=chosen, cache=cache, state=state)
+
+    return _journaled(model, hparams, copy, cache, keep_deltas, state, apply)
+
+
+def edit_batch(model: nn.Module, tok: PreTrainedTokenizerBase, requests: Sequence[dict], hparams: Any, *,
+               cache: EditCache | None = None, keep_deltas: bool = True, state: EditorState | None = None) -> EditResult:
+    """Apply a batch of edits as one: at once for the batch editors (`editors.BATCH_EDITORS`: MEMIT,
+    AlphaEdit, COMEBA-HK), one request after another for the others (ROME, WilKE, FT, KN). Either the
+    whole batch lands or, on EditError, nothing does (weights and `state` bit-identical)."""
+    requests = [as_request(r) for r in requests]
+    if not requests:
+        raise ValueError("edit_batch: no requests")
+
+    def apply(editor: str, model: nn.Module, journal: WeightJournal, cache: EditCache) -> EditorOutput:
+        if editor in BATCH_EDITORS:
+            return BATCH_EDITORS[editor](model, tok, requests, hparams, journal=journal, layers=None, cache=cache,
+                                         state=state)
+        outputs = [EDITORS[editor](model, tok, r, hparams, journal=journal, layers=None, cache=cache, state=state)
+                   for r in requests]
+        layers = sorted({l for o in outputs for l in o.layers})
+        return EditorOutput(layers=layers, info={"per_request": [o.info for o in outputs],
+                                                 "request_layers": [o.layers for o in outputs]})
+
+    return _journaled(model, hparams, False, cache, keep_deltas, state, apply)
+
+
+def _journaled(model: nn.Module, hparams: Any, copy: bool, cache: EditCache | None, keep_deltas: bool,
+               state: EditorState | None, apply: Any) -> EditResult:
+    """Run `apply(editor, model, journal, cache) -> EditorOutput` with every weight change journaled:
+    on any exception the weights and `state` are restored and the exception re-raised; timed."""
+    editor = editor_of(hparams)
     if copy:
         model = copy_module.deepcopy(model)
     if cache is None:
@@ -78,8 +112,7 @@ def edit(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, hparams:
         state.snapshot()
     start = time.perf_counter()
     try:
-        output = EDITORS[editor](model, tok, request, hparams, journal=journal,
-                                 layers=list(layers) if layers is not None else None, cache=cache, state=state)
+        output = apply(editor, model, journal, cache)
     except BaseException:
         journal.restore()
         if state is not None:

@@ -14,6 +14,7 @@ import pandas as pd
 from wilke_lib import book, counterfact, editing, generation, lifelong, metrics, models
 from wilke_lib import hparams as hparams_lib
 from wilke_lib.editors import wilke
+from wilke_lib.lifelong import consecutive
 from wilke_lib.profiles import Profile
 
 # The paper's model each organism stands in for.
@@ -102,6 +103,59 @@ def matrix_progress(model_name: str, records: list[dict], profile: Profile,
             if run is not None and len(run.checkpoints):
                 grouped.setdefault(v.label, []).append(run)
     return grouped, pd.DataFrame(rows)
+
+
+def consecutive_progress(model_name: str, records: list[dict], profile: Profile
+                         ) -> tuple[list[lifelong.RunResult], pd.DataFrame]:
+    """The consecutive-batch runs of a profile (chapter 12) as far as they are on disk, computing nothing:
+    (the runs that have started, one status row per run: editor, batch size, batches done, status)."""
+    fp = lifelong.records_fingerprint(records)
+    found, rows = [], []
+    for config in consecutive.matrix([model_name], profile.consecutive_editors, profile.consecutive_batch_sizes,
+                                     profile.consecutive_n_edits, profile.seeds[0]):
+        run = consecutive.read_progress(fp, config)
+        n_batches = len(config.batch_ends())
+        rows.append({"editor": EDITOR_LABELS.get(config.editor, config.editor), "batch size": config.batch_size,
+                     "batches": 0 if run is None else len(run.steps), "of": n_batches,
+                     "status": "not started" if run is None else ("finished" if run.final else "unfinished")})
+        if run is not None and len(run.steps):
+            found.append(run)
+    return found, pd.DataFrame(rows)
+
+
+def consecutive_tables(runs: list[lifelong.RunResult]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(final table: one row per finished run, editor x batch size, the four measures in % and the
+    seconds per edit; long table of every checkpoint of every run, for the retention curves)."""
+    finals, curves = [], []
+    for run in runs:
+        label, b = EDITOR_LABELS.get(run.config.editor, run.config.editor), run.config.batch_size
+        if run.final:
+            steps = run.steps
+            finals.append({"editor": label, "batch size": b, **{k: 100 * v for k, v in run.final.items()},
+                           "failed batches": int(steps["failed"].sum()),
+                           "s per edit": float(steps["seconds"].sum() / steps["n_requests"].sum())})
+        if len(run.checkpoints):
+            curves.append(run.checkpoints.assign(editor=label, **{"batch size": b}))
+    columns = ["editor", "batch size", *consecutive.MEASURES, "kept", "failed batches", "s per edit"]
+    return (pd.DataFrame(finals, columns=columns),
+            pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=["editor", "batch size", "edits"]))
+
+
+def consecutive_verdicts(final: pd.DataFrame) -> list[str]:
+    """For each batch size: who retains the earlier edits best (efficacy over every edited record) and
+    who keeps the unedited facts best, and how COMEBA-HK compares with MEMIT, from the numbers."""
+    lines = []
+    for b, rows in final.groupby("batch size"):
+        rows = rows.set_index("editor")
+        best, kept = rows["efficacy"].idxmax(), rows["kept"].idxmax()
+        text = (f"Batches of {b}: the edits are best retained by {best} (efficacy {rows.loc[best, 'efficacy']:.1f}% "
+                f"over all edited records), the unedited facts best kept by {kept} ({rows.loc[kept, 'kept']:.1f}%)")
+        if {"COMEBA-HK", "MEMIT"} <= set(rows.index):
+            c, m = rows.loc["COMEBA-HK"], rows.loc["MEMIT"]
+            text += (f"; COMEBA-HK vs MEMIT: efficacy {c['efficacy']:.1f} vs {m['efficacy']:.1f}, locality "
+                     f"{c['locality']:.1f} vs {m['locality']:.1f}, kept {c['kept']:.1f} vs {m['kept']:.1f}")
+        lines.append(text + ".")
+    return lines
 
 
 def finished_only(grouped: dict[str, list[lifelong.RunResult]]) -> dict[str, list[lifelong.RunResult]]:

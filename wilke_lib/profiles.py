@@ -19,6 +19,9 @@ of Gupta et al. 2024)."""
 TABLE1_EDITORS: tuple[str, ...] = ("rome", "memit", "wilke")
 """The editors whose Table 1 rows the paper gives with three seeds (the others: one seed here)."""
 
+CONSECUTIVE_EDITORS: tuple[str, ...] = ("rome", "memit", "alphaedit", "comeba_hk", "wilke")
+"""The editors of the consecutive-batch chapter (12): the batch editors and the one-at-a-time ones."""
+
 DEFAULT_N_EDITS = 16
 """Lifelong edits of the "default" profile: what fits the 20-minute CPU budget of `make book`."""
 
@@ -43,7 +46,10 @@ class Profile:
     n_heatmaps: records per group drawn as full causal-trace heatmaps (07; the paper: 8 + 8);
     ablation_n_edits: lifelong edits of each WilKE variant of the ablation (04, Fig. 9);
     multi_seed_editors: the editors run with every seed (Table 1's); the others run with seeds[0]
-        (None: every editor with every seed).
+        (None: every editor with every seed);
+    consecutive_n_edits / consecutive_batch_sizes / consecutive_editors: the runs of consecutive batch
+        editing without rollback (12, `lifelong.consecutive`), read back by the chapter (computed by
+        `python -m wilke_lib.lifelong.consecutive`), seed seeds[0].
     """
 
     name: str
@@ -59,6 +65,9 @@ class Profile:
     n_heatmaps: int = 2
     ablation_n_edits: int = 16
     multi_seed_editors: tuple[str, ...] | None = None
+    consecutive_n_edits: int = 64
+    consecutive_batch_sizes: tuple[int, ...] = (1, 8, 64)
+    consecutive_editors: tuple[str, ...] = CONSECUTIVE_EDITORS
 
     def __post_init__(self):
         def fail(field_name: str, want: str) -> None:
@@ -66,14 +75,17 @@ class Profile:
                              f"got {getattr(self, field_name)!r}")
 
         for name in ("n_edits", "eval_batch_size", "n_flash_records", "n_trace_records",
-                     "n_strength_records", "layer_stride", "n_heatmaps", "ablation_n_edits"):
+                     "n_strength_records", "layer_stride", "n_heatmaps", "ablation_n_edits", "consecutive_n_edits"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 fail(name, "a positive int")
         if not isinstance(self.seeds, tuple) or not self.seeds or not all(
                 isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
             fail("seeds", "a non-empty tuple of ints, e.g. (9, 10, 11)")
-        for name in ("editors", "multi_seed_editors"):
+        if not (isinstance(self.consecutive_batch_sizes, tuple) and self.consecutive_batch_sizes and all(
+                isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.consecutive_batch_sizes)):
+            fail("consecutive_batch_sizes", "a non-empty tuple of positive ints, e.g. (1, 10, 100)")
+        for name in ("editors", "multi_seed_editors", "consecutive_editors"):
             value = getattr(self, name)
             if value is None and name == "multi_seed_editors":
                 continue
@@ -90,7 +102,8 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "quick": Profile(name="quick", n_edits=4, seeds=(9,), editors=("rome", "memit", "wilke"),
                      n_flash_records=1, n_trace_records=2, n_strength_records=4,
-                     layer_stride=6, n_heatmaps=1, ablation_n_edits=2),
+                     layer_stride=6, n_heatmaps=1, ablation_n_edits=2,
+                     consecutive_n_edits=8, consecutive_batch_sizes=(1, 4), consecutive_editors=("memit", "comeba_hk")),
     "default": Profile(name="default", n_edits=DEFAULT_N_EDITS, seeds=(9,), editors=ALL_EDITORS,
                        n_flash_records=1, n_trace_records=20,
                        n_strength_records=20, layer_stride=1, n_heatmaps=2,
@@ -98,7 +111,8 @@ PROFILES: dict[str, Profile] = {
     "paper": Profile(name="paper", n_edits=1024, seeds=(9, 10, 11), editors=ALL_EDITORS,
                      n_flash_records=20, n_trace_records=200,
                      n_strength_records=1024, layer_stride=1, n_heatmaps=8,
-                     ablation_n_edits=1024, multi_seed_editors=TABLE1_EDITORS),
+                     ablation_n_edits=1024, multi_seed_editors=TABLE1_EDITORS,
+                     consecutive_n_edits=1024, consecutive_batch_sizes=(1, 10, 100)),
 }
 
 

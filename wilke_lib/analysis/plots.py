@@ -321,6 +321,26 @@ def lifelong_metrics_figure(df: pd.DataFrame, *, metrics: Sequence[str] = METRIC
 
 
 @_styled
+def consecutive_figure(curves: pd.DataFrame, *, metrics: Sequence[str] = ("efficacy", "locality", "kept"),
+                       percent: bool = True) -> Figure:
+    """Consecutive batch editing: each measure over the number of edits so far (log-2 axis), one row of
+    panels per measure and one column per batch size, one curve per editor."""
+    sizes = sorted(curves["batch size"].unique())
+    fig, axes = _grid(len(metrics) * len(sizes), len(sizes), (3.2, 2.5))
+    scale = 100.0 if percent else 1.0
+    for r, metric in enumerate(metrics):
+        for c, b in enumerate(sizes):
+            ax = axes[r * len(sizes) + c]
+            sub = curves[curves["batch size"] == b]
+            _curves(ax, sub.assign(**{metric: sub[metric] * scale}), metric, "editor", x="edits")
+            ax.set(xlabel="edits so far", ylabel=f"{metric}{' (%)' if percent else ''}", title=f"{metric}, batches of {b}")
+            _log2_steps(ax)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5))
+    return fig
+
+
+@_styled
 def ablation_figure(df: pd.DataFrame, *, metric: str = "S", group: str = "variant", logx: bool = True,
                     percent: bool = True, title: str | None = None) -> Figure:
     """Fig. 9: the score over editing steps for WilKE and its ablations (one curve per `group`)."""

@@ -44,10 +44,11 @@ def projected_update(resid: torch.Tensor, keys: torch.Tensor, projector: torch.T
     return solution.T
 
 
-def alphaedit_editor(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, hparams: AlphaEditHParams, *,
-                     journal: WeightJournal, layers: list[int] | None, cache: EditCache,
-                     state: EditorState | None = None) -> EditorOutput:
-    """The "alphaedit" editor of the registry: one request, the keys of earlier edits from `state`."""
+def alphaedit_batch_editor(model: nn.Module, tok: PreTrainedTokenizerBase, requests: list[dict],
+                           hparams: AlphaEditHParams, *, journal: WeightJournal, layers: list[int] | None,
+                           cache: EditCache, state: EditorState | None = None) -> EditorOutput:
+    """AlphaEdit on a batch of requests at once (one system per layer over the batch's keys); the keys of
+    earlier edits from `state`, the batch's keys added to them afterwards."""
     used = list(layers) if layers is not None else list(hparams.layers)
     state = state if state is not None else EditorState()
     d_mlp = ModelAdapter(model).d_mlp
@@ -62,12 +63,21 @@ def alphaedit_editor(model: nn.Module, tok: PreTrainedTokenizerBase, request: di
                             f"{hparams.nullspace_threshold:g}, so AlphaEdit can change nothing there")
         return projected_update(resid, keys, projector, earlier(layer), hparams.l2, layer)
 
-    info: dict[str, Any] = apply_memit(model, tok, [request], hparams, cache=cache, layers=used, journal=journal,
+    info: dict[str, Any] = apply_memit(model, tok, requests, hparams, cache=cache, layers=used, journal=journal,
                                        layer_update=layer_update)
     prefixes = cache.get_prefixes(model, tok, hparams)
-    for layer in used:  # the keys of this edit, after the update, join those of the earlier edits
-        k = compute_ks(model, tok, request, [layer], hparams, prefixes)[layer].float().cpu()
-        state.tensors[f"alphaedit/layer{layer}"] = earlier(layer) + torch.outer(k, k)
+    for layer in used:  # the keys of this batch, after the update, join those of the earlier edits
+        keys = torch.stack([compute_ks(model, tok, r, [layer], hparams, prefixes)[layer].float().cpu()
+                            for r in requests], dim=1)
+        state.tensors[f"alphaedit/layer{layer}"] = earlier(layer) + keys @ keys.T
     info["null_space_dims"] = {l: int(round(float(cache.get_projector(model, tok, l, hparams).trace())))
                                for l in used}
     return EditorOutput(layers=used, info=info)
+
+
+def alphaedit_editor(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, hparams: AlphaEditHParams, *,
+                     journal: WeightJournal, layers: list[int] | None, cache: EditCache,
+                     state: EditorState | None = None) -> EditorOutput:
+    """The "alphaedit" editor of the registry: one request, the keys of earlier edits from `state`."""
+    return alphaedit_batch_editor(model, tok, [request], hparams, journal=journal, layers=layers, cache=cache,
+                                  state=state)

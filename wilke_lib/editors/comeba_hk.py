@@ -113,3 +113,12 @@ def comeba_hk_editor(model: nn.Module, tok: PreTrainedTokenizerBase, request: di
     used = list(layers) if layers is not None else list(hparams.layers)
     info = edit_batch(model, tok, [request], hparams, cache=cache, state=state, layers=used)
     return EditorOutput(layers=used, info=info)
+
+
+def comeba_hk_batch_editor(model: nn.Module, tok: PreTrainedTokenizerBase, requests: list[dict],
+                           hparams: COMEBAHKHParams, *, journal: WeightJournal, layers: list[int] | None,
+                           cache: EditCache, state: EditorState | None = None) -> EditorOutput:
+    """COMEBA-HK on a batch of requests at once (the setting the method is made for)."""
+    used = list(layers) if layers is not None else list(hparams.layers)
+    info = edit_batch(model, tok, list(requests), hparams, cache=cache, state=state, layers=used)
+    return EditorOutput(layers=used, info=info)

@@ -158,3 +158,12 @@ def memit_editor(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, 
     used = list(layers) if layers is not None else list(hparams.layers)
     info = apply_memit(model, tok, [request], hparams, cache=cache, layers=used, journal=journal)
     return EditorOutput(layers=used, info=info)
+
+
+def memit_batch_editor(model: nn.Module, tok: PreTrainedTokenizerBase, requests: list[dict], hparams: MEMITHParams, *,
+                       journal: WeightJournal, layers: list[int] | None, cache: EditCache,
+                       state: EditorState | None = None) -> EditorOutput:
+    """MEMIT on a batch of requests at once (Eq. 14 over the batch's keys)."""
+    used = list(layers) if layers is not None else list(hparams.layers)
+    info = apply_memit(model, tok, requests, hparams, cache=cache, layers=used, journal=journal)
+    return EditorOutput(layers=used, info=info)

@@ -182,7 +182,7 @@ def _call_editor(st: _RunState, fn: Callable[..., Any], *args: Any) -> tuple[Any
     return result, time.perf_counter() - t0
 
 
-def _param_name(params: dict[str, nn.Parameter], name: str) -> str:
+def param_name(params: dict[str, nn.Parameter], name: str) -> str:
     """The parameter a weight delta refers to: `name` itself or `name + '.weight'`."""
     for candidate in (name, f"{name}.weight"):
         if candidate in params:
@@ -195,7 +195,7 @@ def _norms(deltas: dict[str, torch.Tensor] | None) -> dict[str, float]:
 
 
 def _touch(st: _RunState, result: Any) -> list[str]:
-    names = [_param_name(st.params, n) for n in (getattr(result, "weight_deltas", None) or {})]
+    names = [param_name(st.params, n) for n in (getattr(result, "weight_deltas", None) or {})]
     st.touched.update(names)
     return names
 
