@@ -147,7 +147,7 @@ def test_every_editor_changes_only_its_modules(arch, tok, corpus_file, stats_dir
 
 
 def test_registry_and_copy(tok, corpus_file, stats_dir):
-    assert set(EDITORS) == {"rome", "memit", "wilke", "ft", "kn", "alphaedit", "comeba_hk"}
+    assert set(EDITORS) == {"rome", "memit", "wilke", "ft", "kn", "alphaedit", "comeba_hk", "lemoe"}
     model = fresh_model("gpt2", tok)
     before = digest(model)
     result = edit(model, tok, REQUEST, all_hparams(corpus_file)["rome"], copy=True,

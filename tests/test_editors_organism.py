@@ -1,4 +1,4 @@
-"""Effectiveness on a trained model organism: ROME, MEMIT, FT and COMEBA-HK make target_new the greedy answer of
+"""Effectiveness on a trained model organism: ROME, MEMIT, FT, COMEBA-HK and LEMoE make target_new the greedy answer of
 the rewrite prompt for >= 90% of 20 records the model knows (single edits, each on a fresh copy of
 the model), with the organism's hyper-parameters (wilke_lib/hparams/README.md). WilKE does so for
 the edits it makes at ROME's layer; at the deeper layers its Eq. 10 also picks, the edits of the
@@ -35,7 +35,7 @@ def setup():
     return model, tok, records, EditCache.for_model(model)
 
 
-@pytest.mark.parametrize("editor", ["rome", "memit", "ft", "comeba_hk"])
+@pytest.mark.parametrize("editor", ["rome", "memit", "ft", "comeba_hk", "lemoe"])
 def test_edit_success_rate(editor, setup):
     from wilke_lib.counterfact import rewrite_prompt
     from wilke_lib.editing import edit

@@ -2,7 +2,7 @@
 
 One dataclass per editor (this module is longer than 420 lines because every editor's settings, with
 their documentation and checks, live together). The files live in
-`wilke_lib/hparams/<editor>/<model>.yaml` (editors: rome, memit, wilke, alphaedit, comeba_hk, ft, kn;
+`wilke_lib/hparams/<editor>/<model>.yaml` (editors: rome, memit, wilke, alphaedit, comeba_hk, lemoe, ft, kn;
 models: the organisms toy-gpt2 / toy-gptj and the paper's gpt2-xl / gpt-j-6b). `load_hparams("rome", "toy-gpt2")` reads one of them;
 `hparams_from_file(path)` reads any JSON or YAML file. Unknown keys are an error that names
 the key and lists the valid ones, so a typo never silently falls back to a default.
@@ -10,7 +10,7 @@ the key and lists the valid ones, so a typo never silently falls back to a defau
 References: ROME = Meng et al. 2022a ("Locating and Editing Factual Associations in GPT"),
 MEMIT = Meng et al. 2022b ("Mass-Editing Memory in a Transformer"), WilKE = Hu et al. 2024,
 FT-L = Zhu et al. 2020 as used by ROME, KN = Dai et al. 2021 ("Knowledge Neurons"), AlphaEdit = Fang
-et al. 2025, COMEBA-HK = Li et al. 2024 ("Consecutive Model Editing with Batch alongside HooK Layers").
+et al. 2025, COMEBA-HK = Li et al. 2024 ("Consecutive Model Editing with Batch alongside HooK Layers"), LEMoE = Wang & Li 2024.
 """
 
 from __future__ import annotations
@@ -293,6 +293,30 @@ class COMEBAHKHParams(MEMITHParams):
 
 
 @dataclass(kw_only=True)
+class LEMoEHParams:
+    """LEMoE (Wang & Li 2024): one new expert f(x) = W2 gelu(W1 x) of `expert_dim` hidden units per batch
+    in a bypass of the MLP of `layer`, trained `steps` Adam steps at `lr` (stopping below
+    `early_stop_loss`), added with weight `scale`; a token takes the expert whose key is most cosine-
+    similar to its query when the similarity reaches `route_threshold` (`editors.lemoe`)."""
+
+    layer: int
+    expert_dim: int = 64
+    steps: int = 40
+    lr: float = 1e-2
+    scale: float = 1.0
+    route_threshold: float = 0.9
+    early_stop_loss: float = 0.05
+    editor: ClassVar[str] = "lemoe"
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"layer must be a non-negative int, got {self.layer!r}")
+        if self.expert_dim < 1 or self.steps < 1 or self.lr <= 0 or not -1 <= self.route_threshold <= 1:
+            raise ValueError("expert_dim and steps must be >= 1, lr > 0 and -1 <= route_threshold <= 1")
+
+
+@dataclass(kw_only=True)
 class FTHParams:
     """FT-L (Zhu et al. 2020, ROME's constrained fine-tuning baseline): Adam on W_proj of one layer,
     NLL of target_new after the prompt, L-inf constraint |W - W_0| <= norm_constraint."""
@@ -332,13 +356,15 @@ class KNHParams:
             raise ValueError("ig_steps >= 1, 0 < threshold <= 1 and max_neurons >= 1 are required")
 
 
-HParams = ROMEHParams | WilKEHParams | MEMITHParams | AlphaEditHParams | COMEBAHKHParams | FTHParams | KNHParams
+HParams = (ROMEHParams | WilKEHParams | MEMITHParams | AlphaEditHParams | COMEBAHKHParams | LEMoEHParams | FTHParams
+           | KNHParams)
 
 HPARAMS_CLASSES: dict[str, type] = {
     "rome": ROMEHParams,
     "memit": MEMITHParams,
     "alphaedit": AlphaEditHParams,
     "comeba_hk": COMEBAHKHParams,
+    "lemoe": LEMoEHParams,
     "wilke": WilKEHParams,
     "ft": FTHParams,
     "kn": KNHParams,

@@ -51,7 +51,7 @@ class SavedFile(type(Path())):
 DPI = 150
 WIDE_INCHES = 7.0  # figures wider than this are shown at the column width, a click opens the full size
 TABLE1_METRICS = ("S", "ES", "PS", "NS", "ERS", "ORS")
-EDITOR_ORDER = ("FT", "KE", "KN", "MEND", "ROME", "r-ROME", "MEMIT", "AlphaEdit", "COMEBA-HK", "WilKE")
+EDITOR_ORDER = ("FT", "KE", "KN", "MEND", "ROME", "r-ROME", "MEMIT", "AlphaEdit", "COMEBA-HK", "LEMoE", "WilKE")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 VERDICT_BADGES = {"reproduced": "bdg-success", "partly": "bdg-warning", "not reproduced": "bdg-danger",
                   "not testable here": "bdg-secondary", claims_lib.NOT_RUN: "bdg-dark-line"}

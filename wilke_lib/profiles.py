@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 
 from wilke_lib.lifelong import CheckpointPolicy
 
-ALL_EDITORS: tuple[str, ...] = ("ft", "kn", "rome", "r-rome", "memit", "alphaedit", "comeba_hk", "wilke")
+ALL_EDITORS: tuple[str, ...] = ("ft", "kn", "rome", "r-rome", "memit", "alphaedit", "comeba_hk", "lemoe", "wilke")
 """The editors of the lifelong tables (`experiments.editor_variant`: "r-rome" is ROME with the update
 of Gupta et al. 2024)."""
 
 TABLE1_EDITORS: tuple[str, ...] = ("rome", "memit", "wilke")
 """The editors whose Table 1 rows the paper gives with three seeds (the others: one seed here)."""
 
-CONSECUTIVE_EDITORS: tuple[str, ...] = ("rome", "memit", "alphaedit", "comeba_hk", "wilke")
+CONSECUTIVE_EDITORS: tuple[str, ...] = ("rome", "memit", "alphaedit", "comeba_hk", "lemoe", "wilke")
 """The editors of the consecutive-batch chapter (12): the batch editors and the one-at-a-time ones."""
 
 DEFAULT_N_EDITS = 16

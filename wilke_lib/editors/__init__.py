@@ -14,6 +14,7 @@ from wilke_lib.editors.comeba_hk import comeba_hk_batch_editor, comeba_hk_editor
 from wilke_lib.editors.common import EditorOutput
 from wilke_lib.editors.ft import ft_editor
 from wilke_lib.editors.kn import kn_editor
+from wilke_lib.editors.lemoe import lemoe_batch_editor, lemoe_editor
 from wilke_lib.editors.memit import memit_batch_editor, memit_editor
 from wilke_lib.editors.rome import rome_editor
 from wilke_lib.editors.wilke import wilke_editor
@@ -22,10 +23,10 @@ EditorFn = Callable[..., EditorOutput]
 
 EDITORS: dict[str, EditorFn] = {"rome": rome_editor, "memit": memit_editor, "wilke": wilke_editor,
                                 "ft": ft_editor, "kn": kn_editor, "alphaedit": alphaedit_editor,
-                                "comeba_hk": comeba_hk_editor}
+                                "comeba_hk": comeba_hk_editor, "lemoe": lemoe_editor}
 """name -> implementation(model, tok, request, hparams, *, journal, layers, cache, state) -> EditorOutput."""
 
 BATCH_EDITORS: dict[str, EditorFn] = {"memit": memit_batch_editor, "alphaedit": alphaedit_batch_editor,
-                                      "comeba_hk": comeba_hk_batch_editor}
+                                      "comeba_hk": comeba_hk_batch_editor, "lemoe": lemoe_batch_editor}
 """Editors that write a batch of requests at once: name -> implementation(model, tok, requests, hparams, *,
 journal, layers, cache, state); the others edit a batch one request after another (`editing.edit_batch`)."""
