@@ -49,9 +49,11 @@ SHARED_FIELDS = ("v_num_grad_steps", "v_lr", "v_weight_decay", "v_weight_decay_f
                  "mom2_max_length", "mom2_dtype", "mom2_ridge")
 """Delta-optimisation and statistics settings every benchmarked variant takes from ROME's file."""
 
-VARIANTS = ("rome", "rome-full", "memit", "wilke-batched", "wilke-sequential")
+VARIANTS = ("rome", "rome-full", "memit", "wilke-batched", "wilke-sequential", "comeba-hk", "lemoe")
 """rome-full: ROME's delta optimisation without the prefix cache (every step runs the whole prompts
-through the whole model, as the released code), the reference of `rome_speedup_vs_previous`."""
+through the whole model, as the released code), the reference of `rome_speedup_vs_previous`.
+comeba-hk (MEMIT's targets into hook layers, whole prompts) and lemoe (one expert trained by gradient
+descent) edit the unedited model too: each timed edit starts from an empty editor state."""
 
 
 
@@ -81,7 +83,9 @@ def aligned_hparams(model_name: str) -> dict[str, Any]:
     shared = {f: getattr(rome, f) for f in SHARED_FIELDS}
     return {"rome": rome,
             "memit": dataclasses.replace(load_hparams("memit", model_name), **shared),
-            "wilke": dataclasses.replace(load_hparams("wilke", model_name), **shared)}
+            "wilke": dataclasses.replace(load_hparams("wilke", model_name), **shared),
+            "comeba-hk": dataclasses.replace(load_hparams("comeba_hk", model_name), **shared),
+            "lemoe": load_hparams("lemoe", model_name)}
 
 
 def make_variants(model_name: str, names: Sequence[str] = VARIANTS,
@@ -93,7 +97,7 @@ def make_variants(model_name: str, names: Sequence[str] = VARIANTS,
         wilke = dataclasses.replace(wilke, candidate_layers=list(candidate_layers))
     out = []
     for name in names:
-        if name in ("rome", "memit"):
+        if name in ("rome", "memit", "comeba-hk", "lemoe"):
             out.append(BenchVariant(name, hps[name]))
         elif name == "rome-full":
             out.append(BenchVariant(name, dataclasses.replace(hps["rome"], delta_runner="full")))
@@ -117,6 +121,8 @@ def prepare_statistics(model: nn.Module, tok, variants: Sequence[BenchVariant], 
     n_layers = ModelAdapter(model).n_layers
     for variant in variants:
         hp = variant.hparams
+        if not hasattr(hp, "mom2_corpus"):  # LEMoE: no statistics, no prefixes
+            continue
         cache.get_prefixes(model, tok, hp)
         layers = (list(hp.layers) if hasattr(hp, "layers") and hp.layers is not None
                   else variant.candidate_layers(n_layers))
@@ -179,7 +185,8 @@ def benchmark_editors(model_name: str, *, n_edits: int = 10, warmup: int = 1, de
             "model": model_name, "variant": variant.name, "device": dev.type, "device_name": device_name(dev),
             "threads": torch.get_num_threads(), "n_layers": adapter.n_layers,
             "layers_optimised": len(variant.candidate_layers(adapter.n_layers)),
-            "n_prompts": len(cache.get_prefixes(model, tok, hp)) + 1, "max_steps": hp.v_num_grad_steps,
+            "n_prompts": len(cache.get_prefixes(model, tok, hp)) + 1 if hasattr(hp, "context_lengths") else 1,
+            "max_steps": getattr(hp, "v_num_grad_steps", getattr(hp, "steps", 0)),
             "n_edits": len(times), "median_ms": 1000 * median, "min_ms": 1000 * min(times),
             "max_ms": 1000 * max(times), "edits_per_s": 1 / median, "peak_mem_mib": peak.mib,
             "mem_method": peak.method, "gflop_per_edit": counted / 1e9,

@@ -32,7 +32,9 @@ from wilke_lib import editing
 from wilke_lib.arch import ModelAdapter, model_device
 from wilke_lib.book import git_commit
 from wilke_lib.editors.cache import EditCache
-from wilke_lib.editors.common import WeightJournal
+from wilke_lib.editors.common import EditorState, WeightJournal
+from wilke_lib.editors.hook_layers import HookLayers
+from wilke_lib.editors.lemoe import ExpertBypass
 
 
 def sync(device: torch.device) -> None:
@@ -142,14 +144,17 @@ def original_weights(model: nn.Module) -> WeightJournal:
 
 def timed_edit(model: nn.Module, tok, request: dict, hparams: Any, cache: EditCache,
                originals: WeightJournal) -> tuple[float, editing.EditResult]:
-    """(seconds, result) of one edit of the unedited model; the weights are restored afterwards."""
+    """(seconds, result) of one edit of the unedited model, from an empty editor state; the weights are
+    restored and any hook layers or experts the edit added removed afterwards."""
     device = model_device(model)
     sync(device)
     start = time.perf_counter()
-    result = editing.edit(model, tok, request, hparams, cache=cache, keep_deltas=False)
+    result = editing.edit(model, tok, request, hparams, cache=cache, keep_deltas=False, state=EditorState())
     sync(device)
     seconds = time.perf_counter() - start
     originals.restore()
+    HookLayers.detach(model)
+    ExpertBypass.detach(model)
     return seconds, result
 
 
