@@ -1,14 +1,17 @@
-"""Shared fixtures: a tiny trained BPE tokenizer and tiny random models of every architecture."""
+"""Shared fixtures: a tiny trained BPE tokenizer, tiny random models of every architecture and a corpus
+file for their second-moment statistics."""
 
 from __future__ import annotations
 
 import os
+import random
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from tiny import TINY_ARCHS, make_tiny_model, make_tiny_tokenizer
+from tiny import TINY_ARCHS, make_tiny_model, make_tiny_tokenizer, tiny_corpus
 
 # Tiny models spend their time in per-op overhead, which extra threads only add to (and on a
 # shared 2-core machine they oversubscribe it): one thread makes the suite about 20x faster.
@@ -41,3 +44,21 @@ def _results_outside_the_repository(tmp_path_factory: pytest.TempPathFactory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    """Fact sentences plus random letter strings: enough distinct tokens for a full-rank C."""
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    noise = [" ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 7))) for _ in range(8))
+             for _ in range(400)]
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text("\n".join(tiny_corpus(400) + noise), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tok(tiny_tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """The tiny tokenizer, under the short name the editor tests use."""
+    return tiny_tokenizer

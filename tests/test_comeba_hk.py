@@ -5,13 +5,12 @@ same numbers with its hook layers restored."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from tiny import TINY_ARCHS, make_tiny_model, make_tiny_tokenizer, tiny_corpus
+from tiny import TINY_ARCHS, make_tiny_model
 from wilke_lib.editing import EditCache, EditError, edit, rollback
 from wilke_lib.editors.common import EditorState
 from wilke_lib.editors.comeba_hk import largest_z_scores
@@ -23,22 +22,6 @@ REQUEST = {"prompt": "The capital city of {}", "subject": "Valo Durn",
            "target_new": {"str": "Norway", "id": "Q20"}, "target_true": {"str": "Spain", "id": "Q29"}}
 OTHER = {"prompt": "The mother tongue of {}", "subject": "Mira Quell",
          "target_new": {"str": "Welsh", "id": "Q9309"}, "target_true": {"str": "French", "id": "Q150"}}
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-    noise = [" ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 7))) for _ in range(8))
-             for _ in range(400)]
-    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
-    path.write_text("\n".join(tiny_corpus(400) + noise), encoding="utf-8")
-    return path
 
 
 def hparams(corpus_file: Path, **kw) -> COMEBAHKHParams:

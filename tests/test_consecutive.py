@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_comeba_hk import corpus_file, hparams as comeba_hparams, new_model, tok  # noqa: F401 (fixtures)
+from test_comeba_hk import hparams as comeba_hparams, new_model
 from test_lifelong import Kill, make_records
 from wilke_lib.editing import EditCache, EditError, edit_batch
 from wilke_lib.editors.common import EditorState

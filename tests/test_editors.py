@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from tiny import TINY_ARCHS, make_tiny_model, tiny_corpus
+from tiny import TINY_ARCHS, make_tiny_model
 from wilke_lib import hparams as hp_mod
 from wilke_lib import stats
 from wilke_lib.arch import ModelAdapter
@@ -44,26 +43,8 @@ FAST = dict(context_lengths=[[5, 3], [10, 3]])  # 6 generated prefixes instead o
 # ---- fixtures ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory) -> Path:
-    """Fact sentences plus random letter strings: enough distinct tokens for a full-rank C."""
-    rng = random.Random(0)
-    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-    noise = [" ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 7))) for _ in range(8))
-             for _ in range(400)]
-    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
-    path.write_text("\n".join(tiny_corpus(400) + noise), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
 def stats_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("stats")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from tiny import make_tiny_tokenizer
-    return make_tiny_tokenizer()
 
 
 def fresh_model(arch: str, tok):

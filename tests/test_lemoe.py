@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_comeba_hk import logits, new_model, tok  # noqa: F401 (fixtures)
+from test_comeba_hk import logits, new_model
 from test_lifelong import Kill, _kill_at, make_records
 from wilke_lib.editing import EditCache, EditError, edit
 from wilke_lib.editors.common import EditorState
