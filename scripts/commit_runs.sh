@@ -5,6 +5,11 @@
 # least the staged state's step (resume cuts the extra rows off). Usage: scripts/commit_runs.sh "message"
 set -euo pipefail
 cd "$(dirname "$0")/.."
-git add --all -- 'runs/**/state.safetensors' 2>/dev/null || true
+# a state file over 5 MB (LEMoE's experts after a few hundred steps) is left out: the run then restarts
+# from its beginning in another clone rather than bloat the history
+big=$(find runs -name state.safetensors -size +5M)
+for f in $big; do echo "not committed (over 5 MB): $f" >&2; done
+git add --all -- $(find runs -name state.safetensors -size -5M) 2>/dev/null || true
 git add --all -- runs/
+for f in $big; do git reset -q -- "$f"; done
 git commit -m "${1:-runs: lifelong runs so far}" -- runs/
