@@ -75,9 +75,9 @@ def test_a_batch_lands_whole_or_not_at_all(tok, corpus_file, tmp_path):
 
 
 def test_the_matrix_lists_every_editor_and_batch_size():
-    configs = matrix(["toy-gpt2"], ["memit", "comeba_hk"], [100, 1], 64)
-    assert [(c.editor, c.batch_size) for c in configs] == [("memit", 1), ("comeba_hk", 1), ("memit", 100),
-                                                           ("comeba_hk", 100)]
+    configs = matrix(["toy-gpt2"], ["memit", "rome", "comeba_hk"], [100, 1], 64)
+    assert [(c.editor, c.batch_size) for c in configs] == [("memit", 1), ("rome", 1), ("comeba_hk", 1), ("memit", 100),
+                                                           ("comeba_hk", 100)]  # ROME edits one by one: once
     three = ConsecutiveConfig("toy-gpt2", "memit", 300, 100)
     assert three.batch_ends() == [100, 200, 300]
     assert three.checkpoints() == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]

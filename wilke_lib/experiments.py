@@ -108,7 +108,8 @@ def matrix_progress(model_name: str, records: list[dict], profile: Profile,
 def consecutive_progress(model_name: str, records: list[dict], profile: Profile
                          ) -> tuple[list[lifelong.RunResult], pd.DataFrame]:
     """The consecutive-batch runs of a profile (chapter 12) as far as they are on disk, computing nothing:
-    (the runs that have started, one status row per run: editor, batch size, batches done, status)."""
+    (the runs that have started, one status row per run: editor, batch size, batches done, status;
+    an editor that edits one request at a time has one run, at the smallest batch size)."""
     fp = lifelong.records_fingerprint(records)
     found, rows = [], []
     for config in consecutive.matrix([model_name], profile.consecutive_editors, profile.consecutive_batch_sizes,
@@ -123,19 +124,23 @@ def consecutive_progress(model_name: str, records: list[dict], profile: Profile
     return found, pd.DataFrame(rows)
 
 
-def consecutive_tables(runs: list[lifelong.RunResult]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(final table: one row per finished run, editor x batch size, the four measures in % and the
-    seconds per edit; long table of every checkpoint of every run, for the retention curves)."""
+def consecutive_tables(runs: list[lifelong.RunResult], batch_sizes: tuple[int, ...]
+                       ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(final table: one row per finished run and batch size, editor x batch size, the four measures in
+    % and the seconds per edit; long table of every checkpoint of every run, for the retention curves).
+    The single run of an editor that edits one request at a time stands for every batch size."""
     finals, curves = [], []
     for run in runs:
-        label, b = EDITOR_LABELS.get(run.config.editor, run.config.editor), run.config.batch_size
-        if run.final:
-            steps = run.steps
-            finals.append({"editor": label, "batch size": b, **{k: 100 * v for k, v in run.final.items()},
-                           "failed batches": int(steps["failed"].sum()),
-                           "s per edit": float(steps["seconds"].sum() / steps["n_requests"].sum())})
-        if len(run.checkpoints):
-            curves.append(run.checkpoints.assign(editor=label, **{"batch size": b}))
+        label, editor = EDITOR_LABELS.get(run.config.editor, run.config.editor), run.config.editor
+        sizes = batch_sizes if consecutive.one_at_a_time(editor) else (run.config.batch_size,)
+        for b in sizes:
+            if run.final:
+                steps = run.steps
+                finals.append({"editor": label, "batch size": b, **{k: 100 * v for k, v in run.final.items()},
+                               "failed batches": int(steps["failed"].sum()),
+                               "s per edit": float(steps["seconds"].sum() / steps["n_requests"].sum())})
+            if len(run.checkpoints):
+                curves.append(run.checkpoints.assign(editor=label, **{"batch size": b}))
     columns = ["editor", "batch size", *consecutive.MEASURES, "kept", "failed batches", "s per edit"]
     return (pd.DataFrame(finals, columns=columns),
             pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=["editor", "batch size", "edits"]))

@@ -41,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from wilke_lib import counterfact, editing, models
+from wilke_lib.editors import BATCH_EDITORS
 from wilke_lib.editors.common import EditorState
 from wilke_lib.lifelong import store
 from wilke_lib.lifelong.config import records_fingerprint, slug
@@ -221,9 +222,19 @@ def load(rdir: Path, source: str = "read back") -> store.RunResult:
 # --------------------------------------------------------------------------- a matrix of runs
 def matrix(model_names: Sequence[str], editors: Sequence[str], batch_sizes: Sequence[int], n_edits: int,
            seed: int = 9) -> list[ConsecutiveConfig]:
-    """Every (model, editor, batch size) run, smallest batches first within an editor."""
+    """Every (model, editor, batch size) run, the smallest batches first. An editor that writes one
+    request at a time (not in `editors.BATCH_EDITORS`: ROME, WilKE, FT, KN) makes the same edits in
+    the same order whatever the batch size, so it runs once, with the smallest batch size (measured
+    after every batch of it); `one_at_a_time` tells which editors these are."""
+    smallest = min(batch_sizes)
     return [ConsecutiveConfig(model_name=m, editor=e, n_edits=n_edits, batch_size=b, seed=seed)
-            for m in model_names for b in sorted(batch_sizes) for e in editors]
+            for m in model_names for b in sorted(batch_sizes) for e in editors
+            if b == smallest or not one_at_a_time(e)]
+
+
+def one_at_a_time(editor: str) -> bool:
+    """Whether `editor` edits a batch request by request (`editing.edit_batch`)."""
+    return editor not in BATCH_EDITORS
 
 
 def read_progress(records: Sequence[dict] | str, config: ConsecutiveConfig) -> store.RunResult | None:
