@@ -1,0 +1,48 @@
+"""The computed verdicts of chapters 3 and 12 (`experiments`): collapse steps, the paper-scale sentences,
+the consecutive-batch tables and sentences, from small hand-made tables whose answers are known."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pandas as pd
+
+from wilke_lib import experiments
+
+
+def curves(editor: str, s_by_step: dict[int, list[float]]) -> pd.DataFrame:
+    return pd.DataFrame([{"editor": editor, "seed": seed, "step": step, "S": s}
+                         for step, values in s_by_step.items() for seed, s in enumerate(values)])
+
+
+def test_collapse_step_is_the_first_checkpoint_below_half_the_start():
+    frame = pd.concat([curves("ROME", {1: [0.9, 1.0], 2: [0.8, 0.8], 4: [0.5, 0.4], 8: [0.1, 0.1]}),
+                       curves("WilKE", {1: [0.9, 0.9], 2: [0.8, 0.8], 4: [0.7, 0.7]})])
+    table = experiments.collapse_steps(frame).set_index("editor")
+    assert table.loc["ROME", "collapse step"] == 4 and math.isclose(table.loc["ROME", "S at collapse"], 45.0)
+    assert math.isnan(table.loc["WilKE", "collapse step"]) and table.loc["WilKE", "last step"] == 4
+    sentences = experiments.scale_verdicts(
+        pd.DataFrame({"editor": ["ROME", "WilKE"], "S": [10.0, 5.0]}), experiments.collapse_steps(frame),
+        pd.DataFrame({"editor": ["ROME", "WilKE"], "S": [9.3, 19.3]}), 1024)
+    assert sentences[0] == ("After 1,024 edits WilKE (S 5.0) does not beat ROME (S 10.0): -50%; the paper: 19.3 vs "
+                            "9.3 (+108%).")
+    assert "ROME collapses at step 4" in sentences[1] and "WilKE does not collapse" in sentences[2]
+
+
+def run(editor: str, batch_size: int, final: dict, checkpoints: list[dict]) -> SimpleNamespace:
+    steps = pd.DataFrame({"failed": [False, True], "seconds": [2.0, 2.0], "n_requests": [2, 2]})
+    return SimpleNamespace(config=SimpleNamespace(editor=editor, batch_size=batch_size), final=final, steps=steps,
+                           checkpoints=pd.DataFrame(checkpoints))
+
+
+def test_consecutive_tables_repeat_a_one_at_a_time_editor_in_every_column():
+    final = {"efficacy": 0.5, "generalization": 0.4, "locality": 0.3, "kept": 0.2}
+    point = [{"edits": 4, "efficacy": 0.5, "locality": 0.3, "kept": 0.2}]
+    runs = [run("rome", 1, final, point), run("comeba_hk", 8, {**final, "kept": 0.9}, point)]
+    table, checkpoints = experiments.consecutive_tables(runs, (1, 8))
+    assert sorted(zip(table["editor"], table["batch size"])) == [("COMEBA-HK", 8), ("ROME", 1), ("ROME", 8)]
+    assert set(table["failed batches"]) == {1} and set(table["s per edit"]) == {1.0}
+    assert len(checkpoints) == 3  # ROME drawn in both columns
+    sentences = experiments.consecutive_verdicts(table)
+    assert sentences[1].startswith("Batches of 8: the edits are best retained by") and "COMEBA-HK (90.0%)" in sentences[1]
