@@ -46,3 +46,18 @@ def test_consecutive_tables_repeat_a_one_at_a_time_editor_in_every_column():
     assert len(checkpoints) == 3  # ROME drawn in both columns
     sentences = experiments.consecutive_verdicts(table)
     assert sentences[1].startswith("Batches of 8: the edits are best retained by") and "COMEBA-HK (90.0%)" in sentences[1]
+
+
+def test_an_editor_keeps_its_colour_in_every_panel_of_the_consecutive_figure():
+    from wilke_lib.analysis import plots
+
+    rows = [{"editor": e, "batch size": b, "edits": n, "efficacy": v, "locality": v, "kept": v}
+            for b, editors in ((1, ["ROME", "MEMIT", "WilKE"]), (8, ["WilKE", "MEMIT"]))
+            for e in editors for n, v in ((1, 1.0), (8, {"ROME": 0.2, "MEMIT": 0.4, "WilKE": 0.6}[e]))]
+    fig = plots.consecutive_figure(pd.DataFrame(rows))
+    colours = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            colours.setdefault(line.get_label(), set()).add(line.get_color())
+    assert set(colours) == {"ROME", "MEMIT", "WilKE"} and all(len(c) == 1 for c in colours.values())
+    assert len({next(iter(c)) for c in colours.values()}) == 3

@@ -278,18 +278,24 @@ def strength_data(flash: Mapping, normal: Mapping | None = None, *, value: str =
 
 
 # --------------------------------------------------------------------------- lifelong curves
-def _curves(ax, df: pd.DataFrame, y: str, group: str, x: str = "step") -> None:
+def _curves(ax, df: pd.DataFrame, y: str, group: str, x: str = "step", order: Sequence[str] | None = None) -> None:
     """Mean over seeds of `y` vs `x` per `group`, with a min-max band when there are several seeds.
-    Each group has its own marker and line style; a curve equal to an earlier one is named so."""
+    Each group has its own marker and line style; a curve equal to an earlier one is named so. With
+    `order` (every group of the figure), a group keeps its colour and marker on every axes that shows
+    it, whichever groups an axes lacks."""
     groups = list(df.groupby(group, sort=False))
+    if order is not None:
+        groups.sort(key=lambda item: list(order).index(item[0]))
     drawn: list[tuple[str, pd.DataFrame]] = []
-    for i, (name, sub) in enumerate(groups):
+    for k, (name, sub) in enumerate(groups):
+        i, n = (list(order).index(name), len(order)) if order is not None else (k, len(groups))
         stats = sub.groupby(x)[y].agg(["mean", "min", "max"]).reset_index()
         same = next((other for other, s in drawn if len(s) == len(stats) and np.allclose(
             s["mean"].to_numpy(), stats["mean"].to_numpy(), rtol=0, atol=1e-9) and (s[x].to_numpy() == stats[x].to_numpy()).all()),
             None)
         label = f"{name} (= {same})" if same else str(name)
-        line, = ax.plot(stats[x], stats["mean"], label=label, **_series_style(i, len(groups)))
+        colour = {"color": f"C{i % 10}"} if order is not None else {}
+        line, = ax.plot(stats[x], stats["mean"], label=label, **_series_style(i, n), **colour)
         if (stats["max"] > stats["min"]).any():
             ax.fill_between(stats[x], stats["min"], stats["max"], color=line.get_color(), alpha=0.15)
         drawn.append((str(name), stats))
@@ -326,17 +332,19 @@ def consecutive_figure(curves: pd.DataFrame, *, metrics: Sequence[str] = ("effic
     """Consecutive batch editing: each measure over the number of edits so far (log-2 axis), one row of
     panels per measure and one column per batch size, one curve per editor."""
     sizes = sorted(curves["batch size"].unique())
+    editors = list(dict.fromkeys(curves["editor"]))
     fig, axes = _grid(len(metrics) * len(sizes), len(sizes), (3.2, 2.5))
     scale = 100.0 if percent else 1.0
     for r, metric in enumerate(metrics):
         for c, b in enumerate(sizes):
             ax = axes[r * len(sizes) + c]
             sub = curves[curves["batch size"] == b]
-            _curves(ax, sub.assign(**{metric: sub[metric] * scale}), metric, "editor", x="edits")
+            _curves(ax, sub.assign(**{metric: sub[metric] * scale}), metric, "editor", x="edits", order=editors)
             ax.set(xlabel="edits so far", ylabel=f"{metric}{' (%)' if percent else ''}", title=f"{metric}, batches of {b}")
             _log2_steps(ax)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5))
+    legend = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
+    labels = sorted(legend, key=lambda label: editors.index(label.split(" (= ")[0]))
+    fig.legend([legend[label] for label in labels], labels, loc="outside lower center", ncols=min(len(labels), 6))
     return fig
 
 
