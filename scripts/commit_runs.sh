@@ -12,4 +12,5 @@ for f in $big; do echo "not committed (over 5 MB): $f" >&2; done
 git add --all -- $(find runs -name state.safetensors -size -5M) 2>/dev/null || true
 git add --all -- runs/
 for f in $big; do git reset -q -- "$f"; done
-git commit -m "${1:-runs: lifelong runs so far}" -- runs/
+# commit what was staged, in that order (a pathspec would re-read the files as they are now)
+git commit -m "${1:-runs: lifelong runs so far}"
