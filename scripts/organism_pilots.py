@@ -51,6 +51,10 @@ PILOTS = {
                                                prompts_from_epoch=45)),
     "extract-bio": replace(LINES, world=replace(LINES.world, prompted_share=0.5, descriptor_lines=False,
                                                 doc_mix=(("bio", 0.5), ("sentence", 0.35), ("qa", 0.15)))),
+    # round 7: capacity. The organism's facts (~5 bits each) fill a small part of one MLP's capacity
+    # (~1-2 bits per parameter, Allen-Zhu & Li 3.3), so MLP 0 can hold them all; narrow MLPs that
+    # cannot hold them in one layer test whether capacity pressure spreads storage over depth.
+    "narrow-mlp": OrganismConfig(name="narrow-mlp", arch="gpt2", d_mlp=32, world=world.DEFAULT_SPEC.scaled(0.5)),
 }
 
 
