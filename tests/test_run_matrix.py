@@ -28,6 +28,14 @@ def test_paper_matrix_has_three_seeds_for_the_closed_form_editors():
     assert {s.editor for s in specs[-12:]} <= {"ft", "kn", "r-rome", "alphaedit", "comeba_hk", "lemoe"}
 
 
+def test_paper_matrix_keeps_the_seeds_asked_for_and_rejects_foreign_ones():
+    specs = paper_matrix(["toy-gptj"], "paper", ["rome", "ft"], seeds=[9])
+    assert [(s.editor, s.seed) for s in specs] == [("rome", 9), ("ft", 9)]
+    assert {s.seed for s in paper_matrix(["toy-gptj"], "paper", ["rome", "ft"], seeds=[10])} == {10}
+    with pytest.raises(ValueError, match="seeds \\[12\\] are not in profile 'paper'"):
+        paper_matrix(["toy-gptj"], "paper", ["rome"], seeds=[12])
+
+
 @pytest.mark.parametrize("executor", ["processes", "submitit-local"])
 def test_a_deleted_run_is_recomputed_identically(executor, tmp_path, monkeypatch):
     monkeypatch.setenv("WILKE_RUNS_DIR", str(tmp_path / "runs"))

@@ -57,14 +57,18 @@ class RunSpec:
 
 
 def paper_matrix(model_names: Sequence[str], profile_name: str = "paper", editors: Sequence[str] | None = None,
-                 records: str = "toy-world") -> list[RunSpec]:
-    """Every editor of the profile with its seeds (`Profile.seeds_for`: Table 1's with all three);
-    in the order that makes a partial matrix most useful: Table 1's editors seed by seed, then the rest."""
+                 records: str = "toy-world", seeds: Sequence[int] | None = None) -> list[RunSpec]:
+    """Every editor of the profile with its seeds (`Profile.seeds_for`: Table 1's with all three; `seeds`
+    keeps only those of them); in the order that makes a partial matrix most useful: Table 1's editors
+    seed by seed, then the rest."""
     profile = get_profile(profile_name)
     editors = list(editors or profile.editors)
+    if seeds is not None and not set(seeds) <= set(profile.seeds):
+        raise ValueError(f"seeds {sorted(set(seeds) - set(profile.seeds))} are not in profile {profile_name!r} "
+                         f"(its seeds: {list(profile.seeds)})")
     specs = [RunSpec(m, e, seed, profile.n_edits, profile_name, records)
              for m in model_names for e in editors
-             for seed in profile.seeds_for(e)]
+             for seed in profile.seeds_for(e) if seeds is None or seed in seeds]
     return sorted(specs, key=lambda s: (len(profile.seeds_for(s.editor)) == 1, profile.seeds.index(s.seed)))
 
 
@@ -167,13 +171,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default="paper")
     parser.add_argument("--editors", nargs="+", default=None, help="default: the profile's editors")
     parser.add_argument("--records", default="toy-world", help="toy-world or the path of a CounterFact JSON")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the profile's seeds")
     parser.add_argument("--jobs", type=int, default=None, help="runs at once (default: the CPU cores)")
     parser.add_argument("--executor", default="processes", choices=["processes", "submitit-local", "slurm"])
     parser.add_argument("--slurm-partition", default=None)
     parser.add_argument("--timeout-min", type=int, default=24 * 60)
     parser.add_argument("--dry-run", action="store_true", help="list the runs and what is missing")
     args = parser.parse_args(argv)
-    specs = paper_matrix(args.models, args.profile, args.editors, args.records)
+    specs = paper_matrix(args.models, args.profile, args.editors, args.records, args.seeds)
     if args.dry_run:
         records = {s.records: counterfact.load_counterfact(s.records) for s in specs}
         for s in specs:
