@@ -64,7 +64,8 @@ def run_model(model_name: str, editors: list[str], n_records: int, path: Path) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["toy-gpt2", "toy-gptj"])
-    parser.add_argument("--editors", nargs="+", default=EDITORS, choices=EDITORS)
+    parser.add_argument("--editors", nargs="+", default=EDITORS, choices=sorted(editing.EDITORS),
+                        help=f"default: {' '.join(EDITORS)} (mend and ke need their trained networks)")
     parser.add_argument("--records", type=int, default=100, help="known records per model")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny models: 1 is fastest)")
     parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results)")

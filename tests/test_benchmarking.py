@@ -63,9 +63,9 @@ def test_small_benchmark_on_the_organism(tmp_path):
     loaded = bm.load_organism("toy-gpt2")
     model = loaded[0]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    table = bm.benchmark_editors("toy-gpt2", n_edits=1, warmup=0, variants=("rome", "wilke-batched", "comeba-hk", "lemoe"),
+    table = bm.benchmark_editors("toy-gpt2", n_edits=1, warmup=0, variants=("rome", "wilke-batched", "comeba-hk", "lemoe", "mend"),
                                  loaded=loaded, log=None)
-    assert list(table["variant"]) == ["rome", "wilke-batched", "comeba-hk", "lemoe"]
+    assert list(table["variant"]) == ["rome", "wilke-batched", "comeba-hk", "lemoe", "mend"]
     assert HookLayers.of(model) is None and not hasattr(model, "_wilke_lemoe")  # the added modules removed too
     assert (table["median_ms"] > 0).all() and (table["gflop_per_edit"] > 0).all()
     assert table.loc[0, "time_vs_rome"] == 1.0

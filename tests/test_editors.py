@@ -128,7 +128,7 @@ def test_every_editor_changes_only_its_modules(arch, tok, corpus_file, stats_dir
 
 
 def test_registry_and_copy(tok, corpus_file, stats_dir):
-    assert set(EDITORS) == {"rome", "memit", "wilke", "ft", "kn", "alphaedit", "comeba_hk", "lemoe"}
+    assert set(EDITORS) == {"rome", "memit", "wilke", "ft", "kn", "alphaedit", "comeba_hk", "lemoe", "mend", "ke"}
     model = fresh_model("gpt2", tok)
     before = digest(model)
     result = edit(model, tok, REQUEST, all_hparams(corpus_file)["rome"], copy=True,
@@ -467,7 +467,7 @@ def test_hparams_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="available models"):
         load_hparams("rome", "no-such-model")
     with pytest.raises(ValueError, match="available editors"):
-        load_hparams("mend", "toy-gpt2")
+        load_hparams("serac", "toy-gpt2")
     bad = tmp_path / "bad.yaml"
     bad.write_text("editor: rome\nlayer: 3\nv_lrr: 0.1\n")
     with pytest.raises(ValueError, match="v_lrr"):

@@ -21,7 +21,7 @@ from wilke_lib.profiles import Profile
 PAPER_MODEL = {"toy-gpt2": "gpt2-xl", "toy-gptj": "gpt-j-6b", "gpt2-xl": "gpt2-xl",
                "gpt-j-6b": "gpt-j-6b", "EleutherAI/gpt-j-6b": "gpt-j-6b"}
 EDITOR_LABELS = {"ft": "FT", "kn": "KN", "rome": "ROME", "memit": "MEMIT", "wilke": "WilKE", "r-rome": "r-ROME",
-                 "alphaedit": "AlphaEdit", "comeba_hk": "COMEBA-HK", "lemoe": "LEMoE"}
+                 "alphaedit": "AlphaEdit", "comeba_hk": "COMEBA-HK", "lemoe": "LEMoE", "mend": "MEND", "ke": "KE"}
 # editor names of the tables that are another editor with other settings: name -> (editor, overrides)
 DERIVED_EDITORS = {"r-rome": ("rome", {"update_form": "r-rome"})}  # Gupta et al. 2024, "Rebuilding ROME"
 

@@ -2,7 +2,7 @@
 
 One dataclass per editor (this module is longer than 420 lines because every editor's settings, with
 their documentation and checks, live together). The files live in
-`wilke_lib/hparams/<editor>/<model>.yaml` (editors: rome, memit, wilke, alphaedit, comeba_hk, lemoe, ft, kn;
+`wilke_lib/hparams/<editor>/<model>.yaml` (editors: rome, memit, wilke, alphaedit, comeba_hk, lemoe, ft, kn, mend, ke;
 models: the organisms toy-gpt2 / toy-gptj and the paper's gpt2-xl / gpt-j-6b). `load_hparams("rome", "toy-gpt2")` reads one of them;
 `hparams_from_file(path)` reads any JSON or YAML file. Unknown keys are an error that names
 the key and lists the valid ones, so a typo never silently falls back to a default.
@@ -10,7 +10,9 @@ the key and lists the valid ones, so a typo never silently falls back to a defau
 References: ROME = Meng et al. 2022a ("Locating and Editing Factual Associations in GPT"),
 MEMIT = Meng et al. 2022b ("Mass-Editing Memory in a Transformer"), WilKE = Hu et al. 2024,
 FT-L = Zhu et al. 2020 as used by ROME, KN = Dai et al. 2021 ("Knowledge Neurons"), AlphaEdit = Fang
-et al. 2025, COMEBA-HK = Li et al. 2024 ("Consecutive Model Editing with Batch alongside HooK Layers"), LEMoE = Wang & Li 2024.
+et al. 2025, COMEBA-HK = Li et al. 2024 ("Consecutive Model Editing with Batch alongside HooK Layers"), LEMoE = Wang & Li 2024,
+MEND = Mitchell et al. 2022 ("Fast Model Editing at Scale"), KE = De Cao et al. 2021 ("Editing Factual Knowledge in
+Language Models").
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ _LOWER_BOUNDS = {
     "mom2_n_samples": (1, True), "mom2_batch_size": (1, True), "mom2_max_length": (1, True), "mom2_ridge": (0, True),
     "mom2_update_weight": (0, True), "steps": (1, True), "lr": (0, False), "norm_constraint": (0, False),
     "early_stop_loss": (0, True), "ig_steps": (1, True), "max_neurons": (1, True), "threshold": (0, False),
+    # the hypernetwork editors (MEND, KE) and their training
+    "train_steps": (1, True), "batch_size": (1, True), "n_train": (1, True), "n_val": (0, True), "n_local": (0, True),
+    "seed": (0, True), "rank": (1, True), "edit_lr": (0, False), "lr_lr": (0, True), "c_edit": (0, False),
+    "c_loc": (0, True), "lstm_hidden": (1, True), "condition_dim": (1, True), "hidden_dim": (1, True),
+    "max_scale": (0, False), "kl_margin": (0, True), "multiplier_lr": (0, True),
 }
 
 
@@ -356,8 +363,78 @@ class KNHParams:
             raise ValueError("ig_steps >= 1, 0 < threshold <= 1 and max_neurons >= 1 are required")
 
 
+@dataclass(kw_only=True)
+class _HypernetHParams:
+    """Settings shared by the hypernetwork editors (MEND, KE): the MLP output projections they edit, the
+    file of the trained editor network and how `python -m wilke_lib.editors.hypernet` trains it.
+
+    layers: the edited W_proj (each a list, or "a..b"); weights: a .safetensors file, a relative path
+    being resolved against the model's directory (`editors.hypernet_core.weights_path`).
+    Training: `train_steps` Adam steps at `lr` on batches of `batch_size` edit requests drawn from
+    `n_train` training requests (`n_val` more, of other subjects, for validation), each with
+    `n_local` locality prompts, seed `seed`.
+    """
+
+    layers: list[int]
+    weights: str
+    train_steps: int = 1500
+    batch_size: int = 8
+    lr: float = 1e-3
+    n_train: int = 2000
+    n_val: int = 100
+    n_local: int = 2
+    seed: int = 0
+
+    editor: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        parsed = parse_layers(self.layers, "layers")
+        assert parsed is not None
+        if any(l < 0 for l in parsed):
+            raise ValueError(f"layers must be non-negative ints, got {self.layers!r}")
+        self.layers = parsed
+        if not self.weights.strip() or not self.weights.endswith(".safetensors"):
+            raise ValueError(f"weights must name a .safetensors file, got {self.weights!r}")
+
+
+@dataclass(kw_only=True)
+class MENDHParams(_HypernetHParams):
+    """MEND (Mitchell et al. 2022, Sec. 3): a low-rank editor MLP g (Eq. 3-4, `rank`, identity at
+    initialisation, shared by the edited layers, with a per-layer scale and offset) maps each token's
+    (u, delta) of the fine-tuning gradient to (u~, delta~); W~ = W - alpha_l sum_t delta~_t u~_t^T with a
+    learned step alpha_l per layer, initialised at `edit_lr`. Trained on c_edit * L_e + c_loc * L_loc
+    (Sec. 3.2), the editor network at `lr`, the steps alpha_l at `lr_lr`."""
+
+    weights: str = "mend.safetensors"
+    rank: int = 192
+    edit_lr: float = 1e-3
+    lr_lr: float = 1e-3
+    c_edit: float = 0.1
+    c_loc: float = 1.0
+    editor: ClassVar[str] = "mend"
+
+
+@dataclass(kw_only=True)
+class KEHParams(_HypernetHParams):
+    """KE, KnowledgeEditor (De Cao et al. 2021, Sec. 3): a bidirectional LSTM of `lstm_hidden` units
+    over the request "prompt >> y || a" gives a condition of `condition_dim`; per edited layer an FFNN
+    of `hidden_dim` units gives the rank-one factors of dW = max_scale * sigmoid(eta) (alpha^ * grad W
+    + beta^). Trained on L_e under KL(locality) <= kl_margin, Lagrangian (the multiplier by gradient
+    ascent at `multiplier_lr`)."""
+
+    weights: str = "ke.safetensors"
+    lstm_hidden: int = 128
+    condition_dim: int = 256
+    hidden_dim: int = 128
+    max_scale: float = 1.0
+    kl_margin: float = 1e-3
+    multiplier_lr: float = 0.1
+    editor: ClassVar[str] = "ke"
+
+
 HParams = (ROMEHParams | WilKEHParams | MEMITHParams | AlphaEditHParams | COMEBAHKHParams | LEMoEHParams | FTHParams
-           | KNHParams)
+           | KNHParams | MENDHParams | KEHParams)
 
 HPARAMS_CLASSES: dict[str, type] = {
     "rome": ROMEHParams,
@@ -368,6 +445,8 @@ HPARAMS_CLASSES: dict[str, type] = {
     "wilke": WilKEHParams,
     "ft": FTHParams,
     "kn": KNHParams,
+    "mend": MENDHParams,
+    "ke": KEHParams,
 }
 
 

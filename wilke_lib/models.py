@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from huggingface_hub import try_to_load_from_cache
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from wilke_lib.results import REPO_ROOT, model_slug
@@ -89,7 +89,8 @@ def model_key(name: str | Path, edge_bytes: int = 1 << 20) -> str:
     if not path.is_dir():
         return model_slug(str(name))
     h = hashlib.sha256()
-    for file in sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt") or p.name == "config.json"):
+    for file in sorted(p for p in path.iterdir() if (p.suffix in (".safetensors", ".bin", ".pt") and not is_editor_network(p))
+                       or p.name == "config.json"):
         size = file.stat().st_size
         h.update(f"{file.name}:{size}".encode())
         with file.open("rb") as handle:
@@ -97,6 +98,19 @@ def model_key(name: str | Path, edge_bytes: int = 1 << 20) -> str:
             handle.seek(max(0, size - edge_bytes))
             h.update(handle.read(edge_bytes))
     return f"{model_slug(str(name))}-{h.hexdigest()[:8]}"
+
+
+def is_editor_network(path: Path) -> bool:
+    """Whether a .safetensors file is a trained editor network (MEND's, KE's: `editors.hypernet_core.save_network`
+    marks them with an `editor` entry in the metadata) kept beside the model, not a part of it: it is no part
+    of the model's identity (`model_key`), so that training one leaves the model's results valid."""
+    if path.suffix != ".safetensors":
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return "editor" in (handle.metadata() or {})
+    except Exception:  # a damaged file is not an editor network; the model's loading will say what is wrong
+        return False
 
 
 @contextmanager

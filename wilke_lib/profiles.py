@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from wilke_lib.lifelong import CheckpointPolicy
 
-ALL_EDITORS: tuple[str, ...] = ("ft", "kn", "rome", "r-rome", "memit", "alphaedit", "comeba_hk", "lemoe", "wilke")
+ALL_EDITORS: tuple[str, ...] = ("ft", "ke", "kn", "mend", "rome", "r-rome", "memit", "alphaedit", "comeba_hk", "lemoe",
+                                "wilke")
 """The editors of the lifelong tables (`experiments.editor_variant`: "r-rome" is ROME with the update
 of Gupta et al. 2024)."""
 

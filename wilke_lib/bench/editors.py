@@ -37,7 +37,9 @@ from wilke_lib.bench.measure import (PeakMemory, count_flops, device_name, origi
 from wilke_lib.editors.cache import EditCache
 from wilke_lib.editors.common import WeightJournal
 from wilke_lib.editors.wilke import wilke_editor
-from wilke_lib.hparams import WilKEHParams, load_hparams
+from wilke_lib.editors.ke import load_ke
+from wilke_lib.editors.mend import load_mend
+from wilke_lib.hparams import KEHParams, MENDHParams, WilKEHParams, load_hparams
 from wilke_lib.lifelong import default_backend
 from wilke_lib.metrics import answers_true, evaluate_edit
 from wilke_lib.models import load_model
@@ -49,11 +51,12 @@ SHARED_FIELDS = ("v_num_grad_steps", "v_lr", "v_weight_decay", "v_weight_decay_f
                  "mom2_max_length", "mom2_dtype", "mom2_ridge")
 """Delta-optimisation and statistics settings every benchmarked variant takes from ROME's file."""
 
-VARIANTS = ("rome", "rome-full", "memit", "wilke-batched", "wilke-sequential", "comeba-hk", "lemoe")
+VARIANTS = ("rome", "rome-full", "memit", "wilke-batched", "wilke-sequential", "comeba-hk", "lemoe", "mend", "ke")
 """rome-full: ROME's delta optimisation without the prefix cache (every step runs the whole prompts
 through the whole model, as the released code), the reference of `rome_speedup_vs_previous`.
 comeba-hk (MEMIT's targets into hook layers, whole prompts) and lemoe (one expert trained by gradient
-descent) edit the unedited model too: each timed edit starts from an empty editor state."""
+descent) edit the unedited model too: each timed edit starts from an empty editor state. mend and ke
+(trained hypernetworks, loaded once before timing) time one gradient and one pass of the editor network."""
 
 
 
@@ -85,7 +88,8 @@ def aligned_hparams(model_name: str) -> dict[str, Any]:
             "memit": dataclasses.replace(load_hparams("memit", model_name), **shared),
             "wilke": dataclasses.replace(load_hparams("wilke", model_name), **shared),
             "comeba-hk": dataclasses.replace(load_hparams("comeba_hk", model_name), **shared),
-            "lemoe": load_hparams("lemoe", model_name)}
+            "lemoe": load_hparams("lemoe", model_name),
+            "mend": load_hparams("mend", model_name), "ke": load_hparams("ke", model_name)}
 
 
 def make_variants(model_name: str, names: Sequence[str] = VARIANTS,
@@ -97,7 +101,7 @@ def make_variants(model_name: str, names: Sequence[str] = VARIANTS,
         wilke = dataclasses.replace(wilke, candidate_layers=list(candidate_layers))
     out = []
     for name in names:
-        if name in ("rome", "memit", "comeba-hk", "lemoe"):
+        if name in ("rome", "memit", "comeba-hk", "lemoe", "mend", "ke"):
             out.append(BenchVariant(name, hps[name]))
         elif name == "rome-full":
             out.append(BenchVariant(name, dataclasses.replace(hps["rome"], delta_runner="full")))
@@ -121,7 +125,11 @@ def prepare_statistics(model: nn.Module, tok, variants: Sequence[BenchVariant], 
     n_layers = ModelAdapter(model).n_layers
     for variant in variants:
         hp = variant.hparams
-        if not hasattr(hp, "mom2_corpus"):  # LEMoE: no statistics, no prefixes
+        if isinstance(hp, MENDHParams):
+            load_mend(model, hp)  # the network is loaded once, as in a lifelong run, not timed
+        elif isinstance(hp, KEHParams):
+            load_ke(model, hp)
+        if not hasattr(hp, "mom2_corpus"):  # LEMoE, MEND, KE: no statistics, no prefixes
             continue
         cache.get_prefixes(model, tok, hp)
         layers = (list(hp.layers) if hasattr(hp, "layers") and hp.layers is not None
