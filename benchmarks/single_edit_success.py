@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from wilke_lib import counterfact, editing, experiments, hparams, models
 from wilke_lib.bench.editors import results_dir
 
-EDITORS = ["rome", "memit", "wilke", "ft", "kn"]
+EDITORS = sorted(editing.EDITORS)
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["toy-gpt2", "toy-gptj"])
     parser.add_argument("--editors", nargs="+", default=EDITORS, choices=sorted(editing.EDITORS),
-                        help=f"default: {' '.join(EDITORS)} (mend and ke need their trained networks)")
+                        help="default: every registered editor (mend and ke need their trained networks)")
     parser.add_argument("--records", type=int, default=100, help="known records per model")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny models: 1 is fastest)")
     parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results)")
