@@ -36,6 +36,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     return [{"editor": editor, "n": len(group),
              "success": sum(r["success"] for r in group) / len(group),
              "rollback_restored": sum(r["rollback_restored"] for r in group) / len(group),
+             "impossible_edits": sum("error" in r for r in group),
              "median_seconds": statistics.median(r["seconds"] for r in group),
              "layers": sorted({l for r in group for l in r["layers"]})}
             for editor, group in by_editor.items()]
@@ -77,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         path = out_dir / f"single_edit_{Path(model_name).name}.jsonl"
         summary = summarise(run_model(model_name, args.editors, args.records, path))
         print(f"\n{model_name}: {args.records} known records, one edit each on a fresh copy, then rollback ({path})")
-        print("| editor | success | rollback restored | median s/edit | layers edited |")
-        print("|---|---|---|---|---|")
+        print("| editor | success | impossible edits | rollback restored | median s/edit | layers edited |")
+        print("|---|---|---|---|---|---|")
         for s in summary:
-            print(f"| {s['editor']} | {s['success']:.0%} | {s['rollback_restored']:.0%} | "
+            print(f"| {s['editor']} | {s['success']:.0%} | {s['impossible_edits']} | {s['rollback_restored']:.0%} | "
                   f"{s['median_seconds']:.2f} | {','.join(map(str, s['layers']))} |")
     return 0
 

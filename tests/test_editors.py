@@ -539,3 +539,21 @@ def test_alphaedit_remembers_the_keys_of_earlier_edits_and_forgets_a_failed_one(
         edit(model, tok, {**REQUEST, "prompt": "The capital city of Spain", "subject": "Nobody"}, hparams, cache=cache,
              state=state)
     assert all(torch.equal(state.tensors[k], kept[k]) for k in kept)
+
+
+def test_edit_and_rollback_counts_an_impossible_edit_as_a_failure(tok, corpus_file, stats_dir, monkeypatch):
+    model = fresh_model("gpt2", tok)
+    before = digest(model)
+    template, subject, answer = known_prompt(model, tok)
+    record = {"case_id": 8, "requested_rewrite": {"prompt": template, "subject": subject,
+                                                  "target_new": {"str": NEW}, "target_true": {"str": answer}}}
+
+    def impossible(*args, **kwargs):
+        raise EditError("singular system (test)")
+
+    monkeypatch.setitem(EDITORS, "rome", impossible)
+    hparams = ROMEHParams(layer=2, **FAST, **mom2(corpus_file))
+    row = edit_and_rollback(model, tok, record, hparams, EditCache.for_model(model, stats_dir=stats_dir))
+    assert digest(model) == before
+    assert row["success"] is False and row["layers"] == [] and "singular system (test)" in row["error"]
+    assert row["rollback_restored"] is True  # the unchanged model still answers the known fact

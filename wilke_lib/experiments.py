@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pandas as pd
 from wilke_lib import book, counterfact, editing, generation, lifelong, metrics, models
 from wilke_lib import hparams as hparams_lib
 from wilke_lib.editors import wilke
+from wilke_lib.errors import EditError
 from wilke_lib.lifelong import consecutive
 from wilke_lib.profiles import Profile
 
@@ -326,10 +328,18 @@ def evenly_spaced(records: list[dict], n: int) -> list[dict]:
 def edit_and_rollback(model, tok, record: dict, hparams, cache) -> dict:
     """One edit of `record` on a copy of the model, then its rollback on the edited copy (the
     protocol of Appendix F). Success means the greedy answer to the rewrite prompt is target_new
-    after the edit and target_true again after the rollback."""
+    after the edit and target_true again after the rollback. An edit the editor cannot make
+    (`EditError`: the model is left unchanged) is a failure, with the reason in "error"."""
     rewrite = record["requested_rewrite"]
     prompt = [counterfact.rewrite_prompt(record)]
-    result = editing.edit(model, tok, rewrite, hparams, copy=True, cache=cache, keep_deltas=False)
+    start = time.perf_counter()
+    try:
+        result = editing.edit(model, tok, rewrite, hparams, copy=True, cache=cache, keep_deltas=False)
+    except EditError as err:
+        kept = generation.greedy_matches(model, tok, prompt, [rewrite["target_true"]["str"]])[0]
+        return {"case_id": record["case_id"], "editor": hparams.editor, "layers": [], "success": False,
+                "rollback_restored": bool(kept), "seconds": time.perf_counter() - start, "rollback_seconds": 0.0,
+                "error": str(err)}
     edited = generation.greedy_matches(result.model, tok, prompt, [rewrite["target_new"]["str"]])[0]
     undo = editing.rollback(result.model, tok, rewrite, hparams, result, cache=cache, keep_deltas=False)
     restored = generation.greedy_matches(undo.model, tok, prompt, [rewrite["target_true"]["str"]])[0]
