@@ -36,10 +36,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from wilke_lib.arch import ModelAdapter, frozen, hooks, model_device
-from wilke_lib.editors.common import WeightJournal
+from wilke_lib.editors.common import EditorOutput, WeightJournal
 from wilke_lib.errors import EditError
 from wilke_lib.models import ORGANISMS_DIR
-from wilke_lib.tokens import encode_prompt, pad_id_of, right_pad
+from wilke_lib.tokens import encode_prompt, pad_id_of, prepare_request, right_pad
 
 
 @dataclass
@@ -255,3 +255,14 @@ def apply_deltas(journal: WeightJournal, deltas: dict[int, torch.Tensor], editor
     for layer, dW in deltas.items():
         journal.add(layer, dW[0])
     return {layer: float(dW[0].norm()) for layer, dW in deltas.items()}
+
+
+def edit_with_network(net: nn.Module, model: nn.Module, tok, request: dict, journal: WeightJournal,
+                      layers: Sequence[int] | None, editor: str) -> EditorOutput:
+    """One edit by a trained hypernetwork (MEND's, KE's): its weight changes for the request, added to
+    W_proj of its layers through the journal."""
+    check_layers(layers, net.layers, editor)
+    with torch.no_grad():
+        deltas = net.request_deltas(model, tok, [prepare_request(tok, request)])
+    norms = apply_deltas(journal, deltas, editor)
+    return EditorOutput(layers=list(net.layers), info={"update_norms": norms})

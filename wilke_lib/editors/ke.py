@@ -35,10 +35,10 @@ from transformers import PreTrainedTokenizerBase
 from wilke_lib.arch import ModelAdapter, model_device
 from wilke_lib.editors.cache import EditCache
 from wilke_lib.editors.common import EditorOutput, EditorState, WeightJournal
-from wilke_lib.editors.hypernet_core import (apply_deltas, check_layers, forward_logits, gradient_factors, lm_batch,
+from wilke_lib.editors.hypernet_core import (edit_with_network, forward_logits, gradient_factors, lm_batch,
                                              load_network, weight_gradient)
 from wilke_lib.hparams import KEHParams
-from wilke_lib.tokens import Request, encode_prompt, pad_id_of, prepare_request, right_pad
+from wilke_lib.tokens import Request, encode_prompt, pad_id_of, right_pad
 
 
 class KENet(nn.Module):
@@ -128,11 +128,5 @@ def ke_editor(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, hpa
               journal: WeightJournal, layers: list[int] | None, cache: EditCache | None = None,
               state: EditorState | None = None) -> EditorOutput:
     """The "ke" editor of the registry: one pass of the trained hypernetwork, W_proj of its layers changed."""
-    net = load_ke(model, hparams)
-    check_layers(layers, net.layers, "KE")
-    prepared = prepare_request(tok, request)
-    with torch.no_grad():
-        deltas = net.request_deltas(model, tok, [prepared])
-    norms = apply_deltas(journal, deltas, "KE")
-    return EditorOutput(layers=list(net.layers), info={"update_norms": norms})
+    return edit_with_network(load_ke(model, hparams), model, tok, request, journal, layers, "KE")
 

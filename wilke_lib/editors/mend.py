@@ -40,10 +40,10 @@ from transformers import PreTrainedTokenizerBase
 from wilke_lib.arch import ModelAdapter, model_device
 from wilke_lib.editors.cache import EditCache
 from wilke_lib.editors.common import EditorOutput, EditorState, WeightJournal
-from wilke_lib.editors.hypernet_core import (apply_deltas, check_layers, gradient_factors, lm_batch, load_network,
+from wilke_lib.editors.hypernet_core import (edit_with_network, gradient_factors, lm_batch, load_network,
                                              normalise, token_mask, weight_gradient)
 from wilke_lib.hparams import MENDHParams
-from wilke_lib.tokens import Request, prepare_request
+from wilke_lib.tokens import Request
 
 
 class LowRankResidual(nn.Module):
@@ -136,10 +136,4 @@ def mend_editor(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, h
                 journal: WeightJournal, layers: list[int] | None, cache: EditCache | None = None,
                 state: EditorState | None = None) -> EditorOutput:
     """The "mend" editor of the registry: one pass of the trained editor network, W_proj of its layers changed."""
-    net = load_mend(model, hparams)
-    check_layers(layers, net.layers, "MEND")
-    prepared = prepare_request(tok, request)
-    with torch.no_grad():
-        deltas = net.request_deltas(model, tok, [prepared])
-    norms = apply_deltas(journal, deltas, "MEND")
-    return EditorOutput(layers=list(net.layers), info={"update_norms": norms})
+    return edit_with_network(load_mend(model, hparams), model, tok, request, journal, layers, "MEND")
