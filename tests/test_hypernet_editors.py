@@ -248,8 +248,12 @@ def test_a_network_beside_the_model_is_no_part_of_its_identity(tok, tmp_path):
     save_network(net, tmp_path / "m" / "mend.safetensors", "mend", net.config(), base_fingerprint(model), {})
     assert model_key(tmp_path / "m") == key
     edit(model, tok, requests()[0].request, hp)  # found relative to the model's directory
-    (tmp_path / "m" / "extra.safetensors").write_bytes((tmp_path / "m" / "model.safetensors").read_bytes())
-    assert model_key(tmp_path / "m") != key  # another weights file still counts
+    (tmp_path / "m" / "ke.safetensors").write_bytes(b"half-written")  # a network still being saved
+    (tmp_path / "m" / "report.json").write_text("{}")
+    assert model_key(tmp_path / "m") == key
+    shard = (tmp_path / "m" / "model-00002-of-00002.safetensors")
+    shard.write_bytes((tmp_path / "m" / "model.safetensors").read_bytes())
+    assert model_key(tmp_path / "m") != key  # another weights file of the loader's still counts
 
 
 @pytest.mark.parametrize("cls, changes, words", [

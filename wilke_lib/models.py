@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from huggingface_hub import try_to_load_from_cache
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from wilke_lib.results import REPO_ROOT, model_slug
@@ -81,7 +82,7 @@ def resolve_model_path(name: str | Path) -> str:
 
 def model_key(name: str | Path, edge_bytes: int = 1 << 20) -> str:
     """The identity under which results of a model are stored: its folder name and 8 hex digits of
-    its config and weight files (names, sizes, first and last MiB of each), computed without loading
+    its config and weight files (`is_model_file`: names, sizes, first and last MiB of each), computed without loading
     it; the name alone for a hub id that is not on this machine. A retrained organism is therefore a
     different model, and its predecessor's results are not read back. (Statistics, which depend on
     the weights actually in memory, are keyed by `model_identity(model)` instead.)"""
@@ -89,8 +90,7 @@ def model_key(name: str | Path, edge_bytes: int = 1 << 20) -> str:
     if not path.is_dir():
         return model_slug(str(name))
     h = hashlib.sha256()
-    for file in sorted(p for p in path.iterdir() if (p.suffix in (".safetensors", ".bin", ".pt") and not is_editor_network(p))
-                       or p.name == "config.json"):
+    for file in sorted(p for p in path.iterdir() if is_model_file(p)):
         size = file.stat().st_size
         h.update(f"{file.name}:{size}".encode())
         with file.open("rb") as handle:
@@ -100,17 +100,15 @@ def model_key(name: str | Path, edge_bytes: int = 1 << 20) -> str:
     return f"{model_slug(str(name))}-{h.hexdigest()[:8]}"
 
 
-def is_editor_network(path: Path) -> bool:
-    """Whether a .safetensors file is a trained editor network (MEND's, KE's: `editors.hypernet_core.save_network`
-    marks them with an `editor` entry in the metadata) kept beside the model, not a part of it: it is no part
-    of the model's identity (`model_key`), so that training one leaves the model's results valid."""
-    if path.suffix != ".safetensors":
-        return False
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return "editor" in (handle.metadata() or {})
-    except Exception:  # a damaged file is not an editor network; the model's loading will say what is wrong
-        return False
+_WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)$")
+
+
+def is_model_file(path: Path) -> bool:
+    """Whether a file is part of the model's identity: `config.json` and the weight files the
+    `transformers` loader reads (`model.safetensors`, `pytorch_model.bin`, and their shards), by name
+    only. Anything else kept beside the model (trained editor networks, reports, a file being written
+    while a run starts) cannot change the key its runs are stored under."""
+    return path.name == "config.json" or bool(_WEIGHT_FILE.match(path.name))
 
 
 @contextmanager
