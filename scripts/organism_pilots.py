@@ -31,14 +31,15 @@ FAST = replace(BASE, world=replace(ROUND1.scaled(0.25), background_share=0.15), 
 LINES = replace(FAST, world=replace(ROUND1.scaled(0.2), background_share=0.15, descriptor_lines=True,
                                    doc_mix=(("bio", 0.15), ("descriptor", 0.5), ("sentence", 0.25), ("qa", 0.10))),
                 epochs=90)
+LINES_LONG = replace(LINES, world=replace(LINES.world, three_part_share=0.35, four_part_share=0.25,
+                                         background_share=0.3))
 PILOTS = {
     "descriptors": BASE,  # round 1: 40 epochs at lr 2e-3 learnt 22% of the facts
     "no-descriptors": replace(BASE, world=replace(BASE.world, doc_mix=NO_DESCRIPTORS)),
     "desc-fast": FAST,  # round 2: denser facts, higher learning rate, smaller batches, more epochs
     "nodesc-fast": replace(FAST, world=replace(FAST.world, doc_mix=NO_DESCRIPTORS)),
     "lines": LINES,  # round 3: an object right after the name in half of the documents
-    "lines-long": replace(LINES, world=replace(LINES.world, three_part_share=0.35, four_part_share=0.25,
-                                               background_share=0.3)),
+    "lines-long": LINES_LONG,
     # round 4: prompts (sentences, Q&A) for half of the subjects only, the others' facts to be extracted
     "extract": replace(LINES, world=replace(LINES.world, prompted_share=0.5)),
     "extract-desc": replace(LINES, world=replace(LINES.world, prompted_share=0.5, unprompted_kinds=("descriptor",))),
@@ -55,6 +56,10 @@ PILOTS = {
     # (~1-2 bits per parameter, Allen-Zhu & Li 3.3), so MLP 0 can hold them all; narrow MLPs that
     # cannot hold them in one layer test whether capacity pressure spreads storage over depth.
     "narrow-mlp": OrganismConfig(name="narrow-mlp", arch="gpt2", d_mlp=32, world=world.DEFAULT_SPEC.scaled(0.5)),
+    # round 8: stochastic depth on the MLPs while training (the saved model runs every MLP): a fact
+    # kept in MLP 0 alone is lost whenever a row skips MLP 0, so it must be kept deeper as well
+    "mlp-drop": replace(LINES_LONG, mlp_drop=(0.2,) * 12),
+    "early-drop": replace(LINES_LONG, mlp_drop=(0.7, 0.5, 0.3) + (0.1,) * 9),
 }
 
 

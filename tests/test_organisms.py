@@ -52,3 +52,39 @@ def test_training_is_reproducible(tmp_path):
         weights.append({k: v.clone() for k, v in model.state_dict().items()})
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gptj"])
+def test_mlp_drop_skips_a_branch_per_row_and_leaves_a_plain_model(arch, corpus_and_tokenizer):
+    """Stochastic depth on the MLPs: in training a dropped row runs without the MLP (its branch is
+    zero), a kept row's branch is scaled by 1 / (1 - p); in eval mode and after the block nothing is
+    changed."""
+    _, tok = corpus_and_tokenizer
+    cfg = replace(organisms.ORGANISMS[f"toy-{arch}"], n_layer=2, d_model=16, n_head=2, d_mlp=32)
+    model = organisms.build_model(cfg, tok)
+    model.train()
+    mlp = model.transformer.h[0].mlp
+    x = torch.randn(64, 3, 16)
+    plain = mlp(x)
+    with organisms.mlp_drop_hooks(model, (0.5, 0.0), torch.Generator().manual_seed(0)):
+        dropped = mlp(x)
+        zero = dropped.abs().sum(dim=(1, 2)) == 0
+        assert 10 < int(zero.sum()) < 54
+        assert torch.allclose(dropped[~zero], 2 * plain[~zero])
+        assert torch.equal(model.transformer.h[1].mlp(x), model.transformer.h[1].mlp(x))  # p = 0: no hook
+        model.eval()
+        assert torch.equal(mlp(x), plain)
+    model.train()
+    assert torch.equal(mlp(x), plain)
+
+
+def test_mlp_drop_names_a_bad_setting(corpus_and_tokenizer):
+    _, tok = corpus_and_tokenizer
+    model = organisms.build_model(replace(organisms.ORGANISMS["toy-gpt2"], n_layer=2, d_model=16, n_head=2,
+                                          d_mlp=32), tok)
+    with pytest.raises(ValueError, match="3 probabilities for 2 MLP layers"):
+        with organisms.mlp_drop_hooks(model, (0.1, 0.1, 0.1), torch.Generator()):
+            pass
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+        with organisms.mlp_drop_hooks(model, (1.0, 0.0), torch.Generator()):
+            pass

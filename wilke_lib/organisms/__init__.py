@@ -6,7 +6,7 @@
 """
 
 from wilke_lib.organisms.train import (ORGANISM_DIR, ORGANISMS, OrganismConfig, build_model, known_fact_rates,
-                                       pack_rows, train, train_tokenizer, training_summary)
+                                       mlp_drop_hooks, pack_rows, train, train_tokenizer, training_summary)
 
-__all__ = ["ORGANISM_DIR", "ORGANISMS", "OrganismConfig", "build_model", "known_fact_rates", "pack_rows", "train",
+__all__ = ["ORGANISM_DIR", "ORGANISMS", "OrganismConfig", "build_model", "known_fact_rates", "mlp_drop_hooks", "pack_rows", "train",
            "train_tokenizer", "training_summary"]

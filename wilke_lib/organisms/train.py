@@ -21,6 +21,7 @@ import math
 import random
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM, PreTrainedTokenizerFast
 
+from wilke_lib.arch import ModelAdapter, hooks
 from wilke_lib.generation import greedy_matches
 from wilke_lib.models import default_device, resolve_model_path
 from wilke_lib.organisms import world as world_lib
@@ -61,6 +63,9 @@ class OrganismConfig:
     warmup_steps: int = 200
     weight_decay: float = 0.01
     docs_per_row: int = 4  # rows hold 1..4 documents, so facts are recalled after any context
+    # stochastic depth on the MLP branches: per layer, the probability that a training row runs
+    # without that MLP (empty: none); see `mlp_drop_hooks`
+    mlp_drop: tuple[float, ...] = ()
 
 
 ORGANISMS = {
@@ -157,6 +162,31 @@ def known_fact_rates(model, tok, records: list[dict]) -> dict[str, float]:
     return rates
 
 
+@contextmanager
+def mlp_drop_hooks(model: torch.nn.Module, probabilities: tuple[float, ...], generator: torch.Generator):
+    """Stochastic depth on the MLP branches (Huang et al. 2016, "Deep Networks with Stochastic Depth";
+    per row, as Fan et al. 2019's LayerDrop is per layer): while training, each row skips MLP l with
+    probability p_l, and the MLP's output is scaled by 1 / (1 - p_l) when kept, so that the trained
+    model, run with every MLP, sees the expected branch. A fact then cannot live in one MLP alone: any
+    layer may be missing when it is needed. The saved model is a plain one."""
+    adapter = ModelAdapter(model)
+    if probabilities and len(probabilities) != adapter.n_layers:
+        raise ValueError(f"mlp_drop: {len(probabilities)} probabilities for {adapter.n_layers} MLP layers")
+    if any(not 0.0 <= p < 1.0 for p in probabilities):
+        raise ValueError(f"mlp_drop: probabilities must be in [0, 1), got {list(probabilities)}")
+
+    def dropping(p: float):
+        def hook(module, inputs, output):
+            if not module.training:
+                return output
+            keep = torch.rand(output.shape[0], 1, 1, generator=generator) >= p
+            return output * keep.to(output.device, output.dtype) / (1.0 - p)
+        return hook
+
+    with hooks(forward=[(adapter.mlp(l), dropping(p)) for l, p in enumerate(probabilities) if p > 0]):
+        yield
+
+
 def _epoch_rows(world: world_lib.World, epoch: int, tok, cfg: OrganismConfig, rng: random.Random) -> list[list[int]]:
     return pack_rows(world_lib.corpus(world, epoch), tok, cfg.docs_per_row, cfg.n_positions, rng)
 
@@ -180,27 +210,30 @@ def train(cfg: OrganismConfig, out_dir: Path, device: str | None = None, threads
     total = cfg.epochs * math.ceil(len(rows) / cfg.batch_size)  # epochs differ a little in size: an estimate
     history, step, tokens, started = [], 0, 0, time.time()
     bar = tqdm(total=total, desc=f"training {cfg.name}", unit="step")
-    for epoch in range(cfg.epochs):
-        epoch_loss, n_batches = 0.0, 0
-        if epoch:
-            rows = _epoch_rows(world, epoch, tok, cfg, rng)
-        for batch in length_bucketed_batches([len(r) for r in rows], cfg.batch_size, rng):
-            ids, mask = collate([rows[i] for i in batch], tok.pad_token_id)
-            ids, mask = ids.to(device), mask.to(device)
-            labels = ids.masked_fill(mask == 0, -100)
-            for group in optimiser.param_groups:
-                group["lr"] = lr_at(step, total, cfg)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimiser.step()
-            epoch_loss, n_batches, step = epoch_loss + loss.item(), n_batches + 1, step + 1
-            tokens += int(mask.sum())
-            bar.update()
-        history.append({"epoch": epoch + 1, "step": step, "loss": epoch_loss / n_batches, "tokens": tokens,
-                        "seconds": round(time.time() - started, 1)})
-        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
+    drop_generator = torch.Generator().manual_seed(cfg.train_seed)
+    model.train()
+    with mlp_drop_hooks(model, cfg.mlp_drop, drop_generator):
+        for epoch in range(cfg.epochs):
+            epoch_loss, n_batches = 0.0, 0
+            if epoch:
+                rows = _epoch_rows(world, epoch, tok, cfg, rng)
+            for batch in length_bucketed_batches([len(r) for r in rows], cfg.batch_size, rng):
+                ids, mask = collate([rows[i] for i in batch], tok.pad_token_id)
+                ids, mask = ids.to(device), mask.to(device)
+                labels = ids.masked_fill(mask == 0, -100)
+                for group in optimiser.param_groups:
+                    group["lr"] = lr_at(step, total, cfg)
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimiser.step()
+                epoch_loss, n_batches, step = epoch_loss + loss.item(), n_batches + 1, step + 1
+                tokens += int(mask.sum())
+                bar.update()
+            history.append({"epoch": epoch + 1, "step": step, "loss": epoch_loss / n_batches, "tokens": tokens,
+                            "seconds": round(time.time() - started, 1)})
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
     bar.close()
     model.eval()
     summary = {"config": asdict(cfg), "train_seconds": round(time.time() - started, 1), "device": str(device),
