@@ -60,14 +60,18 @@ class EditorState:
     """What an editor remembers from one edit to the next within a run (AlphaEdit: the keys of the
     earlier edits), as named tensors. The lifelong runner creates one per run, saves it with the
     weights and restores it on resume; `editing.edit` restores it, like the weights, when an edit
-    fails. Editors without memory ignore it."""
+    fails. Editors without memory ignore it.
+
+    Editors replace a state's tensors, they never change one in place (`state.tensors[k] = old + new`,
+    not `+=`): the snapshot taken before every edit is then a shallow copy, which costs nothing however
+    large the state grows (LEMoE's experts)."""
 
     def __init__(self, tensors: dict[str, torch.Tensor] | None = None) -> None:
         self.tensors: dict[str, torch.Tensor] = dict(tensors or {})
         self._saved: dict[str, torch.Tensor] | None = None
 
     def snapshot(self) -> None:
-        self._saved = {k: v.clone() for k, v in self.tensors.items()}
+        self._saved = dict(self.tensors)
 
     def restore(self) -> None:
         if self._saved is not None:

@@ -49,6 +49,7 @@ from wilke_lib.hparams import LEMoEHParams
 from wilke_lib.tokens import encode_prompt, pad_id_of, prepare_request, right_pad
 
 _ATTRIBUTE = "_wilke_lemoe"
+_TIE = 1e-6
 
 
 def expert_keys(state: EditorState) -> list[int]:
@@ -70,6 +71,7 @@ class ExpertBypass:
         self.state, self.layer, self.hparams = state, layer, hparams
         self._query: torch.Tensor | None = None
         self._handles: list[Any] = []
+        self._keys_of: tuple[dict, int, list[int], torch.Tensor] | None = None
 
     @classmethod
     def attach(cls, model: nn.Module, state: EditorState | None, hparams: LEMoEHParams) -> "ExpertBypass":
@@ -110,20 +112,34 @@ class ExpertBypass:
     def _release(self, *_: Any) -> None:
         self._query = None
 
+    def keys(self) -> tuple[list[int], torch.Tensor]:
+        """The expert numbers and their stacked keys, rebuilt only when experts were added or the state
+        replaced (entries are only ever added to a state's dict, and a key never changes once set), not
+        at every forward: a lifelong run holds a thousand experts or more."""
+        tensors = self.state.tensors
+        cached = self._keys_of
+        if cached is None or cached[0] is not tensors or cached[1] != len(tensors):
+            experts = expert_keys(self.state)
+            stacked = (torch.stack([tensors[f"lemoe/expert{i}/key"] for i in experts]) if experts
+                       else torch.empty(0))
+            cached = self._keys_of = (tensors, len(tensors), experts, stacked)
+        return cached[2], cached[3]
+
     def route(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(expert number per token, gate 0/1 per token) for queries (batch, tokens, d)."""
-        experts = expert_keys(self.state)
-        keys = torch.stack([self.state.tensors[f"lemoe/expert{i}/key"] for i in experts]).to(query)
-        sims = F.cosine_similarity(query[..., None, :], keys, dim=-1)  # (batch, tokens, experts)
-        newest_first = sims.flip(-1)
-        best = newest_first.argmax(-1)
-        chosen = torch.tensor(experts, device=query.device).flip(0)[best]
-        gate = newest_first.gather(-1, best[..., None])[..., 0] >= self.hparams.route_threshold
-        return chosen, gate
+        experts, keys = self.keys()
+        sims = F.normalize(query, dim=-1) @ F.normalize(keys.to(query), dim=-1).T  # cosine, (batch, tokens, experts)
+        best = sims.max(dim=-1, keepdim=True).values
+        # a tie (a rollback's expert has the key of the edit it undoes) goes to the newest expert; "tie"
+        # within float noise, since a matmul need not give identical columns bit-identical values
+        tied = sims >= best - _TIE
+        newest = sims.shape[-1] - 1 - tied.flip(-1).to(torch.uint8).argmax(-1)
+        chosen = torch.tensor(experts, device=query.device)[newest]
+        return chosen, best[..., 0] >= self.hparams.route_threshold
 
     def _forward(self, _module: nn.Module, inputs: tuple, output: Any) -> Any:
         query = self._query
-        experts = expert_keys(self.state)
+        experts, _ = self.keys()
         if query is None or not experts:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
