@@ -87,3 +87,21 @@ def test_a_killed_lifelong_run_resumes_with_its_experts(tok, tmp_path):
         run("b", on_step=_kill_at(3))
     resumed = run("b")
     assert resumed.final == full.final and resumed.checkpoints.equals(full.checkpoints)
+
+
+def test_routing_breaks_ties_for_the_newest_expert_and_sees_new_experts(tok):
+    """Two experts with the same key (an edit and the rollback that undoes it): the newer one takes the
+    token; an expert added after a forward is routed to at the next one (the stacked keys are cached)."""
+    model = new_model("gpt2", tok)
+    d = model.config.n_embd
+    state = EditorState({f"lemoe/expert{i}/key": key for i, key in enumerate(torch.eye(d)[[0, 1, 1]])})
+    bypass = ExpertBypass.attach(model, state, hparams(route_threshold=0.5))
+    query = torch.stack([torch.eye(d)[0], torch.eye(d)[1], -torch.eye(d)[0]])[None]
+    chosen, gate = bypass.route(query)
+    assert chosen[0].tolist()[:2] == [0, 2] and gate[0].tolist() == [True, True, False]
+    state.tensors["lemoe/expert3/key"] = -torch.eye(d)[0]
+    chosen, gate = bypass.route(query)
+    assert chosen[0].tolist() == [0, 2, 3] and gate[0].tolist() == [True, True, True]
+    bypass.state = EditorState({"lemoe/expert0/key": torch.eye(d)[1]})
+    chosen, _ = bypass.route(query)
+    assert chosen[0].tolist() == [0, 0, 0]
