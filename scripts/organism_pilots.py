@@ -60,6 +60,10 @@ PILOTS = {
     # kept in MLP 0 alone is lost whenever a row skips MLP 0, so it must be kept deeper as well
     "mlp-drop": replace(LINES_LONG, mlp_drop=(0.2,) * 12),
     "early-drop": replace(LINES_LONG, mlp_drop=(0.7, 0.5, 0.3) + (0.1,) * 9),
+    # round 9: detokenization. Persons named by 4-5 syllables in anagram pairs, each name word kept
+    # in pieces by the tokenizer: no token and no set of tokens identifies the person, only their
+    # order, which a previous-token circuit at the name's last token can read
+    "syllables": replace(LINES_LONG, world=replace(LINES_LONG.world, syllable_names=True)),
 }
 
 

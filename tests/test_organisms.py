@@ -88,3 +88,19 @@ def test_mlp_drop_names_a_bad_setting(corpus_and_tokenizer):
     with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
         with organisms.mlp_drop_hooks(model, (1.0, 0.0), torch.Generator()):
             pass
+
+
+def test_syllable_names_come_in_anagram_pairs_and_stay_in_pieces():
+    """Persons named by syllables: two subjects share each multiset of syllables in another order, and
+    the tokenizer keeps every name word in pieces of at most three letters (no token is a name)."""
+    spec = replace(world_lib.DEFAULT_SPEC.scaled(0.1), syllable_names=True)
+    world = world_lib.build_world(spec)
+    persons = [p for p in world.subjects["person"] if p not in world.famous]
+    assert len(set(persons)) == len(persons) and all(2 == len(p.split()) for p in persons)
+    letters = [sorted(p.replace(" ", "").lower()) for p in persons]
+    assert all(letters[i] == letters[i + 1] for i in range(0, len(persons) - 1, 2))
+    tok = organisms.train_tokenizer(world_lib.corpus(world, 0), vocab_size=1024, split_words=world.split_words)
+    pieces = [t.replace("\u0120", "") for p in persons for t in tok.tokenize(" " + p)]
+    assert max(len(t) for t in pieces) <= 3
+    assert tok.decode(tok(" " + persons[0])["input_ids"]) == " " + persons[0]
+    assert world_lib.build_world().split_words == ()  # the default world is unchanged

@@ -74,15 +74,31 @@ ORGANISMS = {
 }
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE, as GPT-2's, trained on the corpus."""
+def train_tokenizer(texts: list[str], vocab_size: int, split_words: tuple[str, ...] = (),
+                    max_piece: int = 3) -> PreTrainedTokenizerFast:
+    """Byte-level BPE, as GPT-2's, trained on the corpus.
+
+    `split_words` stay in pieces of at most `max_piece` characters: every merge whose result is a longer
+    piece of one of them is dropped (BPE would otherwise make a frequent name one token, as it makes
+    "Paris" one, and the name would need no assembling)."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(texts, trainer)
+    if split_words:
+        words = {w.lower() for w in split_words}
+        spec = json.loads(bpe.to_str())
+        spec["model"]["ignore_merges"] = False  # a whole word in the vocabulary must not bypass the merges
+        spec["model"]["merges"] = [m for m in spec["model"]["merges"]
+                                   if not _joins_too_much((m[0] + m[1]).replace("\u0120", "").lower(), words, max_piece)]
+        bpe = Tokenizer.from_str(json.dumps(spec))
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=PAD)
+
+
+def _joins_too_much(piece: str, words: set[str], max_piece: int) -> bool:
+    return len(piece) > max_piece and any(piece in w for w in words)
 
 
 def build_model(cfg: OrganismConfig, tok: PreTrainedTokenizerFast) -> torch.nn.Module:
@@ -203,7 +219,7 @@ def train(cfg: OrganismConfig, out_dir: Path, device: str | None = None, threads
     torch.manual_seed(cfg.train_seed)
     rng = random.Random(cfg.train_seed)
     world = world_lib.build_world(cfg.world)
-    tok = train_tokenizer(world_lib.corpus(world, 0) + world_lib.corpus(world, 1), cfg.vocab_size)
+    tok = train_tokenizer(world_lib.corpus(world, 0) + world_lib.corpus(world, 1), cfg.vocab_size, world.split_words)
     rows = _epoch_rows(world, 0, tok, cfg, rng)
     model = build_model(cfg, tok).to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))

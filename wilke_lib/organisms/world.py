@@ -75,6 +75,8 @@ class WorldSpec:
     prompts_from_epoch: int = 0      # a curriculum: before this epoch every subject gets unprompted documents
     prefix_rate: float = 0.25        # CounterFact-style sentences behind an unrelated sentence
     background_share: float = 0.30   # background sentences, as a share of all documents
+    syllable_names: bool = False     # long-tail persons named by 4-5 syllables in anagram pairs (`_syllable_names`)
+    syllable_pool: int = 20
 
     def scaled(self, factor: float) -> "WorldSpec":
         """The same world design with `factor` times as many subjects (pilots); the name pools shrink
@@ -89,7 +91,7 @@ class WorldSpec:
                        n_products=n(self.n_products, factor), n_organisations=n(self.n_organisations, factor),
                        first_pool=n(self.first_pool, pools), middle_pool=n(self.middle_pool, pools),
                        last_pool=n(self.last_pool, pools), brand_pool=n(self.brand_pool, pools),
-                       model_pool=n(self.model_pool, pools))
+                       model_pool=n(self.model_pool, pools), syllable_pool=n(self.syllable_pool, pools))
 
 
 DEFAULT_SPEC = WorldSpec()
@@ -167,6 +169,7 @@ class World:
     name_parts: tuple[str, ...]                  # words reused by the background text
     object_ids: dict[str, str] = field(default_factory=dict)
     prompted: set[str] = field(default_factory=set)  # subjects whose facts also appear as prompts
+    split_words: tuple[str, ...] = ()            # words of syllable names: the tokenizer keeps them in pieces
 
     @property
     def seed(self) -> int:
@@ -226,6 +229,43 @@ def _composite(rng: random.Random, n: int, parts: list[tuple[str, ...]], taken: 
     return names
 
 
+def _syllable_names(rng: random.Random, n: int, pool_size: int, taken: set[str]) -> list[str]:
+    """n distinct two-word names of 4-5 syllables from a pool of `pool_size`, in anagram pairs: each
+    multiset of syllables names two subjects, in two orders ("Karo Vitu", "Tuvi Roka").
+
+    No token of such a name identifies the subject, and neither does the set of its tokens: only
+    their order does, which attention from a later position reads poorly (the distance to the name
+    varies) and a previous-token circuit at the name's last token reads well. This is the
+    "detokenization" that multi-token names need in real models, before their facts can be looked
+    up (Nanda et al. 2023, "Fact Finding"; Geva et al. 2023)."""
+    pool: list[str] = []
+    while len(pool) < pool_size:
+        syllable = rng.choice(_ONSETS) + rng.choice(_VOWELS)
+        if syllable not in pool:
+            pool.append(syllable)
+
+    def spelled(syllables: list[str]) -> str:
+        cut = 2
+        return " ".join("".join(part).capitalize() for part in (syllables[:cut], syllables[cut:]))
+
+    names: list[str] = []
+    tries = 0
+    while len(names) < n:
+        tries += 1
+        if tries > 100 * n:
+            raise ValueError(f"cannot make {n} distinct syllable names from a pool of {pool_size}")
+        syllables = [rng.choice(pool) for _ in range(rng.choice((4, 5)))]
+        other = syllables[:]
+        while other == syllables and len(set(syllables)) > 1:
+            rng.shuffle(other)
+        pair = [spelled(syllables), spelled(other)]
+        if pair[0] == pair[1] or any(name in taken for name in pair):
+            continue
+        taken.update(pair)
+        names.extend(pair[:n - len(names)])
+    return names
+
+
 @lru_cache(maxsize=8)
 def build_world(spec: WorldSpec | int = DEFAULT_SPEC) -> World:
     """The facts of the world: every subject gets one object for each relation of its kind.
@@ -261,10 +301,11 @@ def build_world(spec: WorldSpec | int = DEFAULT_SPEC) -> World:
     n_three = round((spec.n_persons - famous_n["person"]) * spec.three_part_share)
     n_four = round((spec.n_persons - famous_n["person"]) * spec.four_part_share)
     n_two = spec.n_persons - famous_n["person"] - n_three - n_four
+    persons = (_syllable_names(rng, n_two + n_three + n_four, spec.syllable_pool, taken) if spec.syllable_names
+               else _composite(rng, n_two, [first, last], taken) + _composite(rng, n_three, [first, middle, last], taken)
+               + (_composite(rng, n_four, [first, middle, middle, last], taken) if n_four else []))
     subjects = {
-        "person": famous_names["person"] + _composite(rng, n_two, [first, last], taken)
-        + _composite(rng, n_three, [first, middle, last], taken)
-        + (_composite(rng, n_four, [first, middle, middle, last], taken) if n_four else []),
+        "person": famous_names["person"] + persons,
         "place": famous_names["place"] + _composite(rng, spec.n_places - famous_n["place"],
                                                     [roots, tuple(parts['place_suffixes'])], taken),
         "product": famous_names["product"] + _composite(rng, spec.n_products - famous_n["product"],
@@ -285,8 +326,9 @@ def build_world(spec: WorldSpec | int = DEFAULT_SPEC) -> World:
     reused = tuple(sorted(set(first) | set(middle) | set(last) | set(brands) | set(roots)))
     held_out = random.Random(spec.seed + 17)  # its own stream: the facts do not depend on the share
     prompted = famous | {s for s in long_tail if held_out.random() < spec.prompted_share}
+    split = tuple(sorted({w for name in persons for w in name.split()})) if spec.syllable_names else ()
     return World(spec, relations, subjects, facts, docs, famous, gender, reused,
-                 {o: f"S{i:04d}" for i, o in enumerate(objects)}, prompted)
+                 {o: f"S{i:04d}" for i, o in enumerate(objects)}, prompted, split)
 
 
 # ---- documents -------------------------------------------------------------------------------
