@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra edit per variant)")
     parser.add_argument("--step-records", type=int, default=5, help="records timed through a whole lifelong step")
     parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the saved rows of the variants not run now (each row says when and at which "
+                             "commit it was measured) in the CSVs and summary.json")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -64,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
                                                           cache, originals)
                              for v in bm.make_variants(model_name, args.variants)}
         path = out_dir / f"bench_{Path(model_name).name}.csv"
+        if args.merge:
+            table, steps[model_name] = bm.merge_saved(table, steps[model_name], path, out_dir / "summary.json",
+                                                      model_name)
         table.to_csv(path, index=False)
         print(f"\n{model_name} on {table['device_name'].iloc[0]} ({args.n_edits} edits per variant): {path}")
         print(bm.format_table(table))

@@ -96,3 +96,29 @@ def test_summary_json_has_the_issue_keys():
     assert {"rome_speedup_vs_previous", "wilke_over_rome", "wilke_over_rome_flops"} <= set(summary)
     assert summary["editors"]["rome"]["ms_per_lifelong_step"] > summary["editors"]["rome"]["ms_per_edit"] > 0
     assert summary["editors"]["rome-full"]["gflop_per_edit"] > summary["editors"]["rome"]["gflop_per_edit"]
+
+
+def test_a_partial_benchmark_keeps_the_saved_rows_of_the_other_variants(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from wilke_lib.bench.editors import merge_saved
+
+    saved = pd.DataFrame({"variant": ["rome", "memit", "lemoe"], "median_ms": [100.0, 200.0, 50.0],
+                          "date_utc": ["old"] * 3, "time_vs_rome": [1.0, 2.0, 0.5]})
+    saved.to_csv(tmp_path / "bench.csv", index=False)
+    (tmp_path / "summary.json").write_text(json.dumps({"m": {"editors": {
+        "rome": {"ms_per_lifelong_step": 300.0}, "memit": {"ms_per_lifelong_step": 400.0},
+        "lemoe": {"ms_per_lifelong_step": 90.0}}}}))
+    new = pd.DataFrame({"variant": ["lemoe", "mend"], "median_ms": [25.0, 10.0], "date_utc": ["new"] * 2,
+                        "time_vs_rome": [float("nan")] * 2})
+    table, steps = merge_saved(new, {"lemoe": 60.0, "mend": 20.0}, tmp_path / "bench.csv", tmp_path / "summary.json", "m")
+    assert table["variant"].tolist() == ["rome", "memit", "lemoe", "mend"]  # the registry's order
+    assert table.set_index("variant")["date_utc"].to_dict() == {"rome": "old", "memit": "old", "lemoe": "new",
+                                                                "mend": "new"}
+    assert table.set_index("variant")["time_vs_rome"].to_dict() == {"rome": 1.0, "memit": 2.0, "lemoe": 0.25,
+                                                                    "mend": 0.1}
+    assert steps == {"rome": 300.0, "memit": 400.0, "lemoe": 60.0, "mend": 20.0}
+    same, _ = merge_saved(new, {}, tmp_path / "missing.csv", tmp_path / "summary.json", "m")
+    assert same is new
