@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.merge:
             table, steps[model_name] = bm.merge_saved(table, steps[model_name], path, out_dir / "summary.json",
                                                       model_name)
+            tables[model_name] = table
         table.to_csv(path, index=False)
         print(f"\n{model_name} on {table['device_name'].iloc[0]} ({args.n_edits} edits per variant): {path}")
         print(bm.format_table(table))
