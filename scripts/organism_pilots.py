@@ -64,6 +64,10 @@ PILOTS = {
     # in pieces by the tokenizer: no token and no set of tokens identifies the person, only their
     # order, which a previous-token circuit at the name's last token can read
     "syllables": replace(LINES_LONG, world=replace(LINES_LONG.world, syllable_names=True)),
+    # round 10: the route through the name's last token made the only one while training (attention
+    # from later positions to the name's earlier pieces blocked) for half of the names, or for all
+    "knockout": replace(LINES_LONG, subject_knockout=0.5),
+    "knockout-all": replace(LINES_LONG, subject_knockout=1.0),
 }
 
 

@@ -104,3 +104,30 @@ def test_syllable_names_come_in_anagram_pairs_and_stay_in_pieces():
     assert max(len(t) for t in pieces) <= 3
     assert tok.decode(tok(" " + persons[0])["input_ids"]) == " " + persons[0]
     assert world_lib.build_world().split_words == ()  # the default world is unchanged
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gptj"])
+def test_knockout_mask_hides_a_names_earlier_pieces_from_later_positions(arch):
+    """With nothing knocked out the 4D mask gives the model's outputs under its usual padding mask; with
+    every name knocked out, a position after a name no longer sees the name's earlier pieces."""
+    import random as random_lib
+
+    world = world_lib.build_world(world_lib.DEFAULT_SPEC.scaled(0.1))
+    texts = world_lib.corpus(world, 0)
+    tok = organisms.train_tokenizer(texts, vocab_size=512)
+    finder = organisms.NameFinder([n for names in world.subjects.values() for n in names], tok)
+    rows = organisms.pack_rows(texts[:40], tok, 3, 64, random_lib.Random(0))[:4]
+    spans = [finder.spans(row) for row in rows]
+    assert any(spans) and all(tok.decode(row[s:e]).strip() in {n for v in world.subjects.values() for n in v}
+                              for row, found in zip(rows, spans) for s, e in found)
+    model = organisms.build_model(replace(organisms.ORGANISMS[f"toy-{arch}"], n_layer=2, d_model=16, n_head=2,
+                                          d_mlp=32), tok).eval()
+    ids, mask = organisms.collate(rows, tok.pad_token_id)
+    real = mask.bool()
+    plain = model(input_ids=ids, attention_mask=mask).logits
+    none = organisms.knockout_mask(rows, ids.shape[1], finder, 0.0, random_lib.Random(0))
+    assert torch.allclose(model(input_ids=ids, attention_mask=none).logits[real], plain[real], atol=1e-5)
+    every = organisms.knockout_mask(rows, ids.shape[1], finder, 1.0, random_lib.Random(0))
+    r, (s, e) = next((r, found[0]) for r, found in enumerate(spans) if found)
+    assert not every[r, 0, e:, s:e - 1].any() and every[r, 0, e - 1, s:e].all()
+    assert not torch.allclose(model(input_ids=ids, attention_mask=every).logits[real], plain[real], atol=1e-5)

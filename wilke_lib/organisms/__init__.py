@@ -5,8 +5,10 @@
 * `report`: where an organism keeps its facts (`make organism-report`).
 """
 
-from wilke_lib.organisms.train import (ORGANISM_DIR, ORGANISMS, OrganismConfig, build_model, known_fact_rates,
-                                       mlp_drop_hooks, pack_rows, train, train_tokenizer, training_summary)
+from wilke_lib.organisms.train import (ORGANISM_DIR, ORGANISMS, NameFinder, OrganismConfig, build_model, collate,
+                                       knockout_mask, known_fact_rates, mlp_drop_hooks, pack_rows, train,
+                                       train_tokenizer, training_summary)
 
-__all__ = ["ORGANISM_DIR", "ORGANISMS", "OrganismConfig", "build_model", "known_fact_rates", "mlp_drop_hooks", "pack_rows", "train",
+__all__ = ["ORGANISM_DIR", "ORGANISMS", "NameFinder", "OrganismConfig", "build_model", "collate", "knockout_mask",
+           "known_fact_rates", "mlp_drop_hooks", "pack_rows", "train",
            "train_tokenizer", "training_summary"]

@@ -66,6 +66,9 @@ class OrganismConfig:
     # stochastic depth on the MLP branches: per layer, the probability that a training row runs
     # without that MLP (empty: none); see `mlp_drop_hooks`
     mlp_drop: tuple[float, ...] = ()
+    # per occurrence of a multi-token name in a training row, the probability that the positions after
+    # it cannot attend to its pieces before the last (every layer); see `knockout_mask`
+    subject_knockout: float = 0.0
 
 
 ORGANISMS = {
@@ -203,6 +206,52 @@ def mlp_drop_hooks(model: torch.nn.Module, probabilities: tuple[float, ...], gen
         yield
 
 
+class NameFinder:
+    """Where the subjects' multi-token names stand in token rows (longest match first)."""
+
+    def __init__(self, names: list[str], tok) -> None:
+        self.starts: dict[int, list[tuple[int, ...]]] = defaultdict(list)
+        for name in names:
+            for text in (" " + name, name):  # inside a row, and at its start
+                ids = tuple(tok(text)["input_ids"])
+                if len(ids) > 1:
+                    self.starts[ids[0]].append(ids)
+        for seqs in self.starts.values():
+            seqs.sort(key=len, reverse=True)
+
+    def spans(self, row: list[int]) -> list[tuple[int, int]]:
+        found, i = [], 0
+        while i < len(row):
+            for seq in self.starts.get(row[i], ()):
+                if tuple(row[i:i + len(seq)]) == seq:
+                    found.append((i, i + len(seq)))
+                    i += len(seq) - 1
+                    break
+            i += 1
+        return found
+
+
+def knockout_mask(rows: list[list[int]], width: int, finder: NameFinder, p: float, rng: random.Random) -> torch.Tensor:
+    """A (rows, 1, width, width) boolean attention mask (True: may attend): causal, without padding
+    keys, and for each name occurrence kept with probability p, no position after the name attends to
+    the name's pieces before its last token.
+
+    Geva et al. (2023, Sec. 5) find that GPT-2 recalls a fact by attention from the final position to
+    the subject's *last* token, which earlier layers have enriched; blocking the other subject tokens
+    barely matters. The organisms learn the opposite: the final position reads the name's pieces
+    itself (`docs/organisms.md`). Training with these pieces hidden from the later positions leaves
+    the last name token as the only way to the subject, so that whatever the model knows of it must
+    be written there; the saved model attends as any GPT-2 does."""
+    mask = torch.tril(torch.ones(width, width, dtype=torch.bool)).repeat(len(rows), 1, 1)
+    for r, row in enumerate(rows):
+        mask[r, :, len(row):] = False
+        mask[r, len(row):, :len(row)] = True  # padding queries (unused) attend to the real keys
+        for start, end in finder.spans(row):
+            if rng.random() < p:
+                mask[r, end:, start:end - 1] = False
+    return mask[:, None]
+
+
 def _epoch_rows(world: world_lib.World, epoch: int, tok, cfg: OrganismConfig, rng: random.Random) -> list[list[int]]:
     return pack_rows(world_lib.corpus(world, epoch), tok, cfg.docs_per_row, cfg.n_positions, rng)
 
@@ -227,6 +276,9 @@ def train(cfg: OrganismConfig, out_dir: Path, device: str | None = None, threads
     history, step, tokens, started = [], 0, 0, time.time()
     bar = tqdm(total=total, desc=f"training {cfg.name}", unit="step")
     drop_generator = torch.Generator().manual_seed(cfg.train_seed)
+    knockout_rng = random.Random(cfg.train_seed + 1)
+    finder = (NameFinder([n for names in world.subjects.values() for n in names], tok)
+              if cfg.subject_knockout > 0 else None)
     model.train()
     with mlp_drop_hooks(model, cfg.mlp_drop, drop_generator):
         for epoch in range(cfg.epochs):
@@ -239,7 +291,9 @@ def train(cfg: OrganismConfig, out_dir: Path, device: str | None = None, threads
                 labels = ids.masked_fill(mask == 0, -100)
                 for group in optimiser.param_groups:
                     group["lr"] = lr_at(step, total, cfg)
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                attention = mask if finder is None else knockout_mask(
+                    [rows[i] for i in batch], ids.shape[1], finder, cfg.subject_knockout, knockout_rng).to(device)
+                loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
