@@ -21,6 +21,7 @@ import json
 import sys
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from wilke_lib.bench import editors as bm
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                              for v in bm.make_variants(model_name, args.variants)}
         path = out_dir / f"bench_{Path(model_name).name}.csv"
         if args.merge:
-            table, steps[model_name] = bm.merge_saved(table, steps[model_name], path, out_dir / "summary.json",
+            table, steps[model_name] = merge_saved(table, steps[model_name], path, out_dir / "summary.json",
                                                       model_name)
             tables[model_name] = table
         table.to_csv(path, index=False)
@@ -109,6 +110,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    {editor:17s} {e['ms_per_edit']:8.1f} ms/edit {e['ms_per_lifelong_step'] or float('nan'):8.1f} "
                   f"ms/step {e['gflop_per_edit']:8.2f} GFLOP/edit")
     return status
+
+
+def merge_saved(table, steps: dict[str, float], csv_path: Path, summary_path: Path, model_name: str):
+    """(table, lifelong-step ms) with the saved rows of the variants not in `table` added back, in
+    `VARIANTS` order: a benchmark of some variants updates theirs and keeps the others' (with their
+    own date and commit)."""
+    if not csv_path.is_file():
+        return table, steps
+    saved = pd.read_csv(csv_path)
+    kept = saved[~saved["variant"].isin(table["variant"])]
+    merged = pd.concat([kept, table], ignore_index=True)
+    order = {v: i for i, v in enumerate(bm.VARIANTS)}
+    merged = merged.sort_values("variant", key=lambda c: c.map(lambda v: order.get(v, len(order))), kind="stable")
+    saved_steps = {}
+    if summary_path.is_file():
+        editors = json.loads(summary_path.read_text()).get(model_name, {}).get("editors", {})
+        saved_steps = {v: e.get("ms_per_lifelong_step") for v, e in editors.items() if v in set(kept["variant"])}
+    rome = merged.loc[merged["variant"] == "rome", "median_ms"]
+    if len(rome) and "time_vs_rome" in merged.columns:
+        merged["time_vs_rome"] = merged["median_ms"] / float(rome.iloc[0])
+    return merged.reset_index(drop=True), {**saved_steps, **steps}
 
 
 if __name__ == "__main__":

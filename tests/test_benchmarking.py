@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
@@ -103,7 +105,13 @@ def test_a_partial_benchmark_keeps_the_saved_rows_of_the_other_variants(tmp_path
 
     import pandas as pd
 
-    from wilke_lib.bench.editors import merge_saved
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_editors.py"
+    spec = importlib.util.spec_from_file_location("bench_editors_script", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    merge_saved = module.merge_saved
 
     saved = pd.DataFrame({"variant": ["rome", "memit", "lemoe"], "median_ms": [100.0, 200.0, 50.0],
                           "date_utc": ["old"] * 3, "time_vs_rome": [1.0, 2.0, 0.5]})

@@ -18,7 +18,6 @@ score) stay as in their files.
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -245,27 +244,6 @@ def summary_json(tables: dict[str, Any], steps: dict[str, dict[str, float]]) -> 
                            "wilke_over_rome_flops": ratio("wilke-batched", "rome", "gflop_per_edit"),
                            "device": str(t["device_name"].iloc[0]), "threads": int(t["threads"].iloc[0])}
     return out
-
-
-def merge_saved(table, steps: dict[str, float], csv_path: Path, summary_path: Path, model_name: str):
-    """(table, lifelong-step ms) with the saved rows of the variants not in `table` added back, in
-    `VARIANTS` order: a benchmark of some variants updates theirs and keeps the others' (with their
-    own date and commit)."""
-    if not csv_path.is_file():
-        return table, steps
-    saved = pd.read_csv(csv_path)
-    kept = saved[~saved["variant"].isin(table["variant"])]
-    merged = pd.concat([kept, table], ignore_index=True)
-    order = {v: i for i, v in enumerate(VARIANTS)}
-    merged = merged.sort_values("variant", key=lambda c: c.map(lambda v: order.get(v, len(order))), kind="stable")
-    saved_steps = {}
-    if summary_path.is_file():
-        editors = json.loads(summary_path.read_text()).get(model_name, {}).get("editors", {})
-        saved_steps = {v: e.get("ms_per_lifelong_step") for v, e in editors.items() if v in set(kept["variant"])}
-    rome = merged.loc[merged["variant"] == "rome", "median_ms"]
-    if len(rome) and "time_vs_rome" in merged.columns:
-        merged["time_vs_rome"] = merged["median_ms"] / float(rome.iloc[0])
-    return merged.reset_index(drop=True), {**saved_steps, **steps}
 
 
 def summary_ratios(table) -> dict[str, float]:

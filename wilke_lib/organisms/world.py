@@ -214,56 +214,50 @@ def _words(rng: random.Random, n: int, taken: set[str], syllables: tuple[int, ..
     return tuple(out)
 
 
+def _distinct(n: int, draw, taken: set[str], what: str) -> list[str]:
+    """n names not yet taken, from `draw()` (a list of names to take together or not at all)."""
+    names: list[str] = []
+    for _ in range(100 * n):
+        if len(names) >= n:
+            break
+        group = draw()
+        if len(set(group)) == len(group) and not taken.intersection(group):
+            taken.update(group)
+            names.extend(group)
+    if len(names) < n:
+        raise ValueError(f"cannot make {n} distinct names from {what}")
+    return names[:n]
+
+
 def _composite(rng: random.Random, n: int, parts: list[tuple[str, ...]], taken: set[str]) -> list[str]:
     """n distinct names made of one word from each pool (every pool's words reused many times)."""
-    names: list[str] = []
-    tries = 0
-    while len(names) < n:
-        tries += 1
-        if tries > 100 * n:
-            raise ValueError(f"cannot make {n} distinct names from pools of sizes {[len(p) for p in parts]}")
-        name = " ".join(rng.choice(pool) for pool in parts)
-        if name not in taken:
-            taken.add(name)
-            names.append(name)
-    return names
+    return _distinct(n, lambda: [" ".join(rng.choice(pool) for pool in parts)], taken,
+                     f"pools of sizes {[len(p) for p in parts]}")
 
 
 def _syllable_names(rng: random.Random, n: int, pool_size: int, taken: set[str]) -> list[str]:
     """n distinct two-word names of 4-5 syllables from a pool of `pool_size`, in anagram pairs: each
-    multiset of syllables names two subjects, in two orders ("Karo Vitu", "Tuvi Roka").
+    multiset of syllables names two subjects, in two orders ("Zizu Zutu", "Zutu Zuzi").
 
-    No token of such a name identifies the subject, and neither does the set of its tokens: only
-    their order does, which attention from a later position reads poorly (the distance to the name
-    varies) and a previous-token circuit at the name's last token reads well. This is the
-    "detokenization" that multi-token names need in real models, before their facts can be looked
-    up (Nanda et al. 2023, "Fact Finding"; Geva et al. 2023)."""
+    Neither a token nor the set of a name's tokens identifies the subject, only their order: the
+    "detokenization" multi-token names need in real models before their facts can be looked up at the
+    last token (Nanda et al. 2023, "Fact Finding"; Geva et al. 2023)."""
     pool: list[str] = []
     while len(pool) < pool_size:
         syllable = rng.choice(_ONSETS) + rng.choice(_VOWELS)
-        if syllable not in pool:
-            pool.append(syllable)
+        pool += [syllable] if syllable not in pool else []
 
     def spelled(syllables: list[str]) -> str:
-        cut = 2
-        return " ".join("".join(part).capitalize() for part in (syllables[:cut], syllables[cut:]))
+        return " ".join("".join(part).capitalize() for part in (syllables[:2], syllables[2:]))
 
-    names: list[str] = []
-    tries = 0
-    while len(names) < n:
-        tries += 1
-        if tries > 100 * n:
-            raise ValueError(f"cannot make {n} distinct syllable names from a pool of {pool_size}")
+    def anagram_pair() -> list[str]:
         syllables = [rng.choice(pool) for _ in range(rng.choice((4, 5)))]
         other = syllables[:]
         while other == syllables and len(set(syllables)) > 1:
             rng.shuffle(other)
-        pair = [spelled(syllables), spelled(other)]
-        if pair[0] == pair[1] or any(name in taken for name in pair):
-            continue
-        taken.update(pair)
-        names.extend(pair[:n - len(names)])
-    return names
+        return [spelled(syllables), spelled(other)]
+
+    return _distinct(n, anagram_pair, taken, f"a pool of {pool_size} syllables")
 
 
 @lru_cache(maxsize=8)
