@@ -68,6 +68,8 @@ PILOTS = {
     # from later positions to the name's earlier pieces blocked) for half of the names, or for all
     "knockout": replace(LINES_LONG, subject_knockout=0.5),
     "knockout-all": replace(LINES_LONG, subject_knockout=1.0),
+    # knockout moves recall to the name's last token but MLP 0 writes it there; early-drop keeps MLP 0 unreliable
+    "knockout-drop": replace(LINES_LONG, subject_knockout=0.5, mlp_drop=(0.7, 0.5, 0.3) + (0.1,) * 9),
 }
 
 
