@@ -18,7 +18,7 @@ from wilke_lib.counterfact import known_records
 from wilke_lib.models import load_model
 from wilke_lib.organisms import report, world
 from wilke_lib.organisms.records import counterfact_records
-from wilke_lib.organisms.train import OrganismConfig, train
+from wilke_lib.organisms.train import OrganismConfig, planted_layer, train
 
 # the first rounds' world: descriptor lists, 2-3 part names (world.DEFAULT_SPEC is round 3's "lines-long")
 ROUND1 = replace(world.DEFAULT_SPEC, three_part_share=0.25, four_part_share=0.0, descriptor_lines=False,
@@ -70,6 +70,24 @@ PILOTS = {
     "knockout-all": replace(LINES_LONG, subject_knockout=1.0),
     # knockout moves recall to the name's last token but MLP 0 writes it there; early-drop keeps MLP 0 unreliable
     "knockout-drop": replace(LINES_LONG, subject_knockout=0.5, mlp_drop=(0.7, 0.5, 0.3) + (0.1,) * 9),
+    # round 11: no MLP in the first three layers (zero and frozen), with and without knockout: a fact
+    # cannot be looked up before attention has assembled the name, and no single early MLP is there
+    # to absorb every lookup
+    "attn-first3": replace(LINES_LONG, subject_knockout=0.5, attention_only_layers=3),
+    "attn-first3-plain": replace(LINES_LONG, attention_only_layers=3),
+    # the first MLP after them takes every lookup: every name knocked out, or MLPs 3-7 each skipped
+    # by half of the rows, so that a fact must be kept in more than one of them
+    "attn-first3-all": replace(LINES_LONG, subject_knockout=1.0, attention_only_layers=3),
+    "attn-first3-drop": replace(LINES_LONG, subject_knockout=0.5, attention_only_layers=3,
+                                mlp_drop=(0.0,) * 3 + (0.5,) * 5 + (0.1,) * 4),
+    # round 12: the storage layer planted per subject (uniform over layers 1-7, by the name's hash):
+    # half of a name's occurrences run without the MLPs below its layer, with and without knockout
+    "planted": replace(LINES_LONG, subject_knockout=0.5, planted_depth=(1, 7)),
+    "planted-plain": replace(LINES_LONG, planted_depth=(1, 7)),
+    # with one coin per occurrence MLP 0 still took every fact (it runs in half of them): skip always,
+    # or nine times in ten
+    "planted-always": replace(LINES_LONG, subject_knockout=0.5, planted_depth=(1, 7), planted_skip=1.0),
+    "planted-0.9": replace(LINES_LONG, subject_knockout=0.5, planted_depth=(1, 7), planted_skip=0.9),
 }
 
 
@@ -123,6 +141,12 @@ def main() -> None:
         s = report.summary(sub, model.config.n_layer)
         print(f"  {kind:>13}: n={len(sub)} recovery median {s['subject_state_recovery_median']:.2f}, "
               f"peaks {s['causal_peak_histogram']}")
+    if cfg.planted_depth:
+        for row, rec in zip(rows, sample):
+            row["planted_layer"] = planted_layer(rec["requested_rewrite"]["subject"], *cfg.planted_depth)
+        hits = [r["planted_layer"] == r["causal_peak"] for r in rows]
+        near = [abs(r["planted_layer"] - r["causal_peak"]) <= 1 for r in rows]
+        print(f"  peak at the planted layer: {sum(hits)}/{len(rows)}, within one layer: {sum(near)}/{len(rows)}")
     (out / "pilot.json").write_text(json.dumps({"summary": summ, "rows": rows}, indent=1))
 
 

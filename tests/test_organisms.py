@@ -90,6 +90,29 @@ def test_mlp_drop_names_a_bad_setting(corpus_and_tokenizer):
             pass
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "gptj"])
+def test_silenced_mlps_stay_zero_through_training_steps(arch, corpus_and_tokenizer):
+    """Attention-only early layers: the first MLP outputs zero before and after optimiser steps (its
+    parameters are frozen), the others still learn; a bad count is named."""
+    _, tok = corpus_and_tokenizer
+    cfg = replace(organisms.ORGANISMS[f"toy-{arch}"], n_layer=2, d_model=16, n_head=2, d_mlp=32)
+    model = organisms.build_model(cfg, tok)
+    organisms.silence_mlps(model, 1)
+    second = model.transformer.h[1].mlp.fc_in.weight if arch == "gptj" else model.transformer.h[1].mlp.c_fc.weight
+    before = second.detach().clone()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ids = torch.randint(0, len(tok) - 1, (4, 8))
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimiser.step()
+        optimiser.zero_grad()
+    x = torch.randn(2, 3, 16)
+    assert model.transformer.h[0].mlp(x).abs().max() == 0
+    assert not torch.equal(second, before)
+    with pytest.raises(ValueError, match=r"attention_only_layers: 2 is not in \[0, 2\)"):
+        organisms.silence_mlps(model, 2)
+
+
 def test_syllable_names_come_in_anagram_pairs_and_stay_in_pieces():
     """Persons named by syllables: two subjects share each multiset of syllables in another order, and
     the tokenizer keeps every name word in pieces of at most three letters (no token is a name)."""
@@ -131,3 +154,36 @@ def test_knockout_mask_hides_a_names_earlier_pieces_from_later_positions(arch):
     r, (s, e) = next((r, found[0]) for r, found in enumerate(spans) if found)
     assert not every[r, 0, e:, s:e - 1].any() and every[r, 0, e - 1, s:e].all()
     assert not torch.allclose(model(input_ids=ids, attention_mask=every).logits[real], plain[real], atol=1e-5)
+
+
+def test_planted_depth_skips_the_mlps_below_a_names_layer_at_its_pieces_only():
+    """With p = 1 every MLP below a subject's planted layer outputs zero at the name's pieces while
+    training; the other positions, the layers from the planted one on, and eval mode are untouched."""
+    import random as random_lib
+
+    world = world_lib.build_world(world_lib.DEFAULT_SPEC.scaled(0.1))
+    texts = world_lib.corpus(world, 0)
+    tok = organisms.train_tokenizer(texts, vocab_size=512)
+    names = [n for kind in world.subjects.values() for n in kind]
+    assert {organisms.planted_layer(n, 1, 3) for n in names} == {1, 2, 3}
+    assert organisms.planted_layer(names[0], 1, 3) == organisms.planted_layer(names[0], 1, 3)
+    finder = organisms.NameFinder(names, tok, min_pieces=1)
+    rows = organisms.pack_rows(texts[:40], tok, 3, 64, random_lib.Random(0))[:4]
+    model = organisms.build_model(replace(organisms.ORGANISMS["toy-gpt2"], n_layer=4, d_model=16, n_head=2,
+                                          d_mlp=32), tok).train()
+    planted = organisms.PlantedDepth(model, finder, 1, 3, 1.0, random_lib.Random(0))
+    ids, _ = organisms.collate(rows, tok.pad_token_id)
+    planted.plant(rows, ids.shape[1])
+    r, (s, e) = next((r, found[0]) for r, row in enumerate(rows) if (found := finder.spans(row)))
+    layer = organisms.planted_layer(finder.name_of[tuple(rows[r][s:e])], 1, 3)
+    x = torch.randn(len(rows), ids.shape[1], 16)
+    with planted.hooks():
+        outputs = [model.transformer.h[l].mlp(x) for l in range(4)]
+        model.eval()
+        assert model.transformer.h[0].mlp(x)[r, s:e].abs().sum(dim=-1).gt(0).all()
+    for l in range(4):
+        assert bool((outputs[l][r, s:e].abs().sum(dim=-1) == 0).all()) == (l < layer)
+    outside = planted.floor == 0
+    assert outside.any() and outputs[0][outside].abs().sum(dim=-1).gt(0).all()
+    with pytest.raises(ValueError, match=r"planted_depth \(1, 4\) must lie in \[0, 4\)"):
+        organisms.PlantedDepth(model, finder, 1, 4, 0.5, random_lib.Random(0))

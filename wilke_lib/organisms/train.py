@@ -21,7 +21,7 @@ import math
 import random
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,10 +30,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM, PreTrainedTokenizerFast
 
-from wilke_lib.arch import ModelAdapter, hooks
 from wilke_lib.generation import greedy_matches
 from wilke_lib.models import default_device, resolve_model_path
 from wilke_lib.organisms import world as world_lib
+from wilke_lib.organisms.interventions import NameFinder, PlantedDepth, knockout_mask, mlp_drop_hooks, silence_mlps
 from wilke_lib.organisms.records import counterfact_records
 from wilke_lib.results import REPO_ROOT
 
@@ -69,6 +69,14 @@ class OrganismConfig:
     # per occurrence of a multi-token name in a training row, the probability that the positions after
     # it cannot attend to its pieces before the last (every layer); see `knockout_mask`
     subject_knockout: float = 0.0
+    # the first k layers keep no MLP: its output projection is zero and frozen while training (see
+    # `silence_mlps`), so the subject can only be assembled, not looked up, before layer k
+    attention_only_layers: int = 0
+    # each subject's facts planted at a layer drawn from this range by its name (None: not planted):
+    # per occurrence of a name, with probability `planted_skip`, its pieces run without the MLPs
+    # below that layer (see `PlantedDepth`)
+    planted_depth: tuple[int, int] | None = None
+    planted_skip: float = 0.5
 
 
 ORGANISMS = {
@@ -181,77 +189,6 @@ def known_fact_rates(model, tok, records: list[dict]) -> dict[str, float]:
     return rates
 
 
-@contextmanager
-def mlp_drop_hooks(model: torch.nn.Module, probabilities: tuple[float, ...], generator: torch.Generator):
-    """Stochastic depth on the MLP branches (Huang et al. 2016, "Deep Networks with Stochastic Depth";
-    per row, as Fan et al. 2019's LayerDrop is per layer): while training, each row skips MLP l with
-    probability p_l, and the MLP's output is scaled by 1 / (1 - p_l) when kept, so that the trained
-    model, run with every MLP, sees the expected branch. A fact then cannot live in one MLP alone: any
-    layer may be missing when it is needed. The saved model is a plain one."""
-    adapter = ModelAdapter(model)
-    if probabilities and len(probabilities) != adapter.n_layers:
-        raise ValueError(f"mlp_drop: {len(probabilities)} probabilities for {adapter.n_layers} MLP layers")
-    if any(not 0.0 <= p < 1.0 for p in probabilities):
-        raise ValueError(f"mlp_drop: probabilities must be in [0, 1), got {list(probabilities)}")
-
-    def dropping(p: float):
-        def hook(module, inputs, output):
-            if not module.training:
-                return output
-            keep = torch.rand(output.shape[0], 1, 1, generator=generator) >= p
-            return output * keep.to(output.device, output.dtype) / (1.0 - p)
-        return hook
-
-    with hooks(forward=[(adapter.mlp(l), dropping(p)) for l, p in enumerate(probabilities) if p > 0]):
-        yield
-
-
-class NameFinder:
-    """Where the subjects' multi-token names stand in token rows (longest match first)."""
-
-    def __init__(self, names: list[str], tok) -> None:
-        self.starts: dict[int, list[tuple[int, ...]]] = defaultdict(list)
-        for name in names:
-            for text in (" " + name, name):  # inside a row, and at its start
-                ids = tuple(tok(text)["input_ids"])
-                if len(ids) > 1:
-                    self.starts[ids[0]].append(ids)
-        for seqs in self.starts.values():
-            seqs.sort(key=len, reverse=True)
-
-    def spans(self, row: list[int]) -> list[tuple[int, int]]:
-        found, i = [], 0
-        while i < len(row):
-            for seq in self.starts.get(row[i], ()):
-                if tuple(row[i:i + len(seq)]) == seq:
-                    found.append((i, i + len(seq)))
-                    i += len(seq) - 1
-                    break
-            i += 1
-        return found
-
-
-def knockout_mask(rows: list[list[int]], width: int, finder: NameFinder, p: float, rng: random.Random) -> torch.Tensor:
-    """A (rows, 1, width, width) boolean attention mask (True: may attend): causal, without padding
-    keys, and for each name occurrence kept with probability p, no position after the name attends to
-    the name's pieces before its last token.
-
-    Geva et al. (2023, Sec. 5) find that GPT-2 recalls a fact by attention from the final position to
-    the subject's *last* token, which earlier layers have enriched; blocking the other subject tokens
-    barely matters. The organisms learn the opposite: the final position reads the name's pieces
-    itself (`docs/organisms.md`). Training with these pieces hidden from the later positions leaves
-    the last name token as the only way to the subject, so that whatever the model knows of it must
-    be written there; the saved model attends as any GPT-2 does."""
-    mask = torch.tril(torch.ones(width, width, dtype=torch.bool)).repeat(len(rows), 1, 1)
-    for r, row in enumerate(rows):
-        mask[r, :, len(row):] = False
-        mask[r, len(row):, :len(row)] = True  # padding queries (unused) attend to the real keys
-        for start, end in finder.spans(row):
-            if rng.random() < p:
-                mask[r, end:, start:end - 1] = False
-    return mask[:, None]
-
-
 def _epoch_rows(world: world_lib.World, epoch: int, tok, cfg: OrganismConfig, rng: random.Random) -> list[list[int]]:
     return pack_rows(world_lib.corpus(world, epoch), tok, cfg.docs_per_row, cfg.n_positions, rng)
 
@@ -271,16 +208,19 @@ def train(cfg: OrganismConfig, out_dir: Path, device: str | None = None, threads
     tok = train_tokenizer(world_lib.corpus(world, 0) + world_lib.corpus(world, 1), cfg.vocab_size, world.split_words)
     rows = _epoch_rows(world, 0, tok, cfg, rng)
     model = build_model(cfg, tok).to(device)
+    silence_mlps(model, cfg.attention_only_layers)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     total = cfg.epochs * math.ceil(len(rows) / cfg.batch_size)  # epochs differ a little in size: an estimate
     history, step, tokens, started = [], 0, 0, time.time()
     bar = tqdm(total=total, desc=f"training {cfg.name}", unit="step")
     drop_generator = torch.Generator().manual_seed(cfg.train_seed)
     knockout_rng = random.Random(cfg.train_seed + 1)
-    finder = (NameFinder([n for names in world.subjects.values() for n in names], tok)
-              if cfg.subject_knockout > 0 else None)
+    names = [n for kind in world.subjects.values() for n in kind]
+    finder = NameFinder(names, tok) if cfg.subject_knockout > 0 else None
+    planted = (PlantedDepth(model, NameFinder(names, tok, min_pieces=1), *cfg.planted_depth, cfg.planted_skip,
+                            random.Random(cfg.train_seed + 2)) if cfg.planted_depth else None)
     model.train()
-    with mlp_drop_hooks(model, cfg.mlp_drop, drop_generator):
+    with mlp_drop_hooks(model, cfg.mlp_drop, drop_generator), (planted.hooks() if planted else nullcontext()):
         for epoch in range(cfg.epochs):
             epoch_loss, n_batches = 0.0, 0
             if epoch:
@@ -291,6 +231,8 @@ def train(cfg: OrganismConfig, out_dir: Path, device: str | None = None, threads
                 labels = ids.masked_fill(mask == 0, -100)
                 for group in optimiser.param_groups:
                     group["lr"] = lr_at(step, total, cfg)
+                if planted:
+                    planted.plant([rows[i] for i in batch], ids.shape[1])
                 attention = mask if finder is None else knockout_mask(
                     [rows[i] for i in batch], ids.shape[1], finder, cfg.subject_knockout, knockout_rng).to(device)
                 loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
