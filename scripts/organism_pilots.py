@@ -18,7 +18,8 @@ from wilke_lib.counterfact import known_records
 from wilke_lib.models import load_model
 from wilke_lib.organisms import report, world
 from wilke_lib.organisms.records import counterfact_records
-from wilke_lib.organisms.train import OrganismConfig, planted_layer, train
+from wilke_lib.organisms.interventions import planted_layer
+from wilke_lib.organisms.train import OrganismConfig, train
 
 # the first rounds' world: descriptor lists, 2-3 part names (world.DEFAULT_SPEC is round 3's "lines-long")
 ROUND1 = replace(world.DEFAULT_SPEC, three_part_share=0.25, four_part_share=0.0, descriptor_lines=False,

@@ -187,3 +187,38 @@ def test_planted_depth_skips_the_mlps_below_a_names_layer_at_its_pieces_only():
     assert outside.any() and outputs[0][outside].abs().sum(dim=-1).gt(0).all()
     with pytest.raises(ValueError, match=r"planted_depth \(1, 4\) must lie in \[0, 4\)"):
         organisms.PlantedDepth(model, finder, 1, 4, 0.5, random_lib.Random(0))
+
+
+def test_every_pilot_is_a_valid_configuration():
+    """scripts/organism_pilots.py (the record of docs/organisms.md) imports, and each pilot's world
+    and interventions are settings the trainer accepts."""
+    import importlib.util
+
+    from wilke_lib.results import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("organism_pilots", REPO_ROOT / "scripts" / "organism_pilots.py")
+    pilots = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pilots)
+    for name, cfg in pilots.PILOTS.items():
+        assert isinstance(cfg, organisms.OrganismConfig), name
+        assert not cfg.mlp_drop or len(cfg.mlp_drop) == cfg.n_layer, name
+        assert cfg.planted_depth is None or 0 <= cfg.planted_depth[0] <= cfg.planted_depth[1] < cfg.n_layer, name
+
+
+def test_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
+    """Training stopped after one epoch and run again gives the weights of an uninterrupted run, and
+    leaves no checkpoint behind; a checkpoint of another configuration is refused by name."""
+    cfg = replace(organisms.ORGANISMS["toy-gpt2"], n_layer=1, d_model=16, n_head=2, d_mlp=32,
+                  vocab_size=300, epochs=2, batch_size=256, warmup_steps=5, subject_knockout=0.5,
+                  planted_depth=(0, 0))
+    organisms.train(cfg, tmp_path / "whole", device="cpu")
+    first = organisms.train(cfg, tmp_path / "sliced", device="cpu", epoch_budget=1)
+    assert first["finished"] is False and (tmp_path / "sliced" / organisms.CHECKPOINT_FILE).is_file()
+    with pytest.raises(ValueError, match="another configuration"):
+        organisms.train(replace(cfg, lr=1e-3), tmp_path / "sliced", device="cpu")
+    summary = organisms.train(cfg, tmp_path / "sliced", device="cpu")
+    assert summary["finished"] and summary["history"][-1]["epoch"] == 2
+    assert not (tmp_path / "sliced" / organisms.CHECKPOINT_FILE).exists()
+    whole = AutoModelForCausalLM.from_pretrained(tmp_path / "whole").state_dict()
+    sliced = AutoModelForCausalLM.from_pretrained(tmp_path / "sliced").state_dict()
+    assert all(torch.equal(whole[k], sliced[k]) for k in whole)

@@ -8,9 +8,9 @@
 
 from wilke_lib.organisms.interventions import (NameFinder, PlantedDepth, knockout_mask, mlp_drop_hooks, planted_layer,
                                                silence_mlps)
-from wilke_lib.organisms.train import (ORGANISM_DIR, ORGANISMS, OrganismConfig, build_model, collate, known_fact_rates,
-                                       pack_rows, train, train_tokenizer, training_summary)
+from wilke_lib.organisms.train import (CHECKPOINT_FILE, ORGANISM_DIR, ORGANISMS, OrganismConfig, build_model, collate,
+                                       known_fact_rates, pack_rows, train, train_tokenizer, training_summary)
 
-__all__ = ["ORGANISM_DIR", "ORGANISMS", "NameFinder", "OrganismConfig", "PlantedDepth", "build_model", "collate",
+__all__ = ["CHECKPOINT_FILE", "ORGANISM_DIR", "ORGANISMS", "NameFinder", "OrganismConfig", "PlantedDepth", "build_model", "collate",
            "knockout_mask", "known_fact_rates", "mlp_drop_hooks", "pack_rows", "planted_layer", "silence_mlps",
            "train", "train_tokenizer", "training_summary"]

@@ -2,6 +2,7 @@
 
     python -m wilke_lib.organisms train --all                 # = make organisms
     python -m wilke_lib.organisms train --name toy-gpt2 --epochs 5 --out /tmp/quick
+    python -m wilke_lib.organisms train --name toy-gpt2 --epoch-budget 20   # resumable slices
     python -m wilke_lib.organisms report --all                # = make organism-report
 """
 
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="train: output directory (default organisms/<name>)")
     parser.add_argument("--device", help="train: cpu or cuda (default: cuda when present)")
     parser.add_argument("--threads", type=int, help="train: torch CPU threads")
+    parser.add_argument("--epoch-budget", type=int, help="train: stop after this many epochs (resumable: run "
+                        "the same command again to go on from the checkpoint)")
     args = parser.parse_args(argv)
     names = sorted(ORGANISMS) if args.all else args.name
     if not names:
@@ -43,7 +46,11 @@ def main(argv: list[str] | None = None) -> None:
         for name in names:
             cfg = ORGANISMS[name] if args.epochs is None else replace(ORGANISMS[name], epochs=args.epochs)
             out = args.out or ORGANISM_DIR / name
-            summary = train(cfg, out, args.device, args.threads)
+            summary = train(cfg, out, args.device, args.threads, args.epoch_budget)
+            if not summary["finished"]:
+                print(f"{name}: stopped after epoch {summary['epoch']} of {summary['epochs']} "
+                      f"({summary['train_seconds']:.0f} s so far); run again to resume from {summary['checkpoint']}")
+                continue
             print(f"{name}: trained in {summary['train_seconds']:.0f} s, {summary['n_parameters'] / 1e6:.2f} M "
                   f"parameters, known-fact rate {summary['known_fact_rate']['all']:.1%} of {summary['n_facts']} "
                   f"facts -> {out}")

@@ -193,11 +193,44 @@ def _epoch_rows(world: world_lib.World, epoch: int, tok, cfg: OrganismConfig, rn
     return pack_rows(world_lib.corpus(world, epoch), tok, cfg.docs_per_row, cfg.n_positions, rng)
 
 
-def train(cfg: OrganismConfig, out_dir: Path, device: str | None = None, threads: int | None = None) -> dict:
-    """Train one organism from scratch and save it (weights, tokenizer, config, log) to out_dir.
+CHECKPOINT_FILE = "training-checkpoint.pt"
+
+
+def _save_checkpoint(path: Path, cfg: OrganismConfig, model, optimiser, progress: dict, rngs: dict,
+                     generator: torch.Generator) -> None:
+    state = {"config": asdict(cfg), "model": model.state_dict(), "optimiser": optimiser.state_dict(),
+             "progress": progress, "python_rngs": {k: r.getstate() for k, r in rngs.items()},
+             "generator": generator.get_state(), "torch_rng": torch.get_rng_state()}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _load_checkpoint(path: Path, cfg: OrganismConfig, model, optimiser, rngs: dict,
+                     generator: torch.Generator) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["config"] != asdict(cfg):
+        raise ValueError(f"{path} was written by another configuration of {cfg.name!r}; "
+                         f"delete it to train from scratch")
+    model.load_state_dict(state["model"])
+    optimiser.load_state_dict(state["optimiser"])
+    for key, r in rngs.items():
+        r.setstate(state["python_rngs"][key])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["progress"]
+
+
+def train(cfg: OrganismConfig, out_dir: Path, device: str | None = None, threads: int | None = None,
+          epoch_budget: int | None = None) -> dict:
+    """Train one organism and save it (weights, tokenizer, config, log) to out_dir.
 
     Every epoch draws a new corpus (`world.corpus(world, epoch)`: new sentence orders, templates and
     document kinds) and packs it into rows anew. Deterministic on a CPU for a given configuration.
+    Resumable: after each epoch the model, optimiser and random states go to
+    out_dir/training-checkpoint.pt, and a call that finds that file goes on from it, giving the
+    weights an uninterrupted run gives. `epoch_budget` stops this call after that many epochs
+    (the summary then says `"finished": False`), for training spread over sessions.
     """
     device = torch.device(device) if device else default_device()
     if threads:
@@ -211,17 +244,24 @@ def train(cfg: OrganismConfig, out_dir: Path, device: str | None = None, threads
     silence_mlps(model, cfg.attention_only_layers)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     total = cfg.epochs * math.ceil(len(rows) / cfg.batch_size)  # epochs differ a little in size: an estimate
-    history, step, tokens, started = [], 0, 0, time.time()
-    bar = tqdm(total=total, desc=f"training {cfg.name}", unit="step")
     drop_generator = torch.Generator().manual_seed(cfg.train_seed)
-    knockout_rng = random.Random(cfg.train_seed + 1)
+    rngs = {"rows": rng, "knockout": random.Random(cfg.train_seed + 1), "planted": random.Random(cfg.train_seed + 2)}
     names = [n for kind in world.subjects.values() for n in kind]
     finder = NameFinder(names, tok) if cfg.subject_knockout > 0 else None
     planted = (PlantedDepth(model, NameFinder(names, tok, min_pieces=1), *cfg.planted_depth, cfg.planted_skip,
-                            random.Random(cfg.train_seed + 2)) if cfg.planted_depth else None)
+                            rngs["planted"]) if cfg.planted_depth else None)
+    checkpoint = Path(out_dir) / CHECKPOINT_FILE
+    progress = {"epoch": 0, "step": 0, "tokens": 0, "history": [], "seconds": 0.0}
+    if checkpoint.is_file():
+        progress = _load_checkpoint(checkpoint, cfg, model, optimiser, rngs, drop_generator)
+        log.info("%s: resuming after epoch %d of %d from %s", cfg.name, progress["epoch"], cfg.epochs, checkpoint)
+    history, step, tokens = progress["history"], progress["step"], progress["tokens"]
+    started = time.time() - progress["seconds"]
+    last_epoch = cfg.epochs if epoch_budget is None else min(cfg.epochs, progress["epoch"] + epoch_budget)
+    bar = tqdm(total=total, initial=step, desc=f"training {cfg.name}", unit="step")
     model.train()
     with mlp_drop_hooks(model, cfg.mlp_drop, drop_generator), (planted.hooks() if planted else nullcontext()):
-        for epoch in range(cfg.epochs):
+        for epoch in range(progress["epoch"], last_epoch):
             epoch_loss, n_batches = 0.0, 0
             if epoch:
                 rows = _epoch_rows(world, epoch, tok, cfg, rng)
@@ -234,7 +274,7 @@ def train(cfg: OrganismConfig, out_dir: Path, device: str | None = None, threads
                 if planted:
                     planted.plant([rows[i] for i in batch], ids.shape[1])
                 attention = mask if finder is None else knockout_mask(
-                    [rows[i] for i in batch], ids.shape[1], finder, cfg.subject_knockout, knockout_rng).to(device)
+                    [rows[i] for i in batch], ids.shape[1], finder, cfg.subject_knockout, rngs["knockout"]).to(device)
                 loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
@@ -246,14 +286,23 @@ def train(cfg: OrganismConfig, out_dir: Path, device: str | None = None, threads
             history.append({"epoch": epoch + 1, "step": step, "loss": epoch_loss / n_batches, "tokens": tokens,
                             "seconds": round(time.time() - started, 1)})
             bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
+            if epoch + 1 < cfg.epochs:
+                checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                _save_checkpoint(checkpoint, cfg, model, optimiser, {
+                    "epoch": epoch + 1, "step": step, "tokens": tokens, "history": history,
+                    "seconds": time.time() - started}, rngs, drop_generator)
     bar.close()
+    if last_epoch < cfg.epochs:
+        return {"finished": False, "epoch": last_epoch, "epochs": cfg.epochs, "checkpoint": str(checkpoint),
+                "train_seconds": round(time.time() - started, 1)}
     model.eval()
     summary = {"config": asdict(cfg), "train_seconds": round(time.time() - started, 1), "device": str(device),
                "threads": torch.get_num_threads(), "n_parameters": sum(p.numel() for p in model.parameters()),
                "n_facts": len(world.facts), "n_subjects": sum(len(v) for v in world.subjects.values()),
                "n_famous": len(world.famous), "train_tokens": tokens, "history": history,
-               "torch": torch.__version__}
+               "torch": torch.__version__, "finished": True}
     save(model, tok, summary, out_dir)  # before the evaluation, so that a failure there loses nothing
+    checkpoint.unlink(missing_ok=True)
     summary["known_fact_rate"] = known_fact_rates(model, tok, counterfact_records(cfg.world))
     save(model, tok, summary, out_dir)
     return summary
