@@ -14,12 +14,15 @@ from pathlib import Path
 
 import torch
 
+from wilke_lib.analysis.causal_trace import subject_token_range
+from wilke_lib.arch import ModelAdapter, hooks
 from wilke_lib.counterfact import known_records
 from wilke_lib.models import load_model
 from wilke_lib.organisms import report, world
 from wilke_lib.organisms.records import counterfact_records
 from wilke_lib.organisms.interventions import planted_layer
 from wilke_lib.organisms.train import OrganismConfig, train
+from wilke_lib.tokens import encode_target, target_str
 
 # the first rounds' world: descriptor lists, 2-3 part names (world.DEFAULT_SPEC is round 3's "lines-long")
 ROUND1 = replace(world.DEFAULT_SPEC, three_part_share=0.25, four_part_share=0.0, descriptor_lines=False,
@@ -89,7 +92,32 @@ PILOTS = {
     # or nine times in ten
     "planted-always": replace(LINES_LONG, subject_knockout=0.5, planted_depth=(1, 7), planted_skip=1.0),
     "planted-0.9": replace(LINES_LONG, subject_knockout=0.5, planted_depth=(1, 7), planted_skip=0.9),
+    # a coin per MLP, as attn-first3-drop (which moved every lookup to the first reliable MLP)
+    "planted-per-layer": replace(LINES_LONG, subject_knockout=0.5, planted_depth=(1, 7), planted_per_layer=True),
+    "planted-per-layer-0.7": replace(LINES_LONG, subject_knockout=0.5, planted_depth=(1, 7), planted_per_layer=True,
+                                     planted_skip=0.7),
 }
+
+
+def ablation_peak(model, tok, record: dict) -> int:
+    """A second measure of where a fact is kept, without noise: the MLP whose output, zeroed at every
+    piece of the subject in the clean run, costs the true object the most probability."""
+    rw = record["requested_rewrite"]
+    ids, (begin, end) = subject_token_range(tok, rw["prompt"], rw["subject"])
+    target, adapter = encode_target(tok, target_str(rw["target_true"]).lstrip())[0], ModelAdapter(model)
+    inputs = torch.tensor([ids])
+
+    def zeroed(module, inputs_, output):
+        output = output.clone()
+        output[:, begin:end] = 0
+        return output
+
+    def prob(layer: int | None) -> float:
+        with torch.no_grad(), hooks(forward=[(adapter.mlp(layer), zeroed)] if layer is not None else []):
+            return torch.softmax(model(inputs).logits[0, -1], -1)[target].item()
+
+    clean = prob(None)
+    return max(range(adapter.n_layers), key=lambda l: clean - prob(l))
 
 
 def main() -> None:
@@ -142,12 +170,16 @@ def main() -> None:
         s = report.summary(sub, model.config.n_layer)
         print(f"  {kind:>13}: n={len(sub)} recovery median {s['subject_state_recovery_median']:.2f}, "
               f"peaks {s['causal_peak_histogram']}")
+    for row, rec in zip(rows, sample):
+        row["ablation_peak"] = ablation_peak(model, tok, rec)
+    print("  ablation peaks:", [sum(r["ablation_peak"] == l for r in rows) for l in range(model.config.n_layer)])
     if cfg.planted_depth:
         for row, rec in zip(rows, sample):
             row["planted_layer"] = planted_layer(rec["requested_rewrite"]["subject"], *cfg.planted_depth)
-        hits = [r["planted_layer"] == r["causal_peak"] for r in rows]
-        near = [abs(r["planted_layer"] - r["causal_peak"]) <= 1 for r in rows]
-        print(f"  peak at the planted layer: {sum(hits)}/{len(rows)}, within one layer: {sum(near)}/{len(rows)}")
+        for key in ("causal_peak", "ablation_peak"):
+            hits = sum(r["planted_layer"] == r[key] for r in rows)
+            near = sum(abs(r["planted_layer"] - r[key]) <= 1 for r in rows)
+            print(f"  {key} at the planted layer: {hits}/{len(rows)}, within one layer: {near}/{len(rows)}")
     (out / "pilot.json").write_text(json.dumps({"summary": summ, "rows": rows}, indent=1))
 
 

@@ -187,6 +187,12 @@ def test_planted_depth_skips_the_mlps_below_a_names_layer_at_its_pieces_only():
     assert outside.any() and outputs[0][outside].abs().sum(dim=-1).gt(0).all()
     with pytest.raises(ValueError, match=r"planted_depth \(1, 4\) must lie in \[0, 4\)"):
         organisms.PlantedDepth(model, finder, 1, 4, 0.5, random_lib.Random(0))
+    per_layer = organisms.PlantedDepth(model, finder, 1, 3, 0.5, random_lib.Random(0), per_layer=True)
+    per_layer.plant(rows, ids.shape[1])
+    below = torch.stack([per_layer.floor > l for l in range(3)])
+    assert set(per_layer.scale[below].tolist()) == {0.0, 2.0} and bool((per_layer.scale[~below] == 1).all())
+    with pytest.raises(ValueError, match="per layer"):
+        organisms.PlantedDepth(model, finder, 1, 3, 1.0, random_lib.Random(0), per_layer=True)
 
 
 def test_every_pilot_is_a_valid_configuration():

@@ -116,10 +116,12 @@ def planted_layer(name: str, lo: int, hi: int) -> int:
 
 
 class PlantedDepth:
-    """Storage depth set per subject while training. For each occurrence of a name in a training row,
-    with probability p, the name's pieces run without every MLP below the subject's planted layer
-    (one coin for all of them, so that the other rows see the model as it runs after training). The
-    facts must then be available from that layer on; with weight decay, one copy there is cheapest.
+    """Storage depth set per subject while training: at the pieces of each name in a training row,
+    the MLPs below the subject's planted layer are skipped, so the facts must be available from that
+    layer on. With `per_layer` False, one coin per occurrence (probability p) skips all of them at
+    once, and the other occurrences see the model as it runs after training; with `per_layer` True,
+    each of those MLPs is skipped with probability p on its own and scaled by 1 / (1 - p) when kept
+    (stochastic depth, as `mlp_drop_hooks`, at the name's pieces only), so none of them is reliable.
 
     A planted stand-in for what GPT2-XL shows by itself (facts written by different early-middle MLPs
     for different subjects, Meng et al. 2022, Fig. 2), which no text design of ten pilot rounds made
@@ -127,29 +129,37 @@ class PlantedDepth:
     which causal tracing and WilKE's layer choice can be checked."""
 
     def __init__(self, model: torch.nn.Module, finder: NameFinder, lo: int, hi: int, p: float,
-                 rng: random.Random) -> None:
+                 rng: random.Random, per_layer: bool = False) -> None:
         self.adapter = ModelAdapter(model)
-        if not 0 <= lo <= hi < self.adapter.n_layers or not 0.0 <= p <= 1.0:
+        if not 0 <= lo <= hi < self.adapter.n_layers or not 0.0 <= p <= 1.0 or (per_layer and p == 1.0):
             raise ValueError(f"planted_depth ({lo}, {hi}) must lie in [0, {self.adapter.n_layers}) "
-                             f"and planted_skip {p} in [0, 1]")
-        self.finder, self.lo, self.hi, self.p, self.rng = finder, lo, hi, p, rng
-        self.floor: torch.Tensor | None = None  # (rows, width): MLPs below it are skipped there
+                             f"and planted_skip {p} in [0, 1] ([0, 1) per layer)")
+        self.finder, self.lo, self.hi, self.p, self.rng, self.per_layer = finder, lo, hi, p, rng, per_layer
+        self.floor: torch.Tensor | None = None  # (rows, width): the planted layer at a name's pieces, else 0
+        self.scale: torch.Tensor | None = None  # (hi, rows, width): what each MLP's output is multiplied by
 
     def plant(self, rows: list[list[int]], width: int) -> None:
         floor = torch.zeros(len(rows), width, dtype=torch.long)
+        scale = torch.ones(self.hi, len(rows), width)
         for r, row in enumerate(rows):
             for start, end in self.finder.spans(row):
-                if self.rng.random() < self.p:
-                    floor[r, start:end] = planted_layer(self.finder.name_of[tuple(row[start:end])], self.lo, self.hi)
-        self.floor = floor
+                layer = planted_layer(self.finder.name_of[tuple(row[start:end])], self.lo, self.hi)
+                if self.per_layer:
+                    floor[r, start:end] = layer
+                    for l in range(layer):
+                        scale[l, r, start:end] = 0.0 if self.rng.random() < self.p else 1.0 / (1.0 - self.p)
+                elif self.rng.random() < self.p:
+                    floor[r, start:end] = layer
+                    scale[:layer, r, start:end] = 0.0
+        self.floor, self.scale = floor, scale
 
     @contextmanager
     def hooks(self):
         def skipping(l: int):
             def hook(module, inputs, output):
-                if not module.training or self.floor is None:
+                if not module.training or self.scale is None:
                     return output
-                return output.masked_fill((self.floor > l)[..., None].to(output.device), 0.0)
+                return output * self.scale[l, :, :, None].to(output.device, output.dtype)
             return hook
 
         with hooks(forward=[(self.adapter.mlp(l), skipping(l)) for l in range(self.hi)]):

@@ -77,6 +77,7 @@ class OrganismConfig:
     # below that layer (see `PlantedDepth`)
     planted_depth: tuple[int, int] | None = None
     planted_skip: float = 0.5
+    planted_per_layer: bool = False  # a coin per MLP rather than one per occurrence (`PlantedDepth`)
 
 
 ORGANISMS = {
@@ -249,7 +250,7 @@ def train(cfg: OrganismConfig, out_dir: Path, device: str | None = None, threads
     names = [n for kind in world.subjects.values() for n in kind]
     finder = NameFinder(names, tok) if cfg.subject_knockout > 0 else None
     planted = (PlantedDepth(model, NameFinder(names, tok, min_pieces=1), *cfg.planted_depth, cfg.planted_skip,
-                            rngs["planted"]) if cfg.planted_depth else None)
+                            rngs["planted"], cfg.planted_per_layer) if cfg.planted_depth else None)
     checkpoint = Path(out_dir) / CHECKPOINT_FILE
     progress = {"epoch": 0, "step": 0, "tokens": 0, "history": [], "seconds": 0.0}
     if checkpoint.is_file():
