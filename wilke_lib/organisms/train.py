@@ -209,7 +209,7 @@ def _save_checkpoint(path: Path, cfg: OrganismConfig, model, optimiser, progress
 
 def _load_checkpoint(path: Path, cfg: OrganismConfig, model, optimiser, rngs: dict,
                      generator: torch.Generator) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     if state["config"] != asdict(cfg):
         raise ValueError(f"{path} was written by another configuration of {cfg.name!r}; "
                          f"delete it to train from scratch")
