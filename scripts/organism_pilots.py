@@ -96,6 +96,9 @@ PILOTS = {
     "planted-per-layer": replace(LINES_LONG, subject_knockout=0.5, planted_depth=(1, 7), planted_per_layer=True),
     "planted-per-layer-0.7": replace(LINES_LONG, subject_knockout=0.5, planted_depth=(1, 7), planted_per_layer=True,
                                      planted_skip=0.7),
+    # round 9's syllable names with knockout: the last name token must assemble 4-7 ordered pieces by
+    # itself, which may take more than one layer of attention for persons and none for famous subjects
+    "syllables-knockout": replace(LINES_LONG, world=replace(LINES_LONG.world, syllable_names=True), subject_knockout=0.5),
 }
 
 
