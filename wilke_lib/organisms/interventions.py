@@ -1,6 +1,6 @@
 """Training interventions that shape where an organism keeps its facts (`docs/organisms.md`, rounds
-8-12). Each is off by default in `OrganismConfig`; each acts only while training, so the saved model
-is a plain checkpoint of its class.
+8-12). Each is off by default in `OrganismConfig`; the saved model is always a plain checkpoint of
+its class (all but `silence_mlps` act only while training; that one leaves zero MLPs behind).
 
 * `mlp_drop_hooks`: stochastic depth on the MLP branches (round 8);
 * `knockout_mask`: the later positions cannot attend to a name's earlier pieces (round 10);
@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import torch
 
 from wilke_lib.arch import ModelAdapter, hooks
+
 
 @contextmanager
 def mlp_drop_hooks(model: torch.nn.Module, probabilities: tuple[float, ...], generator: torch.Generator):
