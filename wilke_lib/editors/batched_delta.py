@@ -55,6 +55,8 @@ from wilke_lib.errors import EditError
 log = logging.getLogger(__name__)
 
 MODES = ("staircase", "model", "full")
+# what a block runner that cannot run this model raises (mode "staircase" then falls back to "model")
+RUNNER_ERRORS = (Unsupported, TypeError, AttributeError, IndexError, KeyError, RuntimeError)
 INFO_KEYS = ("nll_init", "nll", "kl", "weight_decay", "loss", "steps", "loss_history", "target_prob", "v0_norm",
              "delta_norm", "n_prompts")
 
@@ -144,13 +146,13 @@ def optimize_deltas_batched(model: nn.Module, tok: PreTrainedTokenizerBase, requ
         if mode == "staircase":
             with timed(profile, "block runner set-up", device):
                 try:
-                    runner = BlockRunner(model, prompts, cache)
-                    runner.check(prompts)
-                except (Unsupported, TypeError, AttributeError, IndexError, KeyError, RuntimeError) as err:
+                    runner = BlockRunner(model, prompts, cache, max_copies=L)
+                except RUNNER_ERRORS as err:
                     runner, mode = None, "model"
                     log.info("staircase block runner unavailable (%s); using mode 'model'", err)
 
-        # -- unpatched pass: v0 of every module (bare prompt = row 0, fact token), reference log-probs, nll_init
+        # -- unpatched pass: v0 of every module (bare prompt = row 0, fact token), reference log-probs, nll_init;
+        # through the block runner when there is one, which it checks against the model's own forward
         with timed(profile, "unpatched pass", device):
             v0s: dict[int, torch.Tensor] = {}
 
@@ -160,7 +162,16 @@ def optimize_deltas_batched(model: nn.Module, tok: PreTrainedTokenizerBase, requ
                 return hook
 
             with torch.no_grad(), hooks(forward=[(m, capture(i)) for i, m in enumerate(modules)]):
-                hidden = model_suffix_pass(model, prompts, cache, 1)
+                hidden = None
+                if runner is not None:
+                    try:
+                        hidden = runner.run({0: runner.zero_delta()})
+                        runner.check(prompts, hidden)
+                    except RUNNER_ERRORS as err:
+                        runner, mode, hidden = None, "model", None
+                        log.info("staircase block runner unavailable (%s); using mode 'model'", err)
+                if hidden is None:
+                    hidden = model_suffix_pass(model, prompts, cache, 1)
                 nll_init, kl_init = _copy_loss_parts(model, hidden, prompts, 1, True)
         kl_init = kl_init.detach()  # (1, vocab): the unpatched log-probs, the same for every copy
         v0 = torch.stack([v0s[i] for i in range(L)])  # (L, d_model)
@@ -174,19 +185,13 @@ def optimize_deltas_batched(model: nn.Module, tok: PreTrainedTokenizerBase, requ
         full_cache = repeat_cache(model, prompts, cache, L) if mode == "model" else cache
         delta = torch.zeros_like(v0, requires_grad=True)  # (L, d_model) float32
         optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
-        position = {i: i for i in range(L)}  # copy i -> its place among the copies in the batch
         fact_cols = prompts.fact_cols_t
 
-        def add_delta(i: int):
+        def add_delta(i: int):  # mode "model": prompt-major rows (the KV cache repeats rows interleaved)
+            rows = torch.arange(N, device=device) * L + i
+
             def hook(_module, _inputs, output):
-                p = position.get(i)
-                if p is None:
-                    return output
                 h = hidden_of(output)
-                if runner is not None:  # copy-major rows, only the active copies in the batch
-                    rows = p * N + torch.arange(N, device=h.device)
-                else:  # prompt-major rows (the model's KV cache repeats rows interleaved), every copy
-                    rows = torch.arange(N, device=h.device) * L + p
                 values = delta[i].to(h.dtype).unsqueeze(0).expand(N, -1)
                 return with_hidden(output, h.index_put((rows, fact_cols), values, accumulate=True))
             return hook
@@ -195,17 +200,15 @@ def optimize_deltas_batched(model: nn.Module, tok: PreTrainedTokenizerBase, requ
         histories: list[list[float]] = [[] for _ in range(L)]
         final: dict[int, dict[str, float]] = {}
         n_steps = hparams.v_num_grad_steps
-        with hooks(forward=[(m, add_delta(i)) for i, m in enumerate(modules)]):
+        with hooks(forward=[(m, add_delta(i)) for i, m in enumerate(modules)] if runner is None else []):
             for step in range(n_steps):
                 optimizer.zero_grad()
                 with timed(profile, "forward", device):
-                    if runner is not None:
-                        position.clear()
-                        position.update({i: p for p, i in enumerate(active)})
-                        joining: dict[int, int] = {}
+                    if runner is not None:  # copy i joins after its own block, delta i added (copy-major rows)
+                        joining: dict[int, list[int]] = {}
                         for i in active:
-                            joining[order[i]] = joining.get(order[i], 0) + 1
-                        hidden = runner.run(joining)
+                            joining.setdefault(order[i] + 1, []).append(i)
+                        hidden = runner.run({j: delta[ids] for j, ids in joining.items()})
                         in_batch, copy_major = active, True
                     else:
                         hidden = model_suffix_pass(model, prompts, full_cache, L)

@@ -256,27 +256,40 @@ def _materialise(template: Any, copies: int, cache: Any) -> Any:
 class BlockRunner:
     """Runs the blocks of the model on the suffix tokens, copy p (rows p * N + r) joining at its layer.
 
-    Built from two recorded unpatched passes (N and 2N rows): the inputs of every block (the states a
-    copy joins with) and the arguments the model passes every block.
+    A delta added at the output of block l's MLP (ROME, WilKE) or of block l itself (MEMIT's z) is
+    added to the residual stream unchanged: block l's output is the unpatched one plus the delta at
+    the fact token (GPT-2, GPT-J, GPT-NeoX and LLaMA blocks end with residual + MLP output). So a
+    copy joins at block l + 1, with the recorded unpatched output of block l and its delta added;
+    block l itself never runs again.
+
+    Built from recorded unpatched passes: the inputs of every block (the states a copy joins with),
+    the last block's output, and the arguments the model passes every block (from a pass with N rows,
+    and, when more than one copy will run, a second one with 2N rows that tells which arguments are
+    per row and are tiled over the copies).
     """
 
-    def __init__(self, model: nn.Module, prompts: BatchedPrompts, cache: Any) -> None:
+    def __init__(self, model: nn.Module, prompts: BatchedPrompts, cache: Any, max_copies: int = 2) -> None:
         self.adapter = ModelAdapter(model)
         self.N = prompts.n_rows
         n_layers = self.adapter.n_layers
-        rec1, hidden1 = self._record(model, prompts, cache, 1)
-        rec2, _ = self._record(model, prompts, repeat_cache(model, prompts, cache, 2), 2)
-        self.inputs = {j: rec1[j][0] for j in range(n_layers)}  # (N, S, d): the unpatched input of block j
+        rec1, hidden1, last = self._record(model, prompts, cache, 1)
+        rec2 = rec1 if max_copies == 1 else self._record(model, prompts, repeat_cache(model, prompts, cache, 2), 2)[0]
+        # (N, S, d): the unpatched input of block j; j = n_layers: the last block's output
+        self.inputs = {**{j: rec1[j][0] for j in range(n_layers)}, n_layers: last}
         self.templates = {}
         for j in range(n_layers):
             (_, args1, kwargs1), (_, args2, kwargs2) = rec1[j], rec2[j]
+            # with one recording every tensor reads as static: right for one copy, the only case then
             self.templates[j] = (_template(tuple(args1), tuple(args2), self.N), _template(kwargs1, kwargs2, self.N))
         self.kv = {j: layer_kv(cache, j) for j in range(n_layers)} if cache is not None else {}
         self._args: dict[tuple[int, int], tuple] = {}
+        self.max_copies = max_copies
+        self.fact_cols = prompts.fact_cols_t
         self.reference = hidden1  # the model's own final hidden states of the N rows
 
     def _record(self, model: nn.Module, prompts: BatchedPrompts, cache: Any, repeats: int):
         recorded: dict[int, tuple] = {}
+        last: list[torch.Tensor] = []
 
         def pre(j: int):
             def hook(_module, args, kwargs):
@@ -287,13 +300,18 @@ class BlockRunner:
                     recorded[j] = (kwargs.pop("hidden_states").detach(), (), kwargs)
             return hook
 
-        with torch.no_grad(), hooks(pre_with_kwargs=[(self.adapter.layer(j), pre(j)) for j in range(self.adapter.n_layers)]):
+        n_layers = self.adapter.n_layers
+        with torch.no_grad(), hooks(pre_with_kwargs=[(self.adapter.layer(j), pre(j)) for j in range(n_layers)],
+                                    forward=[(self.adapter.layer(n_layers - 1),
+                                              lambda _m, _i, output: last.append(hidden_of(output).detach()))]):
             hidden = model_suffix_pass(model, prompts, cache, repeats)
-        if len(recorded) != self.adapter.n_layers:
+        if len(recorded) != n_layers or len(last) != 1:
             raise Unsupported("not every block was called with recordable arguments")
-        return recorded, hidden
+        return recorded, hidden, last[0]
 
     def _block_args(self, j: int, copies: int) -> tuple[tuple, dict]:
+        if copies > 1 and self.max_copies == 1:
+            raise ValueError(f"{copies} copies in a runner built for one")
         key = (j, copies)
         if key not in self._args:
             fixed = None
@@ -305,30 +323,41 @@ class BlockRunner:
             self._args[key] = (_materialise(args_t, copies, fixed), _materialise(kwargs_t, copies, fixed))
         return self._args[key]
 
-    def run(self, joining: dict[int, int]) -> torch.Tensor:
-        """Final hidden states (after the final norm), copy-major; joining[layer] = number of copies
-        joining the batch at that block (copies ordered by layer)."""
+    def zero_delta(self) -> torch.Tensor:
+        """The (1, d) delta of one unpatched copy."""
+        return self.inputs[0].new_zeros(1, self.inputs[0].shape[-1])
+
+    def _joining_states(self, j: int, deltas: torch.Tensor) -> torch.Tensor:
+        """The states of len(deltas) copies joining before block j: the unpatched ones, each copy's
+        delta added at the fact token of its N rows."""
+        k = deltas.shape[0]
+        states = self.inputs[j].repeat(k, 1, 1)
+        rows = torch.arange(k * self.N, device=states.device)
+        values = deltas.to(states.dtype).repeat_interleave(self.N, dim=0)
+        return states.index_put((rows, self.fact_cols.repeat(k)), values, accumulate=True)
+
+    def run(self, joining: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Final hidden states (after the final norm), copy-major. joining[j] = the (k, d) deltas of the
+        k copies that join before block j (j = the delta's layer + 1; n_layers: after the last block);
+        copies ordered by j."""
+        n_layers = self.adapter.n_layers
         hidden = None
         copies = 0
-        for j in range(min(joining), self.adapter.n_layers):
-            if joining.get(j):
-                new = self.inputs[j].repeat(joining[j], 1, 1)
+        for j in range(min(joining), n_layers + 1):
+            if j in joining:
+                new = self._joining_states(j, joining[j])
                 hidden = new if hidden is None else torch.cat([hidden, new], dim=0)
-                copies += joining[j]
-            if hidden is None:
-                continue
-            args, kwargs = self._block_args(j, copies)
-            hidden = hidden_of(self.adapter.layer(j)(hidden, *args, **kwargs))
+                copies += new.shape[0] // self.N
+            if j < n_layers:
+                args, kwargs = self._block_args(j, copies)
+                hidden = hidden_of(self.adapter.layer(j)(hidden, *args, **kwargs))
         return self.adapter.final_norm(hidden)
 
-    def check(self, prompts: BatchedPrompts) -> None:
-        """The runner reproduces the model's own forward (one copy joining at block 0); Unsupported otherwise."""
-        with torch.no_grad():
-            out = self.run({0: 1})
+    def check(self, prompts: BatchedPrompts, hidden: torch.Tensor) -> None:
+        """`hidden`, the runner's unpatched pass (`run({0: zero_delta()})`), reproduces the model's own
+        forward; Unsupported otherwise."""
         mask = prompts.suffix_mask.bool()
         ref = self.reference[mask].float()
-        err = (out[mask].float() - ref).abs().max().item()
+        err = (hidden[mask].float() - ref).abs().max().item()
         if not err <= 1e-3 * max(1.0, ref.abs().max().item()):
             raise Unsupported(f"block runner differs from the model's forward by {err:.3g}")
-
-
