@@ -20,7 +20,7 @@ optimises the L deltas in ONE loop of `v_num_grad_steps` steps:
   still move it). `info["steps"]` / `info["loss_history"]` are those of the sequential run.
 
 Modes: "staircase" (default) runs the `prefix_cache.BlockRunner` (every step runs only the tokens
-from the fact token on, each copy from its own layer up, and only the logits the loss reads); it
+from the fact token on, each copy from the block after its own layer up, and only the logits the loss reads); it
 falls back to "model" when the runner cannot reproduce the model's forward. "model" runs the model's
 own forward on all copies with the prefix KV cache; "full" runs the whole prompts (no KV cache).
 

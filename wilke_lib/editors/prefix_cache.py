@@ -6,10 +6,11 @@ cut before their fact token, the model's own KV cache) and every optimisation st
 tokens from the fact token on (about a third of the tokens of a CounterFact prompt; one token for the
 essence prompt, whose KL term reads only the fact token).
 
-`BlockRunner` goes further when deltas at several layers are optimised together (WilKE's batched
-search): the unpatched suffix states entering every block are recorded once, and copy i joins the
-batch at block l_i, its own layer, so that block j runs only the copies with l_i <= j and the
-backward of copy i stops at l_i. The blocks are called with the arguments the model itself passes
+`BlockRunner` goes further (ROME, MEMIT, and WilKE's batched search over several layers): the
+unpatched suffix states entering every block are recorded once, and copy i, whose delta is added to
+the output of block l_i (a module's output that the block adds to the residual stream unchanged),
+joins the batch after block l_i with that delta added, so that block j runs only the copies with
+l_i < j, block l_i never runs again, and the backward of copy i stops there. The blocks are called with the arguments the model itself passes
 them (recorded by a pre-hook during the unpatched pass and tiled over the copies), the cached keys /
 values through a minimal cache object; `BlockRunner.check` compares it with the model's own forward.
 """
@@ -254,7 +255,7 @@ def _materialise(template: Any, copies: int, cache: Any) -> Any:
 
 
 class BlockRunner:
-    """Runs the blocks of the model on the suffix tokens, copy p (rows p * N + r) joining at its layer.
+    """Runs the blocks of the model on the suffix tokens, copy p (rows p * N + r) joining after its layer.
 
     A delta added at the output of block l's MLP (ROME, WilKE) or of block l itself (MEMIT's z) is
     added to the residual stream unchanged: block l's output is the unpatched one plus the delta at
