@@ -13,6 +13,7 @@ noise that Adam normalises (in both implementations), and its delta norm is mean
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 
@@ -23,7 +24,7 @@ from tiny import make_tiny_model
 from wilke_lib.editors import batched_delta as bd
 from wilke_lib.editors import prefix_cache as pc
 from wilke_lib.editors import wilke as wk
-from wilke_lib.arch import ModelAdapter
+from wilke_lib.arch import ModelAdapter, hooks
 from wilke_lib.editing import EditCache, EditError, edit
 from wilke_lib.editors.common import WeightJournal
 from wilke_lib.hparams import MEMITHParams, ROMEHParams, WilKEHParams
@@ -212,7 +213,7 @@ def test_editor_makes_the_same_edit(tiny_tokenizer):
 
 
 def test_fallback_when_the_block_runner_is_unsupported(monkeypatch, tiny_tokenizer):
-    def refuse(self, prompts):
+    def refuse(self, prompts, hidden):
         raise pc.Unsupported("refused by the test")
 
     monkeypatch.setattr(pc.BlockRunner, "check", refuse)
@@ -222,6 +223,28 @@ def test_fallback_when_the_block_runner_is_unsupported(monkeypatch, tiny_tokeniz
     batched = wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache)
     assert {c.info["batched_mode"] for c in batched.values()} == {"model"}
     assert_same(sequential, batched)
+
+
+@pytest.mark.parametrize("site", bd.SITES)
+def test_a_copy_joins_after_its_own_block(site, tiny_tokenizer):
+    """The block that holds the delta runs in the unpatched passes only (prefix, recording, the
+    runner's checked pass), as the block before it, never in an optimisation step: its output there
+    is the recorded one plus the delta. Every later block runs once more per step."""
+    model, hparams, cache = setup("gpt2", tiny_tokenizer)
+    adapter = ModelAdapter(model)
+    calls = collections.Counter()
+
+    def count(j: int):
+        return lambda _module, _inputs: calls.update([j])
+
+    with hooks(pre=[(adapter.layer(j), count(j)) for j in range(adapter.n_layers)]):
+        out = bd.optimize_deltas_batched(model, tiny_tokenizer, REQUESTS["suffix"], [1], hparams, PREFIXES,
+                                         site=site)[1]
+    assert out.info["batched_mode"] == "staircase"
+    forwards = len(out.info["loss_history"])
+    assert forwards > 1
+    assert calls[1] == calls[0] == 3
+    assert calls[2] == calls[3] == calls[1] + forwards
 
 
 def test_profile_and_errors(tiny_tokenizer):
