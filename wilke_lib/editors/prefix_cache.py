@@ -10,9 +10,10 @@ essence prompt, whose KL term reads only the fact token).
 unpatched suffix states entering every block are recorded once, and copy i, whose delta is added to
 the output of block l_i (a module's output that the block adds to the residual stream unchanged),
 joins the batch after block l_i with that delta added, so that block j runs only the copies with
-l_i < j, block l_i never runs again, and the backward of copy i stops there. The blocks are called with the arguments the model itself passes
-them (recorded by a pre-hook during the unpatched pass and tiled over the copies), the cached keys /
-values through a minimal cache object; `BlockRunner.check` compares it with the model's own forward.
+l_i < j, block l_i never runs again, and the backward of copy i stops there. The blocks are called
+with the arguments the model itself passes them (recorded by a pre-hook during the unpatched pass and
+tiled over the copies), the cached keys / values through a minimal cache object;
+`BlockRunner.check` compares it with the model's own forward.
 """
 
 from __future__ import annotations
@@ -348,7 +349,7 @@ class BlockRunner:
             if j in joining:
                 new = self._joining_states(j, joining[j])
                 hidden = new if hidden is None else torch.cat([hidden, new], dim=0)
-                copies += new.shape[0] // self.N
+                copies += joining[j].shape[0]
             if j < n_layers:
                 args, kwargs = self._block_args(j, copies)
                 hidden = hidden_of(self.adapter.layer(j)(hidden, *args, **kwargs))
