@@ -7,8 +7,9 @@ import shutil
 
 import pytest
 
-from wilke_lib import models
-from wilke_lib.run_matrix import RunSpec, paper_matrix, run_dir_of, run_matrix, steps_done
+from wilke_lib import experiments, models
+from wilke_lib.profiles import get_profile
+from wilke_lib.run_matrix import RunSpec, ablation_matrix, paper_matrix, run_dir_of, run_matrix, steps_done
 from wilke_lib.counterfact import load_counterfact
 
 ORGANISM = "toy-gpt2"
@@ -51,3 +52,19 @@ def test_a_deleted_run_is_recomputed_identically(executor, tmp_path, monkeypatch
     recomputed = run_matrix([spec], jobs=1, executor=executor, folder=tmp_path / "submitit", poll_seconds=0.2)
     assert recomputed["status"].tolist() == ["computed"]
     assert json.loads((rdir / "result.json").read_text())["final"] == result["final"]
+
+
+def test_the_ablation_runs_are_the_ones_chapter_04_reads_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("WILKE_RUNS_DIR", str(tmp_path / "runs"))
+    specs = ablation_matrix([ORGANISM], "quick", scores=["eq10"])
+    assert [s.variant().label for s in specs] == ["WilKE eq10 full", "WilKE eq10 w/o delta",
+                                                   "WilKE eq10 w/o activation", "WilKE eq10 w/o ||W_proj||"]
+    assert {(s.n_edits, s.seed) for s in specs} == {(get_profile("quick").ablation_n_edits, 9)}
+    assert specs[1].variant().hparams(ORGANISM).use_delta is False
+    run_matrix(specs[:2], jobs=1, poll_seconds=0.2)
+    grouped, status = experiments.ablation_progress(ORGANISM, load_counterfact("toy-world"), get_profile("quick"),
+                                                    ("eq10",))
+    assert status["status"].tolist() == ["finished", "finished", "not started", "not started"]
+    assert sorted(grouped) == ["WilKE eq10 full", "WilKE eq10 w/o delta"]
+    changes = experiments.ablation_changes(experiments.table(grouped, ORGANISM).set_index("editor")["S"], ("eq10",))
+    assert changes["variant"].tolist() == ["w/o delta"]  # only the variants that finished are compared

@@ -92,18 +92,34 @@ def matrix_progress(model_name: str, records: list[dict], profile: Profile,
     """The runs of a profile's matrix (`make runs`: every editor with `Profile.seeds_for` its seeds) as far
     as they are on disk, computing nothing: ({label: runs, finished or unfinished}, one status row per
     run: editor, seed, steps written, n_edits, status). Runs not started are in the status table only."""
+    cells = [(v, seed) for v in editor_variants(tuple(editors or profile.editors))
+             for seed in profile.seeds_for(v.name or v.editor)]
+    return _progress(model_name, records, profile, cells, profile.n_edits)
+
+
+def ablation_progress(model_name: str, records: list[dict], profile: Profile,
+                      scores: tuple[str, ...] = ("eq10", "update_norm")
+                      ) -> tuple[dict[str, list[lifelong.RunResult]], pd.DataFrame]:
+    """The ablation runs of a profile (`make runs RUNS_ARGS=--ablation`: every variant of
+    `ablation_variants` with `profile.ablation_n_edits` edits and the first seed) as far as they are on
+    disk, computing nothing; as `matrix_progress`."""
+    cells = [(v, profile.seeds[0]) for v in ablation_variants(scores)]
+    return _progress(model_name, records, profile, cells, profile.ablation_n_edits)
+
+
+def _progress(model_name: str, records: list[dict], profile: Profile, cells: list[tuple[EditorVariant, int]],
+              n_edits: int) -> tuple[dict[str, list[lifelong.RunResult]], pd.DataFrame]:
     grouped: dict[str, list[lifelong.RunResult]] = {}
     rows = []
     fp = lifelong.records_fingerprint(records)
-    for v in editor_variants(tuple(editors or profile.editors)):
-        for seed in profile.seeds_for(v.name or v.editor):
-            run = lifelong.read_progress(fp, run_config(model_name, v, profile.n_edits, seed, profile))
-            done = 0 if run is None else len(run.steps)
-            rows.append({"editor": v.label, "seed": seed, "steps": done, "n_edits": profile.n_edits,
-                         "status": "not started" if run is None else
-                         ("finished" if run.final else f"unfinished ({done} of {profile.n_edits} steps)")})
-            if run is not None and len(run.checkpoints):
-                grouped.setdefault(v.label, []).append(run)
+    for v, seed in cells:
+        run = lifelong.read_progress(fp, run_config(model_name, v, n_edits, seed, profile))
+        done = 0 if run is None else len(run.steps)
+        rows.append({"editor": v.label, "seed": seed, "steps": done, "n_edits": n_edits,
+                     "status": "not started" if run is None else
+                     ("finished" if run.final else f"unfinished ({done} of {n_edits} steps)")})
+        if run is not None and len(run.checkpoints):
+            grouped.setdefault(v.label, []).append(run)
     return grouped, pd.DataFrame(rows)
 
 
@@ -309,6 +325,16 @@ def layer_score_table(model, tok, record: dict, hparams, cache) -> pd.DataFrame:
                           "update_norm": c.update_rel_norm,
                           "target_prob": c.info.get("target_prob")}
                          for l, c in sorted(candidates.items())])
+
+
+def ablation_changes(s: pd.Series, scores: tuple[str, ...]) -> pd.DataFrame:
+    """Fig. 9 as numbers: for each score, S of each ablation (`s`: S by variant label) against S of the
+    full score, and the change in points (negative: the dropped factor helps)."""
+    rows = [{"score": score, "variant": name, "S": s[f"WilKE {score} {name}"], "S full": s[f"WilKE {score} full"],
+             "change (points)": s[f"WilKE {score} {name}"] - s[f"WilKE {score} full"]}
+            for score in scores for name in ("w/o delta", "w/o activation", "w/o ||W_proj||")
+            if f"WilKE {score} {name}" in s and f"WilKE {score} full" in s]
+    return pd.DataFrame(rows, columns=["score", "variant", "S", "S full", "change (points)"])
 
 
 def layer_choices(grouped: dict[str, list[lifelong.RunResult]]) -> pd.DataFrame:

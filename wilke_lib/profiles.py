@@ -45,7 +45,8 @@ class Profile:
     n_strength_records: normal records of the activation strength (08, App. D.1);
     layer_stride: 06 edits every layer_stride-th layer (and the predefined one); 1 = every layer;
     n_heatmaps: records per group drawn as full causal-trace heatmaps (07; the paper: 8 + 8);
-    ablation_n_edits: lifelong edits of each WilKE variant of the ablation (04, Fig. 9);
+    ablation_n_edits: lifelong edits of each WilKE variant of the ablation (04, Fig. 9; `paper`: 256,
+        seed seeds[0], since 8 variants x 1,024 edits would take about 11 hours of one core per organism);
     multi_seed_editors: the editors run with every seed (Table 1's); the others run with seeds[0]
         (None: every editor with every seed);
     consecutive_n_edits / consecutive_batch_sizes / consecutive_editors: the runs of consecutive batch
@@ -112,7 +113,7 @@ PROFILES: dict[str, Profile] = {
     "paper": Profile(name="paper", n_edits=1024, seeds=(9, 10, 11), editors=ALL_EDITORS,
                      n_flash_records=20, n_trace_records=200,
                      n_strength_records=1024, layer_stride=1, n_heatmaps=8,
-                     ablation_n_edits=1024, multi_seed_editors=TABLE1_EDITORS,
+                     ablation_n_edits=256, multi_seed_editors=TABLE1_EDITORS,
                      consecutive_n_edits=1024, consecutive_batch_sizes=(1, 10, 100)),
 }
 

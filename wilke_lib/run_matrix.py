@@ -72,6 +72,16 @@ def paper_matrix(model_names: Sequence[str], profile_name: str = "paper", editor
     return sorted(specs, key=lambda s: (len(profile.seeds_for(s.editor)) == 1, profile.seeds.index(s.seed)))
 
 
+def ablation_matrix(model_names: Sequence[str], profile_name: str = "paper", records: str = "toy-world",
+                    scores: Sequence[str] = ("eq10", "update_norm")) -> list[RunSpec]:
+    """The ablation of Fig. 9 as runs (chapter 04 reads them back: `experiments.ablation_progress`): every
+    variant of `experiments.ablation_variants` with the profile's `ablation_n_edits` and its first seed."""
+    profile = get_profile(profile_name)
+    return [RunSpec(m, v.editor, profile.seeds[0], profile.ablation_n_edits, profile_name, records,
+                    label=v.label, overrides=tuple(sorted(v.overrides.items())))
+            for m in model_names for v in experiments.ablation_variants(tuple(scores))]
+
+
 def run_dir_of(spec: RunSpec, records: Sequence[dict]) -> Path:
     config = spec.config()
     return lifelong.run_dir(config.out_dir, config, records, lifelong.resolve_hparams(config))
@@ -176,14 +186,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--executor", default="processes", choices=["processes", "submitit-local", "slurm"])
     parser.add_argument("--slurm-partition", default=None)
     parser.add_argument("--timeout-min", type=int, default=24 * 60)
+    parser.add_argument("--ablation", action="store_true",
+                        help="the ablation of Fig. 9 instead of the editors (WilKE's variants, the profile's "
+                             "ablation_n_edits, its first seed)")
+    parser.add_argument("--scores", nargs="+", default=["eq10", "update_norm"], choices=["eq10", "update_norm"],
+                        help="with --ablation: the layer scores whose variants run")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and what is missing")
     args = parser.parse_args(argv)
-    specs = paper_matrix(args.models, args.profile, args.editors, args.records, args.seeds)
+    if args.ablation and (args.editors or args.seeds):
+        parser.error("--ablation runs WilKE's variants with the profile's first seed: drop --editors / --seeds")
+    specs = (ablation_matrix(args.models, args.profile, args.records, args.scores) if args.ablation
+             else paper_matrix(args.models, args.profile, args.editors, args.records, args.seeds))
     if args.dry_run:
         records = {s.records: counterfact.load_counterfact(s.records) for s in specs}
         for s in specs:
             d = run_dir_of(s, records[s.records])
-            print(f"{s.model_name:10s} {s.editor:6s} seed {s.seed:3d}: {steps_done(d, s.n_edits):5d}/{s.n_edits} {d}")
+            label = s.variant().label if s.label else s.editor
+            print(f"{s.model_name:10s} {label:6s} seed {s.seed:3d}: {steps_done(d, s.n_edits):5d}/{s.n_edits} {d}")
         return
     slurm = {"timeout_min": args.timeout_min} | ({"slurm_partition": args.slurm_partition} if args.slurm_partition else {})
     table = run_matrix(specs, jobs=args.jobs, executor=args.executor, slurm=slurm)
