@@ -19,10 +19,10 @@ TORCH_VERSION   ?= 2.13.0
 # pinned torch then comes from the configured indexes / local wheels.
 TORCH_CPU_INDEX ?=
 
-.PHONY: venv test book book-only check-site toc organisms organism-report runs consecutive-runs bench bench-success clean distclean help
+.PHONY: venv test book book-only check-site toc organisms organism-report runs ablation-runs consecutive-runs bench bench-success clean distclean help
 
 help:
-	@echo "targets: venv test book book-only check-site toc organisms organism-report runs consecutive-runs bench bench-success clean distclean"
+	@echo "targets: venv test book book-only check-site toc organisms organism-report runs ablation-runs consecutive-runs bench bench-success clean distclean"
 	@echo "variables: PROFILE=$(PROFILE) MODELS='$(MODELS)' NB_ARGS='$(NB_ARGS)'"
 
 $(PY):
@@ -79,6 +79,11 @@ organisms: venv
 RUNS_ARGS ?=
 runs: venv
 	$(PY) -m wilke_lib.run_matrix $(RUNS_ARGS)
+
+# The ablation of Fig. 9 at the paper profile's scale (chapter 04's last section): WilKE's eight variants,
+# 256 edits each, seed 9, that are missing from runs/; RUNS_ARGS as above ("--scores eq10" for the paper's).
+ablation-runs: venv
+	$(PY) -m wilke_lib.run_matrix --ablation $(RUNS_ARGS)
 
 # Consecutive batch editing without rollback (chapter 12): the runs of PROFILE (default: 64 edits in batches
 # of 1, 8, 64; paper: 1,024 in batches of 1, 10, 100) that are missing, resumably; the chapter reads them.
