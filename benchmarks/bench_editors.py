@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"device: {device_name(device)}; results in {out_dir}", flush=True)
     status = 0
-    tables, steps = {}, {}
+    tables, steps, optimisation = {}, {}, {}
     for model_name in args.models:
         loaded = bm.load_organism(model_name, device)
         table = bm.benchmark_editors(model_name, n_edits=args.n_edits, warmup=args.warmup, variants=args.variants,
@@ -67,8 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         steps[model_name] = {v.name: bm.lifelong_step_ms(model, tok, records[:args.step_records], bm.variant_hparams(v),
                                                           cache, originals)
                              for v in bm.make_variants(model_name, args.variants)}
+        variants = bm.make_variants(model_name, args.variants)
+        optimisation[model_name] = bm.optimisation_ms(model, tok, [r["requested_rewrite"] for r in
+                                                                   records[:args.warmup + args.n_edits]],
+                                                      variants, cache, warmup=args.warmup)
         path = out_dir / f"bench_{Path(model_name).name}.csv"
         if args.merge:
+            optimisation[model_name] = {**saved_optimisation(out_dir / "summary.json", model_name),
+                                        **optimisation[model_name]}
             table, steps[model_name] = merge_saved(table, steps[model_name], path, out_dir / "summary.json",
                                                       model_name)
             tables[model_name] = table
@@ -98,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 wide["sequential / batched"] = wide["sequential"] / wide["batched"]
             print(f"\n  time per WilKE edit (ms, median of {args.scaling_edits}) vs candidate layers: {spath}")
             print(wide.to_string(float_format=lambda x: f"{x:,.2f}"))
-    summary = bm.summary_json(tables, steps)
+    summary = bm.summary_json(tables, steps, optimisation)
     path = out_dir / "summary.json"
     path.write_text(json.dumps(summary, indent=1))
     print(f"\nsummary ({path}):")
@@ -106,10 +112,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {model_name}: ROME speed-up from the prefix cache {s['rome_speedup_vs_previous']:.2f}x (target on CPU "
               f">= 2); WilKE / ROME time {s['wilke_over_rome']:.2f}, FLOPs {s['wilke_over_rome_flops']:.2f} (target: "
               f"time ratio <= 1.2 x FLOP ratio: {s['wilke_over_rome'] / s['wilke_over_rome_flops']:.2f})")
+        if s.get("rome_optimisation_speedup"):
+            o = s["optimisation_ms"]
+            print(f"    ROME's delta optimisation alone: {o['rome-full']:.1f} ms without the prefix cache, "
+                  f"{o['rome']:.1f} ms with it: {s['rome_optimisation_speedup']:.2f}x (target on CPU >= 2)")
         for editor, e in s["editors"].items():
             print(f"    {editor:17s} {e['ms_per_edit']:8.1f} ms/edit {e['ms_per_lifelong_step'] or float('nan'):8.1f} "
                   f"ms/step {e['gflop_per_edit']:8.2f} GFLOP/edit")
     return status
+
+
+def saved_optimisation(summary_path: Path, model_name: str) -> dict[str, float]:
+    """The optimisation timings of `model_name` in a saved summary ({} if none)."""
+    if not summary_path.is_file():
+        return {}
+    return json.loads(summary_path.read_text()).get(model_name, {}).get("optimisation_ms", {}) or {}
 
 
 def merge_saved(table, steps: dict[str, float], csv_path: Path, summary_path: Path, model_name: str):

@@ -94,8 +94,13 @@ def test_summary_json_has_the_issue_keys():
     steps = {"toy-gpt2": {"rome": bm.lifelong_step_ms(model, tok, records[:1], table.attrs.get("hp_rome") or
                                                       bm.variant_hparams(bm.make_variants("toy-gpt2", ["rome"])[0]),
                                                       cache, originals)}}
-    summary = bm.summary_json({"toy-gpt2": table}, steps)["toy-gpt2"]
-    assert {"rome_speedup_vs_previous", "wilke_over_rome", "wilke_over_rome_flops"} <= set(summary)
+    optimisation = bm.optimisation_ms(model, tok, [r["requested_rewrite"] for r in records[:2]],
+                                      bm.make_variants("toy-gpt2", ["rome", "rome-full", "memit"]), cache, warmup=1)
+    assert set(optimisation) == {"rome", "rome-full"} and all(ms > 0 for ms in optimisation.values())
+    summary = bm.summary_json({"toy-gpt2": table}, steps, {"toy-gpt2": optimisation})["toy-gpt2"]
+    assert {"rome_speedup_vs_previous", "wilke_over_rome", "wilke_over_rome_flops",
+            "rome_optimisation_speedup"} <= set(summary)
+    assert summary["rome_optimisation_speedup"] == optimisation["rome-full"] / optimisation["rome"]
     assert summary["editors"]["rome"]["ms_per_lifelong_step"] > summary["editors"]["rome"]["ms_per_edit"] > 0
     assert summary["editors"]["rome-full"]["gflop_per_edit"] > summary["editors"]["rome"]["gflop_per_edit"]
 

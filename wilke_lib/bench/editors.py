@@ -35,7 +35,9 @@ from wilke_lib.arch import ModelAdapter, model_device
 from wilke_lib.bench.measure import (PeakMemory, count_flops, device_name, original_weights, provenance, sync,
                                      timed_edit)
 from wilke_lib.editors.cache import EditCache
+from wilke_lib.editors import rome as rome_lib
 from wilke_lib.editors.common import WeightJournal
+from wilke_lib.editors.delta import compute_keys
 from wilke_lib.editors.wilke import wilke_editor
 from wilke_lib.editors.ke import load_ke
 from wilke_lib.editors.mend import load_mend
@@ -206,6 +208,38 @@ def benchmark_editors(model_name: str, *, n_edits: int = 10, warmup: int = 1, de
     return table
 
 
+OPTIMISED = ("rome", "rome-full")
+"""The variants whose delta optimisation `optimisation_ms` times alone."""
+
+
+def optimisation_ms(model: nn.Module, tok, requests: Sequence[dict], variants: Sequence[BenchVariant],
+                    cache: EditCache, warmup: int = 1) -> dict[str, float]:
+    """Median ms of ROME's delta optimisation alone (`rome.compute_v`, ROME Eq. 4: with the prefix cache
+    for "rome", the whole prompts through the whole model for "rome-full"), the part of an edit the
+    prefix cache changes; the keys, C^-1 and the update are computed outside the timing. Interleaved as
+    `benchmark_editors` (the order alternating per record); {} unless a variant of `OPTIMISED` is given."""
+    chosen = [v for v in variants if v.name in OPTIMISED]
+    if not chosen:
+        return {}
+    dev = model_device(model)
+    prepared = []
+    for request in requests:
+        hp = chosen[0].hparams
+        prefixes = cache.get_prefixes(model, tok, hp)
+        prepared.append((request, prefixes, compute_keys(model, tok, request, [hp.layer], hp, prefixes)[hp.layer]))
+    times: dict[str, list[float]] = {v.name: [] for v in chosen}
+    for n, (request, prefixes, keys) in enumerate(prepared):
+        for variant in (chosen if n % 2 == 0 else chosen[::-1]):
+            hp = variant.hparams
+            sync(dev)
+            start = time.perf_counter()
+            rome_lib.compute_v(model, tok, request, hp.layer, keys, hp, prefixes)
+            sync(dev)
+            if n >= warmup:
+                times[variant.name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items() if t}
+
+
 def lifelong_step_ms(model: nn.Module, tok, records: Sequence[dict], hparams: Any, cache: EditCache,
                      originals) -> float:
     """Median ms of one step of the lifelong protocol (edit, ES/PS/NS, rollback, rollback success) on
@@ -225,10 +259,12 @@ def lifelong_step_ms(model: nn.Module, tok, records: Sequence[dict], hparams: An
     return 1000 * statistics.median(times)
 
 
-def summary_json(tables: dict[str, Any], steps: dict[str, dict[str, float]]) -> dict[str, Any]:
+def summary_json(tables: dict[str, Any], steps: dict[str, dict[str, float]],
+                 optimisation: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
     """`make bench`'s summary: per model and editor ms_per_edit, ms_per_lifelong_step and gflop_per_edit,
-    and the ratios rome_speedup_vs_previous (ROME without / with the prefix cache), wilke_over_rome
-    (time per edit) and wilke_over_rome_flops (counted arithmetic per edit)."""
+    and the ratios rome_speedup_vs_previous (a whole ROME edit without / with the prefix cache),
+    rome_optimisation_speedup (the delta optimisation alone, `optimisation_ms`), wilke_over_rome (time
+    per edit) and wilke_over_rome_flops (counted arithmetic per edit)."""
     out: dict[str, Any] = {}
     for model_name, table in tables.items():
         t = table.set_index("variant")
@@ -240,10 +276,17 @@ def summary_json(tables: dict[str, Any], steps: dict[str, dict[str, float]]) -> 
 
         out[model_name] = {"editors": editors,
                            "rome_speedup_vs_previous": ratio("rome-full", "rome", "median_ms"),
+                           "optimisation_ms": (optimisation or {}).get(model_name, {}),
+                           "rome_optimisation_speedup": _ratio_of((optimisation or {}).get(model_name, {}),
+                                                                  "rome-full", "rome"),
                            "wilke_over_rome": ratio("wilke-batched", "rome", "median_ms"),
                            "wilke_over_rome_flops": ratio("wilke-batched", "rome", "gflop_per_edit"),
                            "device": str(t["device_name"].iloc[0]), "threads": int(t["threads"].iloc[0])}
     return out
+
+
+def _ratio_of(values: dict[str, float], num: str, den: str) -> float | None:
+    return float(values[num] / values[den]) if values.get(num) and values.get(den) else None
 
 
 def summary_ratios(table) -> dict[str, float]:
