@@ -46,7 +46,7 @@ class Profile:
     layer_stride: 06 edits every layer_stride-th layer (and the predefined one); 1 = every layer;
     n_heatmaps: records per group drawn as full causal-trace heatmaps (07; the paper: 8 + 8);
     ablation_n_edits: lifelong edits of each WilKE variant of the ablation (04, Fig. 9; `paper`: 256,
-        seed seeds[0], since 8 variants x 1,024 edits would take about 11 hours of one core per organism);
+        seed seeds[0], since 8 variants x 1,024 edits would take about 6 hours of one core per organism);
     multi_seed_editors: the editors run with every seed (Table 1's); the others run with seeds[0]
         (None: every editor with every seed);
     consecutive_n_edits / consecutive_batch_sizes / consecutive_editors: the runs of consecutive batch
