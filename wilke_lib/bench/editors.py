@@ -32,6 +32,7 @@ from torch import nn
 
 from wilke_lib import counterfact, editing
 from wilke_lib.arch import ModelAdapter, model_device
+from wilke_lib.bench.tables import format_table, summary_json, summary_ratios  # noqa: F401 (bm.* for the notebook)
 from wilke_lib.bench.measure import (PeakMemory, count_flops, device_name, original_weights, provenance, sync,
                                      timed_edit)
 from wilke_lib.editors.cache import EditCache
@@ -259,58 +260,6 @@ def lifelong_step_ms(model: nn.Module, tok, records: Sequence[dict], hparams: An
     return 1000 * statistics.median(times)
 
 
-def summary_json(tables: dict[str, Any], steps: dict[str, dict[str, float]],
-                 optimisation: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
-    """`make bench`'s summary: per model and editor ms_per_edit, ms_per_lifelong_step and gflop_per_edit,
-    and the ratios rome_speedup_vs_previous (a whole ROME edit without / with the prefix cache),
-    rome_optimisation_speedup (the delta optimisation alone, `optimisation_ms`), wilke_over_rome (time
-    per edit) and wilke_over_rome_flops (counted arithmetic per edit)."""
-    out: dict[str, Any] = {}
-    for model_name, table in tables.items():
-        t = table.set_index("variant")
-        editors = {v: {"ms_per_edit": float(t.loc[v, "median_ms"]), "gflop_per_edit": float(t.loc[v, "gflop_per_edit"]),
-                       "ms_per_lifelong_step": steps.get(model_name, {}).get(v)} for v in t.index}
-
-        def ratio(num: str, den: str, col: str) -> float | None:
-            return float(t.loc[num, col] / t.loc[den, col]) if {num, den} <= set(t.index) else None
-
-        out[model_name] = {"editors": editors,
-                           "rome_speedup_vs_previous": ratio("rome-full", "rome", "median_ms"),
-                           "optimisation_ms": (optimisation or {}).get(model_name, {}),
-                           "rome_optimisation_speedup": _ratio_of((optimisation or {}).get(model_name, {}),
-                                                                  "rome-full", "rome"),
-                           "wilke_over_rome": ratio("wilke-batched", "rome", "median_ms"),
-                           "wilke_over_rome_flops": ratio("wilke-batched", "rome", "gflop_per_edit"),
-                           "device": str(t["device_name"].iloc[0]), "threads": int(t["threads"].iloc[0])}
-    return out
-
-
-def _ratio_of(values: dict[str, float], num: str, den: str) -> float | None:
-    return float(values[num] / values[den]) if values.get(num) and values.get(den) else None
-
-
-def summary_ratios(table) -> dict[str, float]:
-    """Ratios of a main table: WilKE-batched / ROME time and the sequential / batched speed-up, as a
-    ratio of medians and (`*_paired`, when per-edit times were saved) the median over records of the
-    per-record ratio -- the edits of one record by the variants ran back to back, so the paired
-    ratio is the less sensitive to load changes."""
-    t = table.set_index("variant")
-    out: dict[str, float] = {}
-
-    def add(key: str, num: str, den: str) -> None:
-        if num in t.index and den in t.index:
-            out[key] = float(t.loc[num, "median_ms"] / t.loc[den, "median_ms"])
-            if "times_ms" in t.columns and isinstance(t.loc[num, "times_ms"], str):
-                a = [float(x) for x in t.loc[num, "times_ms"].split()]
-                b = [float(x) for x in t.loc[den, "times_ms"].split()]
-                if len(a) == len(b) and a:
-                    out[key + "_paired"] = statistics.median(x / y for x, y in zip(a, b))
-
-    add("wilke_batched_over_rome", "wilke-batched", "rome")
-    add("sequential_over_batched", "wilke-sequential", "wilke-batched")
-    return out
-
-
 def benchmark_scaling(model_name: str, *, ks: Sequence[int] = (1, 2, 4, 8, 12), n_edits: int = 3, warmup: int = 1,
                       device: str | None = None, searches: Sequence[str] = ("batched", "sequential"),
                       loaded: tuple | None = None, log: Callable[[str], None] | None = print):
@@ -413,14 +362,6 @@ benchmarking on one CPU core of the organisms); `make bench` measures the full t
 def results_dir(device: str | torch.device, root: Path | None = None) -> Path:
     """`<repo>/benchmarks/results/<device type>/`."""
     return (root or REPO_ROOT / "benchmarks" / "results") / torch.device(device).type
-
-
-def format_table(table) -> str:
-    """A readable fixed-width rendering of a main table."""
-    cols = ["variant", "layers_optimised", "median_ms", "min_ms", "max_ms", "edits_per_s", "time_vs_rome",
-            "peak_mem_mib", "gflop_per_edit", "achieved_gflops"]
-    view = table[[c for c in cols if c in table.columns]].copy()
-    return view.to_string(index=False, float_format=lambda x: f"{x:,.2f}")
 
 
 def load_saved(model_name: str, device: str | torch.device = "cpu", root: Path | None = None):
