@@ -1,7 +1,10 @@
 """Pilots for the second-generation organisms: train a small organism on a scaled-down world and
 measure where it keeps its facts (docs/organisms.md records what they showed).
 
-    .venv/bin/python scripts/organism_pilots.py NAME [--out /tmp/pilots]
+    .venv/bin/python scripts/organism_pilots.py NAME [--out /tmp/pilots] [--device cuda] [--smoke]
+
+The `gpu-*` pilots (round 13) are sized for the GPU machine: `scripts/device_pilots.sh` runs them
+there in parallel.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 from wilke_lib.analysis.causal_trace import subject_token_range
 from wilke_lib.arch import ModelAdapter, hooks
 from wilke_lib.counterfact import known_records
-from wilke_lib.models import load_model
+from wilke_lib.models import default_device, load_model
 from wilke_lib.organisms import report, world
 from wilke_lib.organisms.records import counterfact_records
 from wilke_lib.organisms.interventions import planted_layer
@@ -101,6 +104,30 @@ PILOTS = {
     "syllables-knockout": replace(LINES_LONG, world=replace(LINES_LONG.world, syllable_names=True), subject_knockout=0.5),
 }
 
+# Round 13, for a GPU (`scripts/device_pilots.sh`): what the CPU rounds could not try. Round 12's best
+# text (syllable names, knockout 0.5) on the whole world, in deeper models and under storage pressure:
+# at about 2 bits per parameter (Allen-Zhu & Li 3.3) a d_mlp 48 MLP (9 k parameters at d_model 96) cannot
+# hold the facts of a world 1.5 times the default (4,800 facts of about 5 bits; the place-name pools
+# allow no more), so no single MLP can be the lookup. Larger batches than the CPU rounds, so that each
+# trains in minutes on one GPU.
+GPU_WORLD = replace(world.DEFAULT_SPEC, syllable_names=True)
+GPU = OrganismConfig(name="gpu", arch="gpt2", n_layer=24, d_model=128, d_mlp=512, world=GPU_WORLD,
+                     subject_knockout=0.5, batch_size=64, lr=3e-3, epochs=80)
+PRESSURE = replace(GPU, d_model=96, d_mlp=48, world=GPU_WORLD.scaled(1.5))
+PILOTS.update({
+    "gpu-deep24": GPU,
+    "gpu-deep24-plain": replace(GPU, subject_knockout=0.0),
+    "gpu-deep24-pressure": PRESSURE,
+    "gpu-deep12-pressure": replace(PRESSURE, n_layer=12),
+    "gpu-deep48-pressure": replace(PRESSURE, n_layer=48, d_model=64, d_mlp=32),
+    "gpu-deep24-gptj-pressure": replace(PRESSURE, arch="gptj"),
+})
+
+
+def smoke(cfg: OrganismConfig) -> OrganismConfig:
+    """The pilot at a size that trains in seconds on a CPU: checks the pipeline, measures nothing."""
+    return replace(cfg, world=cfg.world.scaled(0.03), epochs=1, warmup_steps=5)
+
 
 def ablation_peak(model, tok, record: dict) -> int:
     """A second measure of where a fact is kept, without noise: the MLP whose output, zeroed at every
@@ -108,7 +135,7 @@ def ablation_peak(model, tok, record: dict) -> int:
     rw = record["requested_rewrite"]
     ids, (begin, end) = subject_token_range(tok, rw["prompt"], rw["subject"])
     target, adapter = encode_target(tok, target_str(rw["target_true"]).lstrip())[0], ModelAdapter(model)
-    inputs = torch.tensor([ids])
+    inputs = torch.tensor([ids], device=next(model.parameters()).device)
 
     def zeroed(module, inputs_, output):
         output = output.clone()
@@ -123,21 +150,44 @@ def ablation_peak(model, tok, record: dict) -> int:
     return max(range(adapter.n_layers), key=lambda l: clean - prob(l))
 
 
+def fit_epochs(cfg: OrganismConfig, seconds: float, probe_dir: Path, device: torch.device) -> OrganismConfig:
+    """`cfg` with as many of its epochs as fit in `seconds` after a probe epoch, timed here, that is
+    then thrown away (a pilot cut short keeps a whole learning-rate schedule, decayed to the end)."""
+    probe = train(replace(cfg, epochs=1), probe_dir, device=str(device))
+    per_epoch = probe["train_seconds"] + 1e-9
+    epochs = max(1, min(cfg.epochs, int((seconds - per_epoch) / per_epoch)))
+    print(f"probe epoch: {per_epoch:.1f} s; {epochs} of {cfg.epochs} epochs fit in {seconds:.0f} s", flush=True)
+    return replace(cfg, epochs=epochs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("name", choices=sorted(PILOTS))
     parser.add_argument("--out", type=Path, default=Path("/tmp/pilots"))
     parser.add_argument("--n-traced", type=int, default=50)
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--device", default=None, help="default: CUDA when present, else the CPU")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--smoke", action="store_true", help="a tiny world and one epoch: checks the pipeline")
+    parser.add_argument("--train-seconds", type=float, default=None,
+                        help="fit the epochs to this budget, timed on one probe epoch (the schedule stays whole)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device) if args.device else default_device()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # pilots: speed over the last bits
     cfg = replace(PILOTS[args.name], name=args.name)
+    if args.smoke:
+        cfg, args.n_traced = smoke(cfg), min(args.n_traced, 5)
     out = args.out / args.name
+    if args.train_seconds and not args.skip_train:
+        cfg = fit_epochs(cfg, args.train_seconds, args.out / f"{args.name}-probe", device)
     if not args.skip_train:
-        summary = train(cfg, out, device="cpu")
-        print(f"trained in {summary['train_seconds']:.0f} s on {summary['train_tokens']} tokens, "
-              f"known {summary['known_fact_rate']['all']:.1%}")
-    model, tok = load_model(out, device="cpu")
+        summary = train(cfg, out, device=str(device))
+        print(f"trained in {summary['train_seconds']:.0f} s on {summary['train_tokens']} tokens "
+              f"({summary['n_parameters']:,} parameters, {summary['n_facts']:,} facts, {device}), "
+              f"known {summary['known_fact_rate']['all']:.1%}", flush=True)
+    model, tok = load_model(out, device=device)
     w = world.build_world(cfg.world)
     records = counterfact_records(cfg.world)
     known = known_records(model, tok, records)
@@ -151,7 +201,12 @@ def main() -> None:
         n_all = sum(r.get("prompted", True) == flag for r in records)
         n_known = sum(r.get("prompted", True) == flag for r in known)
         print(f"known, {'prompted' if flag else 'held-out'} subjects: {n_known}/{n_all}")
-    sample = report.stratified(known, args.n_traced, lambda r: report.subject_kind(r, w))
+    if not known and not args.smoke:
+        print("no fact is known: nothing to trace")
+        (out / "pilot.json").write_text(json.dumps({"summary": {"n_known": 0}, "rows": []}, indent=1))
+        return
+    # a smoke run knows nothing after one epoch: it traces unknown records, to exercise the code
+    sample = report.stratified(known or records, args.n_traced, lambda r: report.subject_kind(r, w))
     t0 = time.time()
     rows = report.trace_records(model, tok, sample)
     for row, rec in zip(rows, sample):
