@@ -105,3 +105,25 @@ def test_routing_breaks_ties_for_the_newest_expert_and_sees_new_experts(tok):
     bypass.state = EditorState({"lemoe/expert0/key": torch.eye(d)[1]})
     chosen, _ = bypass.route(query)
     assert chosen[0].tolist() == [0, 0, 0]
+
+
+def test_an_edit_no_token_routes_to_fails_cleanly(tok, monkeypatch):
+    """Training routes as inference will; when no token of the batch reaches the new expert (an older
+    expert's key closer, or no similarity at the threshold: here the gate is shut), the edit fails with
+    a clear error and adds no expert."""
+    model = new_model("gpt2", tok)
+    state = EditorState()
+    base = logits(model, tok, ["The capital city of Valo Durn"])
+    shut = ExpertBypass.route
+
+    def nowhere(self, query):
+        chosen, gate = shut(self, query)
+        return chosen, torch.zeros_like(gate)
+
+    monkeypatch.setattr(ExpertBypass, "route", nowhere)
+    with pytest.raises(EditError, match="no token of the batch's prompts routes to it"):
+        edit(model, tok, FIRST, hparams(), state=state)
+    assert expert_keys(state) == []
+    monkeypatch.undo()
+    ExpertBypass.detach(model)
+    assert torch.equal(logits(model, tok, ["The capital city of Valo Durn"]), base)

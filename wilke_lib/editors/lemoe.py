@@ -212,6 +212,10 @@ def train_expert(model: nn.Module, tok: PreTrainedTokenizerBase, requests: Seque
         for _ in range(hparams.steps):
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100)
+            if not loss.requires_grad:  # training routes as inference will: no token reached the new expert
+                raise EditError(f"LEMoE expert {number}: no token of the batch's prompts routes to it (an older "
+                                f"expert's key is closer, or no similarity reaches route_threshold "
+                                f"{hparams.route_threshold}); the edit cannot take effect")
             losses.append(loss.item())
             if loss.item() < hparams.early_stop_loss:
                 break
