@@ -186,3 +186,48 @@ def test_base_model_without_lm_head_is_unsupported():
     model = GPT2Model(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2))
     with pytest.raises(UnsupportedArchitectureError, match="AutoModelForCausalLM"):
         ModelAdapter(model)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gptj"])
+def test_fused_activations_compute_the_same_function_and_are_removed(model_type):
+    from transformers import GPTJConfig, GPTJForCausalLM, GPT2LMHeadModel
+    from transformers.activations import NewGELUActivation
+
+    from wilke_lib.arch import fused_activations
+
+    torch.manual_seed(0)
+    if model_type == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=16,
+                                           activation_function="gelu_new")).eval()
+    else:
+        model = GPTJForCausalLM(GPTJConfig(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=16,
+                                           rotary_dim=4, activation_function="gelu_new")).eval()
+    acts = [m for m in model.modules() if type(m) is NewGELUActivation]
+    assert len(acts) == 2
+    ids = torch.randint(0, 50, (2, 7))
+    x = torch.randn(4, 64) * 3
+    with torch.no_grad():
+        before = model(ids).logits
+        with fused_activations(model):
+            assert all("forward" in vars(m) for m in acts)
+            fused_out = acts[0](x)
+            during = model(ids).logits
+        after = model(ids).logits
+    assert all("forward" not in vars(m) for m in acts)
+    torch.testing.assert_close(fused_out, NewGELUActivation.forward(acts[0], x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(during, before, rtol=1e-5, atol=1e-5)
+    assert torch.equal(after, before)
+
+
+def test_fused_activations_restore_on_error():
+    from transformers import GPT2LMHeadModel
+    from transformers.activations import NewGELUActivation
+
+    from wilke_lib.arch import fused_activations
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20, n_positions=8,
+                                       activation_function="gelu_new"))
+    with pytest.raises(RuntimeError, match="inside"):
+        with fused_activations(model):
+            raise RuntimeError("inside")
+    assert all("forward" not in vars(m) for m in model.modules() if type(m) is NewGELUActivation)

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from wilke_lib.arch import ModelAdapter, frozen, hidden_of, hooks, model_device, with_hidden
+from wilke_lib.arch import ModelAdapter, frozen, fused_activations, hidden_of, hooks, model_device, with_hidden
 from wilke_lib.editors.delta import DeltaResult, weight_decay
 from wilke_lib.editors.prefix_cache import (BatchedPrompts, BlockRunner, Unsupported, build_prompts,
                                             model_suffix_pass, prefix_cache, repeat_cache)
@@ -139,7 +139,7 @@ def optimize_deltas_batched(model: nn.Module, tok: PreTrainedTokenizerBase, requ
     N, n_rw = prompts.n_rows, prompts.n_rewrite
     modules = [adapter.mlp_out(l) if site == "mlp_out" else adapter.layer(l) for l in order]
 
-    with frozen(model):
+    with frozen(model), fused_activations(model):
         with timed(profile, "prefix pass", device):
             cache = prefix_cache(model, prompts)
         runner = None
