@@ -260,3 +260,50 @@ def test_profile_and_errors(tiny_tokenizer):
         wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, mode="fast")
     with pytest.raises(EditError):
         wk.batched_layer_scores(model, tiny_tokenizer, {**request, "target_new": {"str": " "}}, hparams, cache)
+
+
+def _runner_pair(arch: str, tok) -> tuple:
+    model, hparams, _ = setup(arch, tok)
+    prompts = pc.build_prompts(tok, REQUESTS["suffix"], hparams, PREFIXES, torch.device("cpu"))
+    cache = pc.prefix_cache(model, prompts)
+    return model, prompts, cache
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fast_blocks_compute_what_the_modules_compute(arch, tiny_tokenizer):
+    """GPT-2's and GPT-J's blocks run as `fast_blocks` forwards (other architectures as modules), with
+    the same final states and the same gradient with respect to the deltas of two copies."""
+    model, prompts, cache = _runner_pair(arch, tiny_tokenizer)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.requires_grad_(False)
+    fast = pc.BlockRunner(model, prompts, cache, max_copies=2)
+    plain = pc.BlockRunner(model, prompts, cache, max_copies=2, fast=False)
+    modules = [ModelAdapter(model).layer(j) for j in range(ModelAdapter(model).n_layers)]
+    assert all(plain.blocks[j] is m for j, m in enumerate(modules))
+    assert all((fast.blocks[j] is not m) == (arch in ("gpt2", "gptj")) for j, m in enumerate(modules))
+    torch.manual_seed(0)
+    deltas = {1: torch.randn(1, 32, requires_grad=True), 2: torch.randn(1, 32, requires_grad=True)}
+    outs, grads = [], []
+    for runner in (fast, plain):
+        out = runner.run(deltas)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.pow(2).sum(), list(deltas.values())))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for g_fast, g_plain in zip(*grads):
+        torch.testing.assert_close(g_fast, g_plain, rtol=1e-4, atol=1e-5)
+    fast.check(prompts, fast.run({0: fast.zero_delta()}))
+
+
+def test_a_block_with_a_hook_runs_as_its_module(tiny_tokenizer):
+    """An editor's hook inside a block (here on block 2's MLP) must run: that block is called as a module."""
+    model, prompts, cache = _runner_pair("gptj", tiny_tokenizer)
+    adapter = ModelAdapter(model)
+    seen = []
+    with hooks(forward=[(adapter.mlp(2), lambda _m, _i, _o: seen.append(1))]):
+        runner = pc.BlockRunner(model, prompts, cache, max_copies=1)
+        assert runner.blocks[2] is adapter.layer(2)
+        assert all(runner.blocks[j] is not adapter.layer(j) for j in (0, 1, 3))
+        before = len(seen)
+        runner.run({1: runner.zero_delta()})
+        assert len(seen) == before + 1

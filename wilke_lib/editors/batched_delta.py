@@ -165,8 +165,10 @@ def optimize_deltas_batched(model: nn.Module, tok: PreTrainedTokenizerBase, requ
                 hidden = None
                 if runner is not None:
                     try:
-                        hidden = runner.run({0: runner.zero_delta()})
+                        hidden = runner.run({0: runner.zero_delta()}, modules=True)  # the v0 hooks see the modules
                         runner.check(prompts, hidden)
+                        if runner.fast_layers:
+                            runner.check(prompts, runner.run({0: runner.zero_delta()}))
                     except RUNNER_ERRORS as err:
                         runner, mode, hidden = None, "model", None
                         log.info("staircase block runner unavailable (%s); using mode 'model'", err)

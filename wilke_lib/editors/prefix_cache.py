@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from wilke_lib.arch import ModelAdapter, hidden_of, hooks
 from wilke_lib.editors.delta import essence_row, rewrite_rows
+from wilke_lib.editors.fast_blocks import fast_block
 from wilke_lib.errors import EditError
 from wilke_lib.tokens import pad_id_of, prepare_request
 
@@ -267,10 +268,12 @@ class BlockRunner:
     Built from recorded unpatched passes: the inputs of every block (the states a copy joins with),
     the last block's output, and the arguments the model passes every block (from a pass with N rows,
     and, when more than one copy will run, a second one with 2N rows that tells which arguments are
-    per row and are tiled over the copies).
+    per row and are tiled over the copies). With `fast`, the blocks `fast_blocks.fast_block` knows run
+    as its plain-PyTorch forwards (the same function in fewer operations).
     """
 
-    def __init__(self, model: nn.Module, prompts: BatchedPrompts, cache: Any, max_copies: int = 2) -> None:
+    def __init__(self, model: nn.Module, prompts: BatchedPrompts, cache: Any, max_copies: int = 2,
+                 fast: bool = True) -> None:
         self.adapter = ModelAdapter(model)
         self.N = prompts.n_rows
         n_layers = self.adapter.n_layers
@@ -283,6 +286,12 @@ class BlockRunner:
             (_, args1, kwargs1), (_, args2, kwargs2) = rec1[j], rec2[j]
             # with one recording every tensor reads as static: right for one copy, the only case then
             self.templates[j] = (_template(tuple(args1), tuple(args2), self.N), _template(kwargs1, kwargs2, self.N))
+        # plain-PyTorch forwards of the blocks `fast_blocks` knows (None: call the module)
+        # (decided now: a hook placed later is not seen; `run(modules=True)` calls the modules)
+        fast_fns = {j: fast_block(self.adapter.layer(j), rec1[j][1], rec1[j][2]) if fast else None
+                    for j in range(n_layers)}
+        self.fast_layers = [j for j, fn in fast_fns.items() if fn is not None]
+        self.blocks = {j: fast_fns[j] or self.adapter.layer(j) for j in range(n_layers)}
         self.kv = {j: layer_kv(cache, j) for j in range(n_layers)} if cache is not None else {}
         self._args: dict[tuple[int, int], tuple] = {}
         self.max_copies = max_copies
@@ -338,10 +347,11 @@ class BlockRunner:
         values = deltas.to(states.dtype).repeat_interleave(self.N, dim=0)
         return states.index_put((rows, self.fact_cols.repeat(k)), values, accumulate=True)
 
-    def run(self, joining: dict[int, torch.Tensor]) -> torch.Tensor:
+    def run(self, joining: dict[int, torch.Tensor], modules: bool = False) -> torch.Tensor:
         """Final hidden states (after the final norm), copy-major. joining[j] = the (k, d) deltas of the
         k copies that join before block j (j = the delta's layer + 1; n_layers: after the last block);
-        copies ordered by j."""
+        copies ordered by j. modules: call every block as its module (hooks placed since the runner
+        was built then see it), not the fast forwards."""
         n_layers = self.adapter.n_layers
         hidden = None
         copies = 0
@@ -352,7 +362,8 @@ class BlockRunner:
                 copies += joining[j].shape[0]
             if j < n_layers:
                 args, kwargs = self._block_args(j, copies)
-                hidden = hidden_of(self.adapter.layer(j)(hidden, *args, **kwargs))
+                block = self.adapter.layer(j) if modules else self.blocks[j]
+                hidden = hidden_of(block(hidden, *args, **kwargs))
         return self.adapter.final_norm(hidden)
 
     def check(self, prompts: BatchedPrompts, hidden: torch.Tensor) -> None:
