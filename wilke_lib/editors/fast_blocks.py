@@ -3,11 +3,12 @@
 The runner calls every block above the edited layer twice per optimisation step (forward and
 backward) on a few dozen tokens, where a block's cost is the number of operations it launches more
 than their arithmetic. These forwards compute what the modules compute, from the block's own weights
-(so they follow every edit), in fewer operations: GPT-J's query, key and value projections as one
-matrix product (the three weights stacked once per runner) and the residual sums in one expression;
-GPT-2's projections read directly from its `Conv1D` weights. Attention is PyTorch's
-`scaled_dot_product_attention` with the mask, scale, rotary sin / cos and prefix keys / values the
-model passes the block (recorded by the runner), as transformers' own "sdpa" attention.
+(read when the runner is built, once per edit), in fewer operations: GPT-J's query, key and value and
+the rotated query and key of its rotary embedding out of one matrix product (the rotation is linear:
+its rows are folded into the stacked weights), the residual sums in one expression; GPT-2's
+projections straight from its `Conv1D` weights. Attention is PyTorch's `scaled_dot_product_attention`
+with the mask, scale, rotary sin / cos and prefix keys / values the model passes the block (recorded
+by the runner), as transformers' own "sdpa" attention.
 
 `fast_block` returns None, and the runner calls the module, for any block it does not know exactly:
 another class, a training-mode block, a hook on any of its modules (an editor's hook layer must
@@ -63,25 +64,45 @@ def _gpt2(block: nn.Module, hidden: torch.Tensor, **kwargs: Any) -> torch.Tensor
     return x + torch.addmm(mlp.c_proj.bias, m, mlp.c_proj.weight).view(n, s, d)
 
 
-def _rotate(x: torch.Tensor, rotary_dim: int, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb
+def _rotation_rows(weight: torch.Tensor, heads: int, rotary_dim: int) -> torch.Tensor:
+    """Rows that compute GPT-J's rotate_every_two of `weight`'s output on each head's first rotary_dim
+    dimensions (out[2i] = -x[2i+1], out[2i+1] = x[2i]) and 0 on the others: the rotation is linear, so
+    it is folded into the projection (exactly: the rows are copies and negations)."""
+    d_out, d_in = weight.shape
+    per_head = weight.reshape(heads, d_out // heads, d_in)
+    rows = torch.zeros_like(per_head)
+    rows[:, 0:rotary_dim:2] = -per_head[:, 1:rotary_dim:2]
+    rows[:, 1:rotary_dim:2] = per_head[:, 0:rotary_dim:2]
+    return rows.reshape(d_out, d_in)
 
-    if rotary_dim >= x.shape[-1]:
-        return apply_rotary_pos_emb(x, sin, cos)
-    return torch.cat([apply_rotary_pos_emb(x[..., :rotary_dim], sin, cos), x[..., rotary_dim:]], dim=-1)
 
+def _gptj_forward(heads: int, rotary_dim: int) -> Callable[..., torch.Tensor]:
+    """GPT-J's block, x + attn(ln_1 x) + mlp(ln_1 x), with the rotary embedding
+    q * cos + rotate_every_two(q) * sin (HF's apply_rotary_pos_emb) on the first rotary_dim dimensions
+    of each head, the rotated q and k coming out of the same matrix product as q, k and v."""
+    angles: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-def _gptj(block: nn.Module, qkv_weight: torch.Tensor, hidden: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    attn, mlp = block.attn, block.mlp
-    n, s, d = hidden.shape
-    heads, head_dim = attn.num_attention_heads, attn.head_dim
-    h = _layer_norm(block.ln_1, hidden)
-    q, k, v = F.linear(h, qkv_weight).view(n, s, 3, heads, head_dim).unbind(2)
-    sin, cos = kwargs["position_embeddings"]
-    rotary_dim = attn.rotary_dim or head_dim
-    q, k = _rotate(q, rotary_dim, sin, cos), _rotate(k, rotary_dim, sin, cos)
-    o = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kwargs, attn)
-    return F.linear(o, attn.out_proj.weight) + mlp.fc_out(mlp.act(mlp.fc_in(h))) + hidden
+    def cos_sin(sin: torch.Tensor, cos: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if id(sin) not in angles:  # once per tensor the runner passes (the entry keeps `sin` alive)
+            pad = head_dim - rotary_dim
+            full_cos = torch.cat([cos.repeat_interleave(2, dim=-1), cos.new_ones(*cos.shape[:-1], pad)], dim=-1)
+            full_sin = torch.cat([sin.repeat_interleave(2, dim=-1), sin.new_zeros(*sin.shape[:-1], pad)], dim=-1)
+            angles[id(sin)] = (sin, full_cos.unsqueeze(2), full_sin.unsqueeze(2))
+        return angles[id(sin)][1:]
+
+    def forward(block: nn.Module, weight: torch.Tensor, hidden: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        attn, mlp = block.attn, block.mlp
+        n, s, d = hidden.shape
+        head_dim = d // heads
+        h = _layer_norm(block.ln_1, hidden)
+        q, k, v, q_rotated, k_rotated = F.linear(h, weight).view(n, s, 5, heads, head_dim).unbind(2)
+        sin, cos = kwargs["position_embeddings"]
+        full_cos, full_sin = cos_sin(sin, cos, head_dim)  # (n, s, 1, head_dim)
+        q = q * full_cos + q_rotated * full_sin
+        k = k * full_cos + k_rotated * full_sin
+        o = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kwargs, attn)
+        return F.linear(o, attn.out_proj.weight) + mlp.fc_out(mlp.act(mlp.fc_in(h))) + hidden
+    return forward
 
 
 def _named(block: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | None:
@@ -139,6 +160,11 @@ def fast_block(block: nn.Module, recorded_args: tuple, recorded_kwargs: dict[str
         attn = block.attn
         if any(p.bias is not None for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj)):
             return None
-        qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
-        return _by_name(block, lambda hidden, **kwargs: _gptj(block, qkv_weight, hidden, **kwargs))
+        heads = attn.num_attention_heads
+        rotary_dim = attn.rotary_dim or attn.head_dim
+        q_w, k_w = attn.q_proj.weight.detach(), attn.k_proj.weight.detach()
+        weight = torch.cat([q_w, k_w, attn.v_proj.weight.detach(),
+                            _rotation_rows(q_w, heads, rotary_dim), _rotation_rows(k_w, heads, rotary_dim)])
+        forward = _gptj_forward(heads, rotary_dim)
+        return _by_name(block, lambda hidden, **kwargs: forward(block, weight, hidden, **kwargs))
     return None
