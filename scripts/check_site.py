@@ -187,6 +187,21 @@ def _target(html_dir: Path, base: str, page_url: str, href: str) -> tuple[str, s
     return path, fragment
 
 
+def load_page(driver, url: str, attempts: int = 2) -> str:
+    """Load `url` and wait for MathJax: its state ("typeset", "none", "error: ...", "timeout"). A page
+    whose MathJax start-up never settles (seen once in headless Chromium on a loaded machine, a
+    browser-side stall) is loaded again before it counts as "timeout"."""
+    from selenium.common.exceptions import TimeoutException
+
+    for _ in range(attempts):
+        driver.get(url)
+        try:
+            return driver.execute_async_script(MATHJAX_WAIT)
+        except TimeoutException:
+            continue
+    return "timeout (the browser's script timeout, page loaded twice)"
+
+
 def check_site(html_dir: Path, browser_paths: tuple[str, str], *, screenshots: list[str] = (),
                screenshot_dir: Path | None = None, verbose: bool = False) -> Report:
     """Load every page of the site in headless Chromium and collect the counts and the errors."""
@@ -200,8 +215,7 @@ def check_site(html_dir: Path, browser_paths: tuple[str, str], *, screenshots: l
         for page in site_pages(html_dir):
             url = base + page
             before = len(failed_requests)
-            driver.get(url)
-            state = driver.execute_async_script(MATHJAX_WAIT)
+            state = load_page(driver, url)
             time.sleep(0.05)
             info = driver.execute_script(PAGE_SCRIPT)
             report.pages += 1
