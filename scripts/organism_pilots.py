@@ -121,6 +121,9 @@ PILOTS.update({
     "gpu-deep12-pressure": replace(PRESSURE, n_layer=12),
     "gpu-deep48-pressure": replace(PRESSURE, n_layer=48, d_model=64, d_mlp=32),
     "gpu-deep24-gptj-pressure": replace(PRESSURE, arch="gptj"),
+    # GPT-J's MLP reads the block's input in parallel with attention: MLP 0 sees the last name piece
+    # alone, so a syllable name can be looked up no earlier than MLP 1 (run on the CPU, 80 epochs in ~35 min)
+    "gpu-deep12-gptj-pressure": replace(PRESSURE, n_layer=12, arch="gptj"),
 })
 
 
