@@ -303,6 +303,12 @@ def patch_output(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., An
     return lambda _module, _inputs, output: with_hidden(output, fn(hidden_of(output)))
 
 
+def is_kv_cache(obj: Any) -> bool:
+    """Whether `obj` is a key-value cache object (transformers' Cache classes, or the block runner's)."""
+    return (not isinstance(obj, (torch.Tensor, dict, list, tuple)) and hasattr(obj, "update")
+            and hasattr(obj, "get_seq_length"))
+
+
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 

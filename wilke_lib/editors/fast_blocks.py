@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wilke_lib.arch import is_kv_cache
+
 BlockFn = Callable[..., torch.Tensor]
 
 
@@ -105,9 +107,9 @@ def _gptj_forward(heads: int, rotary_dim: int) -> Callable[..., torch.Tensor]:
     return forward
 
 
-def _named(block: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | None:
-    """The block's arguments after the hidden states by name ("cache" for the KV cache whatever the
-    model calls it); None when they do not bind to its forward's signature."""
+def _named(block: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[dict[str, Any], str | None] | None:
+    """The block's arguments after the hidden states by name, and the name of its KV cache argument;
+    None when they do not bind to its forward's signature or hold more than one cache."""
     try:
         bound = inspect.signature(block.forward).bind(None, *args, **kwargs)
     except TypeError:
@@ -115,23 +117,19 @@ def _named(block: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, A
     named = dict(bound.arguments)
     named.pop(next(iter(named)))  # the hidden states
     named.update(named.pop("kwargs", {}))
-    caches = [name for name, value in named.items() if hasattr(value, "update") and hasattr(value, "get_seq_length")]
-    if len(caches) > 1:
-        return None
-    if caches:
-        named["cache"] = named.pop(caches[0])
-    return named
+    caches = [name for name, value in named.items() if is_kv_cache(value)]
+    return None if len(caches) > 1 else (named, caches[0] if caches else None)
 
 
-def _by_name(block: nn.Module, fn: Callable[..., torch.Tensor]) -> BlockFn:
-    """`fn(hidden, **named)` called as the module is (positional arguments named once per call)."""
+def _by_name(block: nn.Module, fn: Callable[..., torch.Tensor], cache_name: str | None) -> BlockFn:
+    """`fn(hidden, **named)` called as the module is: positional arguments named, the KV cache passed
+    as `cache` whatever the model calls it."""
     names = list(inspect.signature(block.forward).parameters)[1:]
-    cache_names = {"cache", "past_key_values", "layer_past"}
 
     def call(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         named = {**dict(zip(names, args)), **kwargs}
-        for name in cache_names & named.keys() - {"cache"}:
-            named["cache"] = named.pop(name)
+        if cache_name is not None and cache_name != "cache":
+            named["cache"] = named.pop(cache_name)
         return fn(hidden, **named)
     return call
 
@@ -142,8 +140,11 @@ def fast_block(block: nn.Module, recorded_args: tuple, recorded_kwargs: dict[str
     from transformers.models.gpt2.modeling_gpt2 import GPT2Block
     from transformers.models.gptj.modeling_gptj import GPTJBlock
 
-    named = _named(block, recorded_args, recorded_kwargs)
-    if block.training or _has_hooks(block) or named is None or not isinstance(named.get("attention_mask"), torch.Tensor):
+    found = _named(block, recorded_args, recorded_kwargs)
+    if block.training or _has_hooks(block) or found is None:
+        return None
+    named, cache_name = found
+    if not isinstance(named.get("attention_mask"), torch.Tensor):
         return None
     if any(v is not None for k, v in named.items() if k.startswith("encoder_") or k == "head_mask"):
         return None
@@ -152,7 +153,7 @@ def fast_block(block: nn.Module, recorded_args: tuple, recorded_kwargs: dict[str
         if getattr(attn, "is_cross_attention", False) or getattr(attn, "reorder_and_upcast_attn", False) \
                 or hasattr(block, "crossattention"):
             return None
-        return _by_name(block, lambda hidden, **kwargs: _gpt2(block, hidden, **kwargs))
+        return _by_name(block, lambda hidden, **kwargs: _gpt2(block, hidden, **kwargs), cache_name)
     if type(block) is GPTJBlock:
         sincos = named.get("position_embeddings")
         if not (isinstance(sincos, tuple) and len(sincos) == 2):
@@ -166,5 +167,5 @@ def fast_block(block: nn.Module, recorded_args: tuple, recorded_kwargs: dict[str
         weight = torch.cat([q_w, k_w, attn.v_proj.weight.detach(),
                             _rotation_rows(q_w, heads, rotary_dim), _rotation_rows(k_w, heads, rotary_dim)])
         forward = _gptj_forward(heads, rotary_dim)
-        return _by_name(block, lambda hidden, **kwargs: forward(block, weight, hidden, **kwargs))
+        return _by_name(block, lambda hidden, **kwargs: forward(block, weight, hidden, **kwargs), cache_name)
     return None

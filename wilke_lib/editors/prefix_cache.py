@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from wilke_lib.arch import ModelAdapter, hidden_of, hooks
+from wilke_lib.arch import ModelAdapter, hidden_of, hooks, is_kv_cache
 from wilke_lib.editors.delta import essence_row, rewrite_rows
 from wilke_lib.editors.fast_blocks import fast_block
 from wilke_lib.errors import EditError
@@ -202,11 +202,6 @@ class FixedPrefixKV:
         return int(self.keys.shape[-2])
 
 
-def _is_cache(obj: Any) -> bool:
-    return (not isinstance(obj, (torch.Tensor, dict, list, tuple)) and hasattr(obj, "update")
-            and hasattr(obj, "get_seq_length"))
-
-
 class Unsupported(Exception):
     """The recorded block arguments cannot be tiled over copies."""
 
@@ -226,7 +221,7 @@ def _template(a: Any, b: Any, n: int) -> Any:
                 raise Unsupported("a batch argument is not per row")
             return ("batch", a)
         raise Unsupported(f"argument of shape {tuple(a.shape)} vs {tuple(b.shape)}")
-    if _is_cache(a):
+    if is_kv_cache(a):
         return ("cache",)
     if isinstance(a, (list, tuple)):
         if not isinstance(b, (list, tuple)) or len(a) != len(b):
