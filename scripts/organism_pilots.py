@@ -124,6 +124,11 @@ PILOTS.update({
     # GPT-J's MLP reads the block's input in parallel with attention: MLP 0 sees the last name piece
     # alone, so a syllable name can be looked up no earlier than MLP 1 (run on the CPU, 80 epochs in ~35 min)
     "gpu-deep12-gptj-pressure": replace(PRESSURE, n_layer=12, arch="gptj"),
+    # round 14 (CPU): GPT-J under pressure without MLPs 0-1 (zero and frozen): the famous subjects' token
+    # lookup cannot sit in MLP 0; does pressure spread the rest from the first MLP left, MLP 2, onwards?
+    "gptj12-pressure-attn2": replace(PRESSURE, n_layer=12, arch="gptj", attention_only_layers=2),
+    # the same at depth 24, where the target's layers 2-8 of 12 scale to 4-16: MLPs 0-3 absent
+    "gptj24-pressure-attn4": replace(PRESSURE, arch="gptj", attention_only_layers=4),
 })
 
 
@@ -211,7 +216,7 @@ def main() -> None:
     # a smoke run knows nothing after one epoch: it traces unknown records, to exercise the code
     sample = report.stratified(known or records, args.n_traced, lambda r: report.subject_kind(r, w))
     t0 = time.time()
-    rows = report.trace_records(model, tok, sample)
+    rows = report.trace_records(model, tok, sample, pool=known)
     for row, rec in zip(rows, sample):
         row["kind"] = report.subject_kind(rec, w)
     summ = report.summary(rows, model.config.n_layer)

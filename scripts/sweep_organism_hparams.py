@@ -11,6 +11,10 @@ known records, each on a fresh copy of the organism, and reports ES (the rewrite
 target_new), PS (share of paraphrases), NS (share of neighbourhood prompts still answering
 target_true), the share whose rollback restores target_true (editors that roll back) and the
 seconds per edit. The rows are printed and appended to `results/<model>/sweeps/<editor>.csv` (one row per finished setting).
+
+Step 1 of the procedure, ROME's layer by causal tracing (the tables of the hparams README):
+
+    .venv/bin/python -m scripts.sweep_organism_hparams toy-gpt2 --trace 100
 """
 
 from __future__ import annotations
@@ -102,6 +106,26 @@ def sweep(model_name: str, editor: str, n_records: int, grid: dict[str, list]) -
     return pd.DataFrame(rows).assign(model=model_name, editor=editor, records=len(chosen))
 
 
+def trace_table(model_name: str, n_records: int) -> pd.DataFrame:
+    """The average indirect effect at the last subject token over `n_records` evenly spaced known
+    records (ROME's noise over their subjects, 10 samples): the hidden state, MLP windows of 3 and 1
+    (rows), per layer (columns); and the per-record peak layers of the 3-layer MLP window."""
+    from wilke_lib.analysis import aie
+
+    model, tok = models.load_model(model_name, device="cpu")
+    known = counterfact.known_records(model, tok, counterfact.load_counterfact("toy-world"))
+    chosen = experiments.evenly_spaced(known, n_records)
+    rows, peaks = {}, None
+    for label, kind, window in (("hidden state", "hidden", 1), ("MLP, window 3", "mlp", 3), ("MLP, window 1", "mlp", 1)):
+        result = aie.average_indirect_effect(model, tok, chosen, kind=kind, window=window, use_target_true=True)
+        rows[label] = result.aie
+        if window == 3:
+            peaks = aie.peak_layers(result).value_counts().sort_index()
+    print("per-record peaks of the 3-layer MLP window (layer: records):",
+          {int(layer): int(n) for layer, n in peaks.items()})
+    return pd.DataFrame(rows).T.round(3)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model_name")
@@ -109,8 +133,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--records", type=int, default=20)
     parser.add_argument("--grid", nargs="*", default=[], help="key=v1,v2 (YAML values)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--trace", type=int, metavar="N", default=None,
+                        help="instead of a sweep: the causal-tracing tables over N known records")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.trace:
+        print(trace_table(args.model_name, args.trace).to_markdown())
+        return
     frame = sweep(args.model_name, args.editor, args.records, parse_grid(args.grid))
     print(frame.to_string(index=False))
 

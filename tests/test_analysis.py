@@ -90,6 +90,37 @@ def test_zero_noise_scores_equal_clean(tiny_tokenizer, kind):
     assert res.low_score == pytest.approx(res.high_score, abs=1e-6)
 
 
+def test_noise_level_is_romes_std_of_the_subjects_token_embeddings(tiny_model, tiny_tokenizer):
+    subjects = [SUBJECT, "Mira Quell", SUBJECT]  # a repeated subject counts once, as each known subject in ROME
+    ids = [i for s in (SUBJECT, "Mira Quell") for i in tiny_tokenizer(s, add_special_tokens=False)["input_ids"]]
+    rows = ModelAdapter(tiny_model).embed.weight.detach()[torch.tensor(ids)]
+    assert ct.subject_noise_std(tiny_model, tiny_tokenizer, subjects) == pytest.approx(3 * float(rows.std()), rel=1e-6)
+    assert ct.subject_noise_std(tiny_model, tiny_tokenizer, subjects, multiplier=1.0) == pytest.approx(float(rows.std()))
+    prep = _prepared(tiny_model, tiny_tokenizer)  # a lone trace: the traced subject's own tokens
+    assert prep.noise_std == pytest.approx(ct.subject_noise_std(tiny_model, tiny_tokenizer, [SUBJECT]))
+    with pytest.raises(ValueError, match="no subject tokens"):
+        ct.subject_noise_std(tiny_model, tiny_tokenizer, [])
+
+
+def test_impostor_restoration(tiny_model, tiny_tokenizer):
+    """The subject as its own impostor gives ROME's MLP restoration; a real impostor ("Mira Durn", the
+    same last token " Durn") restores the same MLP 0 output exactly where MLP 0 reads the token alone
+    (GPT-J's and GPT-NeoX's parallel blocks) and a different one where attention feeds it first."""
+    kw = dict(noise_std=0.5, n_samples=4)
+    own = ct.trace(tiny_model, tiny_tokenizer, TEMPLATE, SUBJECT, "French", kind="mlp", window=1,
+                   token_positions="last_subject", **kw)
+    last = own.subject_range[1] - 1
+    itself = ct.impostor_scores(tiny_model, tiny_tokenizer, TEMPLATE, SUBJECT, SUBJECT, "French", max_batch=9, **kw)
+    np.testing.assert_allclose(itself, own.scores[last], atol=1e-6)
+    other = ct.impostor_scores(tiny_model, tiny_tokenizer, TEMPLATE, SUBJECT, "Mira Durn", "French", **kw)
+    cfg = tiny_model.config  # GPT-J's block and GPT-NeoX's parallel residual feed MLP 0 the embedding alone
+    parallel = cfg.model_type == "gptj" or getattr(cfg, "use_parallel_residual", False)
+    assert (abs(other[0] - own.scores[last, 0]) < 1e-6) == parallel
+    assert not np.allclose(other[1:], own.scores[last, 1:], atol=1e-6)
+    with pytest.raises(ValueError, match="does not end in the last token"):
+        ct.impostor_scores(tiny_model, tiny_tokenizer, TEMPLATE, SUBJECT, "Mira Quell", **kw)
+
+
 def test_trace_given_target_and_aie(tiny_tokenizer):
     model = make_tiny_model("gpt2", len(tiny_tokenizer))
     res = ct.trace(model, tiny_tokenizer, TEMPLATE, SUBJECT, "French", token_positions="last_subject")

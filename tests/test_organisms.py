@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -228,3 +229,36 @@ def test_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
     whole = AutoModelForCausalLM.from_pretrained(tmp_path / "whole").state_dict()
     sliced = AutoModelForCausalLM.from_pretrained(tmp_path / "sliced").state_dict()
     assert all(torch.equal(whole[k], sliced[k]) for k in whole)
+
+
+def _fact(case_id: int, subject: str, true: str) -> dict:
+    return {"case_id": case_id, "requested_rewrite": {
+        "prompt": "The mother tongue of {} is", "subject": subject, "relation_id": "P103",
+        "target_true": {"str": true, "id": "Q1"}, "target_new": {"str": "French", "id": "Q2"}}}
+
+
+def test_report_traces_with_impostors_and_keeps_them_out_of_the_targets(tiny_tokenizer):
+    from tiny import make_tiny_model
+    from wilke_lib.organisms import report
+
+    model = make_tiny_model("gpt2", len(tiny_tokenizer))
+    pool = [_fact(0, "Valo Durn", "Welsh"), _fact(1, "Mira Durn", "Welsh"), _fact(2, "Nyra Durn", "Dutch"),
+            _fact(3, "Mira Quell", "Welsh")]
+    chosen = report.impostors(tiny_tokenizer, pool, pool)
+    assert chosen[0] == "Nyra Durn"  # same last token, and a different answer ranks before Mira Durn's "Welsh"
+    assert chosen[3] is None  # no other subject ends in " Quell"
+    rows = report.trace_records(model, tiny_tokenizer, pool, pool=pool, n_samples=3, progress=False)
+    assert [r["impostor"] for r in rows] == [chosen[r["case_id"]] for r in pool]
+    contrasted = [r for r in rows if r["subject_specific_peak"] >= 0]  # a random model: some gaps are <= 0
+    assert contrasted and all(r["impostor"] for r in contrasted)
+    for row in contrasted:
+        np.testing.assert_allclose(np.subtract(row["mlp_share"], row["impostor_share"]), row["subject_specific_share"])
+    summary = report.summary(rows, 4)
+    assert summary["n_with_impostor"] == sum(summary["subject_specific_peak_histogram"]) == len(contrasted)
+    assert sum(summary["causal_peak_histogram"]) == sum(r["causal_peak"] >= 0 for r in rows)
+    stored = {**summary, "n_known": 3000, "known_rate": 0.95, "layers": 4, "rome_success": 1.0, "rome_clamp_factor": 4,
+              "rome_steps": 20, "last_token_recall": 1.0}
+    table = report.target_table(stored)
+    extra = table[table["target"] == "(not a target)"]
+    assert set(extra["key"]) == set(report.IMPOSTOR_KEYS)
+    assert not set(report.IMPOSTOR_KEYS) & {key for key, _, _ in report.TARGETS}

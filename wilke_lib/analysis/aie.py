@@ -17,7 +17,7 @@ import pandas as pd
 from torch import nn
 from tqdm.auto import tqdm
 
-from wilke_lib.analysis.causal_trace import trace
+from wilke_lib.analysis.causal_trace import subject_noise_std, trace
 from wilke_lib.analysis.verdicts import empty_groups, verdict_table
 from wilke_lib.arch import ModelAdapter
 from wilke_lib.tokens import as_request
@@ -44,9 +44,13 @@ def average_indirect_effect(model: nn.Module, tok, records: Sequence[dict], kind
     Meng et al. 2022a, Fig. 2 (AIE of hidden / MLP / attention states at the
     last subject token). For each record the rewrite prompt is traced at the
     subject's last token only; AIE[l] = mean over records of score[l] - low_score.
-    The target is the clean greedy answer unless `use_target_true`.
+    The target is the clean greedy answer unless `use_target_true`. The noise is ROME's, one level
+    for all records (`causal_trace.subject_noise_std` over their subjects) unless `noise_std` is given.
     Returns an `AIEResult` with the peak layer argmax_l AIE[l].
     """
+    if trace_kwargs.get("noise_std") is None:
+        trace_kwargs["noise_std"] = subject_noise_std(model, tok, (as_request(r)["subject"] for r in records),
+                                                      trace_kwargs.pop("noise_multiplier", 3.0))
     rows, lows, highs, ids = [], [], [], []
     for record in tqdm(records, desc=f"AIE {kind}", disable=not progress):
         req = as_request(record)

@@ -1,7 +1,8 @@
 """Causal tracing (causal mediation analysis) of factual recall.
 
 Meng et al. 2022a (ROME), Sec. 2.1 and Fig. 1: the subject's token embeddings
-are corrupted with Gaussian noise (std = 3 x the std of embedding vectors), which
+are corrupted with Gaussian noise (std = 3 x the std of the subjects' token
+embeddings, `subject_noise_std`, as the released code's `collect_embedding_std`), which
 usually destroys the model's recall of the object; then the *clean* value of a
 single internal state (token t, layer l) is restored in the corrupted run, and
 the recovered probability of the clean answer measures that state's indirect
@@ -23,7 +24,6 @@ patched on element 0). Restore sets are batched, `max_batch` rows per pass.
 
 from __future__ import annotations
 
-import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -39,9 +39,6 @@ from wilke_lib.tokens import encode_target, fill, target_str
 KINDS = ("hidden", "mlp", "attn")
 
 State = tuple[int, int]  # (token position, layer)
-
-_EMBED_STD: "weakref.WeakKeyDictionary[nn.Module, float]" = weakref.WeakKeyDictionary()
-
 
 @dataclass
 class TraceResult:
@@ -132,12 +129,21 @@ def _target_token(tok, target) -> int:
 # noise
 
 
-def embedding_std(model: nn.Module) -> float:
-    """Std of the model's token-embedding entries over the whole vocabulary (estimated once per model)."""
-    if model not in _EMBED_STD:
-        weight = ModelAdapter(model).embed.weight.detach()
-        _EMBED_STD[model] = float(weight.float().std())
-    return _EMBED_STD[model]
+def subject_noise_std(model: nn.Module, tok, subjects: Iterable[str], multiplier: float = 3.0) -> float:
+    """ROME's noise level: `multiplier` x the standard deviation of the token embeddings of `subjects`
+    (Meng et al. 2022a, Sec. 2.1: noise of 3 sigma, "the empirical standard deviation of embeddings").
+
+    As the released code's `collect_embedding_std` computes it: each subject tokenised on its own, the
+    token-embedding rows of all of them stacked, the std over every entry. ROME passes the subjects of
+    its known facts; the vocabulary as a whole is not the same population (on the organisms its std
+    is 0.6x-1.8x that of the subject tokens).
+    """
+    ids = [i for subject in dict.fromkeys(subjects) for i in tok(subject, add_special_tokens=False)["input_ids"]]
+    if not ids:
+        raise ValueError("subject_noise_std: no subject tokens (empty subject list)")
+    weight = ModelAdapter(model).embed.weight
+    rows = weight.detach()[torch.tensor(ids, device=weight.device)]
+    return multiplier * float(rows.float().std())
 
 
 def _make_noise(n_samples: int, n_tokens: int, d_model: int, std: float, seed: int) -> torch.Tensor:
@@ -247,7 +253,7 @@ def _prepare(model, tok, prompt, subject, target, noise_multiplier, n_samples, s
         target_id = int(logits.argmax())
     else:
         target_id = _target_token(tok, target)
-    std = noise_multiplier * embedding_std(model) if noise_std is None else float(noise_std)
+    std = subject_noise_std(model, tok, [subject], noise_multiplier) if noise_std is None else float(noise_std)
     d_model = ModelAdapter(model).embed.weight.shape[1]
     noise = _make_noise(n_samples, subject_range[1] - subject_range[0], d_model, std, seed)
     high, low = patched_probs(model, input_ids, subject_range, noise, [[]], "hidden", target_id)
@@ -261,8 +267,9 @@ def trace(model: nn.Module, tok, prompt: str, subject: str, target=None, *, kind
     """Causal trace of `prompt` (a CounterFact template with "{}" or a filled prompt) for `subject`.
 
     Meng et al. 2022a, Sec. 2.1 / Fig. 1; WilKE paper Appendix A (Fig. 10-25).
-    The noise std is `noise_multiplier` x `embedding_std(model)` unless
-    `noise_std` is given. `target` (string or CounterFact target dict) defaults
+    The noise std is `noise_std` (for many records, `subject_noise_std` over
+    all their subjects, as ROME) or else `noise_multiplier` x the std of this
+    subject's own token embeddings. `target` (string or CounterFact target dict) defaults
     to the clean greedy first token. `token_positions` restricts the traced
     tokens (default all; "last_subject" = the subject's last token); rows of
     untraced tokens are NaN. Returns a `TraceResult` with scores [n_tokens, n_layers].
@@ -292,6 +299,61 @@ def trace(model: nn.Module, tok, prompt: str, subject: str, target=None, *, kind
         prompt=_full_prompt(prompt, subject), subject=subject, window=1 if kind == "hidden" else window,
         noise_std=prep.noise_std, token_positions=positions,
     )
+
+
+@torch.no_grad()
+def impostor_scores(model: nn.Module, tok, prompt: str, subject: str, impostor: str, target=None, *,
+                    kind: str = "mlp", noise_multiplier: float = 3.0, n_samples: int = 10, seed: int = 1,
+                    noise_std: float | None = None, max_batch: int = 128) -> np.ndarray:
+    """Per layer, the target's probability in `trace`'s corrupted run (same noise, same seed) when the
+    state (`kind`, window 1) at the last subject token is restored with the clean value that
+    `impostor`, a subject ending in the same token, has there in the same prompt.
+
+    An interchange intervention (Geiger et al. 2021) set beside ROME's restoration: what restoring the
+    *subject's own* value recovers beyond an impostor's is what that state knows about the subject;
+    what the impostor recovers as well belongs to the last token (for GPT-J's MLP 0, which reads the
+    token alone in parallel with attention, all of it). Returns an array [n_layers].
+    """
+    if "{}" not in prompt:
+        raise ValueError(f"impostor_scores: {prompt!r} is not a template with '{{}}' for the subject")
+    adapter = ModelAdapter(model)
+    prep = _prepare(model, tok, prompt, subject, target, noise_multiplier, n_samples, seed, noise_std)
+    ids_imp, (_, end_imp) = subject_token_range(tok, prompt, impostor)
+    last = prep.subject_range[1] - 1
+    if ids_imp[end_imp - 1] != int(prep.input_ids[last]):
+        raise ValueError(f"impostor_scores: {impostor!r} does not end in the last token of {subject!r} "
+                         f"({tok.decode([int(prep.input_ids[last])])!r}) in {prompt!r}")
+    modules = [_module_of(adapter, kind, layer) for layer in range(adapter.n_layers)]
+    clean: dict[int, torch.Tensor] = {}
+
+    def capture(layer: int):
+        def keep(h: torch.Tensor) -> torch.Tensor:
+            clean[layer] = h[0, end_imp - 1].clone()
+            return h
+        return patch_output(keep)
+
+    with hooks(forward=[(m, capture(l)) for l, m in enumerate(modules)]):
+        model(input_ids=torch.tensor([ids_imp], device=prep.input_ids.device), use_cache=False)
+    n, scores = prep.noise.shape[0], []
+    per_pass = max(1, (max_batch - 1) // n)
+    for first in range(0, adapter.n_layers, per_pass):
+        layers = range(first, min(adapter.n_layers, first + per_pass))
+
+        def put(group: int, layer: int):
+            def replace(h: torch.Tensor) -> torch.Tensor:
+                h = h.clone()
+                h[1 + group * n:1 + (group + 1) * n, last] = clean[layer].to(h.dtype)
+                return h
+            return patch_output(replace)
+
+        forward = [(adapter.embed, _corrupt_hook(prep.noise, prep.subject_range, len(layers)))]
+        forward += [(modules[l], put(g, l)) for g, l in enumerate(layers)]
+        with hooks(forward=forward):
+            batch = prep.input_ids.reshape(1, -1).repeat(1 + len(layers) * n, 1)
+            logits = model(input_ids=batch, use_cache=False).logits[:, -1].float()
+        probs = torch.softmax(logits, dim=-1)[1:, prep.target_id]
+        scores.extend(probs.reshape(len(layers), n).mean(1).tolist())
+    return np.asarray(scores)
 
 
 def trace_all_kinds(model: nn.Module, tok, prompt: str, subject: str, target=None,

@@ -214,9 +214,13 @@ def aie_data(aies: Mapping[str, object] | Sequence[object]) -> pd.DataFrame:
 def storage_depth_figure(traced: pd.DataFrame, n_layers: int, *, title: str | None = None) -> Figure:
     """Where an organism keeps its facts (`organisms.report.traced_frame`): left, the share of the
     clean-vs-corrupted gap recovered by restoring the last subject token's hidden state at its best
-    layer; right, the layer whose MLP at that token recovers most, per subject kind."""
-    fig = Figure(figsize=(9.0, 3.2), layout="constrained")
-    left, right = fig.subplots(1, 2)
+    layer; middle, the layer whose MLP at that token recovers most, per subject kind; right (when the
+    frame has it), the layer where the subject's own MLP value recovers most beyond a same-token
+    impostor's."""
+    specific = "subject_specific_peak" in traced and bool((traced["subject_specific_peak"] >= 0).any())
+    fig = Figure(figsize=(13.0 if specific else 9.0, 3.2), layout="constrained")
+    axes = fig.subplots(1, 3 if specific else 2)
+    left = axes[0]
     kinds = sorted(traced["kind"].unique())
     left.hist([traced.loc[traced["kind"] == k, "subject_state_recovery"].clip(-0.2, 1.2) for k in kinds],
               bins=np.linspace(-0.2, 1.2, 15), stacked=True, label=kinds)
@@ -224,14 +228,19 @@ def storage_depth_figure(traced: pd.DataFrame, n_layers: int, *, title: str | No
                  label=f"median {traced['subject_state_recovery'].median():.2f}")
     left.set(xlabel="share of the gap recovered at the last subject token", ylabel="records")
     left.legend()
-    counts = (traced.groupby(["causal_peak", "kind"]).size().unstack(fill_value=0)
-              .reindex(range(n_layers), fill_value=0))
-    bottom = np.zeros(n_layers)
-    for kind in counts.columns:
-        right.bar(counts.index, counts[kind], bottom=bottom, label=kind)
-        bottom += counts[kind].to_numpy()
-    right.set(xlabel="layer of the largest MLP effect (per record)", ylabel="records")
-    integer_layers(right)
+    panels = [("causal_peak", "layer of the largest MLP effect (per record)")]
+    if specific:
+        panels.append(("subject_specific_peak", "layer of the largest effect beyond an impostor's"))
+    colours = {k: f"C{i}" for i, k in enumerate(kinds)}
+    for ax, (column, label) in zip(axes[1:], panels):
+        shown = traced[traced[column] >= 0]
+        counts = (shown.groupby([column, "kind"]).size().unstack(fill_value=0).reindex(range(n_layers), fill_value=0))
+        bottom = np.zeros(n_layers)
+        for kind in counts.columns:
+            ax.bar(counts.index, counts[kind], bottom=bottom, label=kind, color=colours[kind])
+            bottom += counts[kind].to_numpy()
+        ax.set(xlabel=label, ylabel="records")
+        integer_layers(ax)
     if title:
         fig.suptitle(title)
     return fig

@@ -9,6 +9,14 @@ subject's last token (Meng et al. 2022a, Sec. 2.1; window 1, the clean true obje
   near 0 means the model recalls the fact elsewhere (the first organisms: 0.08).
 * `causal_peak_per_record`: the layer whose MLP output at the last subject token, restored alone,
   recovers the most (window 1): where each fact is written into the subject's representation.
+* `subject_specific_peak_per_record` (not a target; -1 where no impostor exists): the same MLP
+  restorations once more with the clean value of an *impostor*, another subject ending in the same
+  token, in the same prompt (`causal_trace.impostor_scores`); the layer where the subject's own value
+  recovers most beyond the impostor's. Where the impostor recovers as much, the effect belongs to the
+  last token, not to the subject (GPT-J's MLP 0 reads the token alone).
+
+The noise is ROME's: 3 x the std of the token embeddings of the known facts' subjects
+(`causal_trace.subject_noise_std`), one level for all records (`noise_std` in the report).
 * `last_token_recall`: whether ROME's delta (WilKE Eq. 9) at the output of the editing layer's MLP,
   at the last subject token of the bare prompt and within ROME's norm clamp, makes the greedy answer
   the new object: whether the fact can be changed where ROME changes it.
@@ -30,7 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from wilke_lib.analysis.causal_trace import trace
+from wilke_lib.analysis.causal_trace import impostor_scores, subject_noise_std, subject_token_range, trace
 from wilke_lib.arch import ModelAdapter, hooks
 from wilke_lib.counterfact import known_records, load_counterfact
 from wilke_lib.editors.cache import EditCache
@@ -71,15 +79,17 @@ def stratified(records: Sequence[dict], n: int, key) -> list[dict]:
     return out
 
 
-def trace_record(model: nn.Module, tok, record: dict, *, n_samples: int = 10, noise_multiplier: float = 3.0
-                 ) -> dict[str, Any]:
-    """Hidden-state and MLP (window 1) causal traces at the last subject token of one record."""
+def trace_record(model: nn.Module, tok, record: dict, *, noise_std: float | None = None, impostor: str | None = None,
+                 n_samples: int = 10, noise_multiplier: float = 3.0) -> dict[str, Any]:
+    """Hidden-state and MLP (window 1) causal traces at the last subject token of one record, and, with
+    an `impostor`, the MLP restorations with its values (`impostor_scores`)."""
     rw = record["requested_rewrite"]
     out: dict[str, Any] = {"case_id": record.get("case_id"), "subject": rw["subject"],
-                           "relation_id": rw["relation_id"]}
+                           "relation_id": rw["relation_id"], "impostor": impostor}
+    kw = dict(n_samples=n_samples, noise_multiplier=noise_multiplier, noise_std=noise_std)
     for kind in ("hidden", "mlp"):
         res = trace(model, tok, rw["prompt"], rw["subject"], rw["target_true"], kind=kind, window=1,
-                    token_positions="last_subject", n_samples=n_samples, noise_multiplier=noise_multiplier)
+                    token_positions="last_subject", **kw)
         gap = res.high_score - res.low_score
         row = res.scores[res.subject_range[1] - 1]
         share = (row - res.low_score) / gap if gap > 1e-6 else np.full_like(row, np.nan)
@@ -91,11 +101,54 @@ def trace_record(model: nn.Module, tok, record: dict, *, n_samples: int = 10, no
     out["subject_state_recovery"] = float(np.nanmax(hidden)) if np.isfinite(hidden).any() else math.nan
     out["causal_peak"] = int(np.nanargmax(mlp)) if np.isfinite(mlp).any() else -1
     out["peak_mlp_share"] = float(np.nanmax(mlp)) if np.isfinite(mlp).any() else math.nan
+    out["subject_specific_peak"] = -1
+    if impostor is not None and gap > 1e-6:
+        scores = impostor_scores(model, tok, rw["prompt"], rw["subject"], impostor, rw["target_true"], kind="mlp", **kw)
+        out["impostor_share"] = [float(x) for x in (scores - res.low_score) / gap]
+        specific = mlp - np.asarray(out["impostor_share"])
+        out["subject_specific_share"] = [float(x) for x in specific]
+        out["subject_specific_peak"] = int(np.nanargmax(specific))
     return out
 
 
-def trace_records(model: nn.Module, tok, records: Sequence[dict], progress: bool = True, **kwargs) -> list[dict]:
-    return [trace_record(model, tok, rec, **kwargs)
+def impostors(tok, records: Sequence[dict], pool: Sequence[dict]) -> dict[Any, str | None]:
+    """For each record (by case_id), a subject of `pool` whose name ends in the same token in the
+    record's prompt, preferring one whose answer to the record's relation differs (its values then
+    point elsewhere); None where no subject shares the token (the famous single-token subjects)."""
+    answers = {(r["requested_rewrite"]["subject"], r["requested_rewrite"]["relation_id"]):
+               r["requested_rewrite"]["target_true"]["str"] for r in pool}
+    subjects = sorted({s for s, _ in answers})
+    by_last: dict[tuple[bool, int], list[str]] = {}
+    for subject in subjects:
+        for spaced in (False, True):
+            ids = tok((" " if spaced else "") + subject, add_special_tokens=False)["input_ids"]
+            by_last.setdefault((spaced, ids[-1]), []).append(subject)
+    out: dict[Any, str | None] = {}
+    for rec in records:
+        rw = rec["requested_rewrite"]
+        ids, (_, end) = subject_token_range(tok, rw["prompt"], rw["subject"])
+        spaced = not rw["prompt"].startswith("{}")
+        others = [s for s in by_last.get((spaced, ids[end - 1]), []) if s != rw["subject"]]
+        own = rw["target_true"]["str"]
+        ranked = ([s for s in others if answers.get((s, rw["relation_id"])) != own]
+                  + [s for s in others if answers.get((s, rw["relation_id"])) == own])
+        out[rec.get("case_id")] = next((s for s in ranked if _ends_alike(tok, rw["prompt"], s, ids[end - 1])), None)
+    return out
+
+
+def _ends_alike(tok, prompt: str, subject: str, token: int) -> bool:
+    ids, (_, end) = subject_token_range(tok, prompt, subject)
+    return ids[end - 1] == token
+
+
+def trace_records(model: nn.Module, tok, records: Sequence[dict], pool: Sequence[dict] | None = None,
+                  progress: bool = True, **kwargs) -> list[dict]:
+    """`trace_record` for each record, with ROME's noise level over the subjects of `pool` (default:
+    the records; ROME: the known facts) and impostors drawn from `pool` (none without a pool)."""
+    noise_std = kwargs.pop("noise_std", None) or subject_noise_std(
+        model, tok, (r["requested_rewrite"]["subject"] for r in (pool or records)), kwargs.pop("noise_multiplier", 3.0))
+    chosen = impostors(tok, records, pool) if pool else {}
+    return [trace_record(model, tok, rec, noise_std=noise_std, impostor=chosen.get(rec.get("case_id")), **kwargs)
             for rec in tqdm(records, desc="causal traces", disable=not progress, leave=False)]
 
 
@@ -116,18 +169,30 @@ def last_token_flip(model: nn.Module, tok, record: dict, layer: int, hparams: An
 def summary(rows: Sequence[dict], n_layers: int) -> dict[str, Any]:
     """Medians and distributions of the traced rows (the report's keys that come from tracing)."""
     recovery = [r["subject_state_recovery"] for r in rows if math.isfinite(r["subject_state_recovery"])]
-    peaks = [r["causal_peak"] for r in rows if r["causal_peak"] >= 0]
+    out = {"n_traced": len(rows), "subject_state_recovery_median": statistics.median(recovery) if recovery else math.nan,
+           **_peak_summary("causal_peak", [r["causal_peak"] for r in rows], n_layers),
+           "mlp_share_mean_per_layer": np.nanmean([r["mlp_share"] for r in rows], axis=0).tolist(),
+           "hidden_share_mean_per_layer": np.nanmean([r["hidden_share"] for r in rows], axis=0).tolist()}
+    with_impostor = [r for r in rows if r.get("subject_specific_share") is not None]
+    out["n_with_impostor"] = len(with_impostor)
+    if with_impostor:
+        out.update(_peak_summary("subject_specific_peak", [r["subject_specific_peak"] for r in with_impostor], n_layers))
+        out["subject_specific_share_mean_per_layer"] = np.nanmean(
+            [r["subject_specific_share"] for r in with_impostor], axis=0).tolist()
+        # how much of each record's raw peak an impostor recovers as well (1: the peak is the token's)
+        at_peak = [r["impostor_share"][r["causal_peak"]] / r["mlp_share"][r["causal_peak"]] for r in with_impostor
+                   if r["causal_peak"] >= 0 and r["mlp_share"][r["causal_peak"]] > 1e-6]
+        out["impostor_share_at_peak_median"] = statistics.median(at_peak) if at_peak else math.nan
+    return out
+
+
+def _peak_summary(key: str, peaks: Sequence[int], n_layers: int) -> dict[str, Any]:
+    peaks = [p for p in peaks if p >= 0]
     counts = Counter(peaks)
-    return {
-        "n_traced": len(rows),
-        "subject_state_recovery_median": statistics.median(recovery) if recovery else math.nan,
-        "causal_peak_median": statistics.median(peaks) if peaks else math.nan,
-        "causal_peak_distinct": len(counts),
-        "causal_peak_top_share": max(counts.values()) / len(peaks) if peaks else math.nan,
-        "causal_peak_histogram": [counts.get(l, 0) for l in range(n_layers)],
-        "mlp_share_mean_per_layer": np.nanmean([r["mlp_share"] for r in rows], axis=0).tolist(),
-        "hidden_share_mean_per_layer": np.nanmean([r["hidden_share"] for r in rows], axis=0).tolist(),
-    }
+    return {f"{key}_median": statistics.median(peaks) if peaks else math.nan,
+            f"{key}_distinct": len(counts),
+            f"{key}_top_share": max(counts.values()) / len(peaks) if peaks else math.nan,
+            f"{key}_histogram": [counts.get(l, 0) for l in range(n_layers)]}
 
 
 def organism_report(model_name: str, *, n_traced: int = 120, n_edits: int = 100, n_recall: int = 100,
@@ -144,7 +209,9 @@ def organism_report(model_name: str, *, n_traced: int = 120, n_edits: int = 100,
     records = load_counterfact("toy-world")
     known = known_records(model, tok, records)
     kind = {r["case_id"]: subject_kind(r, world) for r in records}
-    rows = trace_records(model, tok, stratified(known, n_traced, lambda r: kind[r["case_id"]]), progress=progress)
+    noise_std = subject_noise_std(model, tok, (r["requested_rewrite"]["subject"] for r in known))
+    rows = trace_records(model, tok, stratified(known, n_traced, lambda r: kind[r["case_id"]]), pool=known,
+                         noise_std=noise_std, progress=progress)
     rome = load_hparams("rome", model_name)
     cache = EditCache.for_model(model)
     edits = [edit_and_rollback(model, tok, r, rome, cache)
@@ -165,6 +232,8 @@ def organism_report(model_name: str, *, n_traced: int = 120, n_edits: int = 100,
         **traced,
         "subject_state_recovery": [r["subject_state_recovery"] for r in rows],
         "causal_peak_per_record": [r["causal_peak"] for r in rows],
+        "subject_specific_peak_per_record": [r["subject_specific_peak"] for r in rows],
+        "noise_std": noise_std,
         "traced_kinds": [kind[r["case_id"]] for r in rows],
         "traced_case_ids": [r["case_id"] for r in rows],
         "rome_layer": rome.layer, "rome_clamp_factor": rome.clamp_norm_factor, "rome_steps": rome.v_num_grad_steps,
@@ -190,25 +259,36 @@ TARGETS = (  # the targets of the organisms issue: (key, what is asked, test)
     ("last_token_recall", ">= 0.90", lambda r: r["last_token_recall"] >= 0.9),
 )
 DESCRIPTIVE = ("n_facts", "layers", "d_model", "d_mlp", "n_parameters", "train_seconds", "train_tokens", "n_traced",
-               "rome_layer", "rome_update_form")
+               "noise_std", "rome_layer", "rome_update_form")
+# not targets: the MLP peaks once a same-token impostor's restoration is subtracted (module docstring)
+IMPOSTOR_KEYS = ("n_with_impostor", "impostor_share_at_peak_median", "subject_specific_peak_median",
+                 "subject_specific_peak_distinct", "subject_specific_peak_top_share")
 
 
 def target_table(report: dict[str, Any]) -> pd.DataFrame:
     """key, target, value (with "met" / "MISSED") of one organism's report."""
-    rows = [{"key": k, "target": "", "value": str(report.get(k))} for k in DESCRIPTIVE]
+    rows = [{"key": k, "target": "", "value": _shown(report.get(k))} for k in DESCRIPTIVE]
     for key, target, test in TARGETS:
-        value = report.get(key)
-        shown = f"{value:.3g}" if isinstance(value, float) and math.isfinite(value) else str(value)
-        rows.append({"key": key, "target": target, "value": f"{shown} ({'met' if test(report) else 'MISSED'})"})
+        rows.append({"key": key, "target": target,
+                     "value": f"{_shown(report.get(key))} ({'met' if test(report) else 'MISSED'})"})
+    rows += [{"key": k, "target": "(not a target)", "value": _shown(report[k])} for k in IMPOSTOR_KEYS if k in report]
     return pd.DataFrame(rows)
+
+
+def _shown(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) and math.isfinite(value) else str(value)
 
 
 def traced_frame(report: dict[str, Any]) -> pd.DataFrame:
     """One row per traced record of a report: case_id, subject kind, subject_state_recovery and the
-    MLP causal peak layer (the distributions chapter 07 draws)."""
-    return pd.DataFrame({"case_id": report["traced_case_ids"], "kind": report["traced_kinds"],
-                         "subject_state_recovery": report["subject_state_recovery"],
-                         "causal_peak": report["causal_peak_per_record"]})
+    MLP causal peak layer, and the subject-specific peak (-1: no impostor) where the report has it
+    (the distributions chapter 07 draws)."""
+    frame = pd.DataFrame({"case_id": report["traced_case_ids"], "kind": report["traced_kinds"],
+                          "subject_state_recovery": report["subject_state_recovery"],
+                          "causal_peak": report["causal_peak_per_record"]})
+    if "subject_specific_peak_per_record" in report:
+        frame["subject_specific_peak"] = report["subject_specific_peak_per_record"]
+    return frame
 
 
 def load_report(model_name: str) -> dict[str, Any] | None:
