@@ -127,6 +127,9 @@ PILOTS.update({
     # round 14 (CPU): GPT-J under pressure without MLPs 0-1 (zero and frozen): the famous subjects' token
     # lookup cannot sit in MLP 0; does pressure spread the rest from the first MLP left, MLP 2, onwards?
     "gptj12-pressure-attn2": replace(PRESSURE, n_layer=12, arch="gptj", attention_only_layers=2),
+    # it passes the four tracing targets (median peak 4, 9 layers, top share 0.34, recovery 0.66) but knows
+    # 82.8% of 4,800 facts: the same narrow MLPs on the default world's 3,200 facts
+    "gptj12-attn2-narrow": replace(PRESSURE, n_layer=12, arch="gptj", attention_only_layers=2, world=GPU_WORLD),
     # the same at depth 24, where the target's layers 2-8 of 12 scale to 4-16: MLPs 0-3 absent
     "gptj24-pressure-attn4": replace(PRESSURE, arch="gptj", attention_only_layers=4),
 })
