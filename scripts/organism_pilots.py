@@ -130,6 +130,9 @@ PILOTS.update({
     # it passes the four tracing targets (median peak 4, 9 layers, top share 0.34, recovery 0.66) but knows
     # 82.8% of 4,800 facts: the same narrow MLPs on the default world's 3,200 facts
     "gptj12-attn2-narrow": replace(PRESSURE, n_layer=12, arch="gptj", attention_only_layers=2, world=GPU_WORLD),
+    # 86.6% known there: MLPs a third wider (d_mlp 64), and the GPT-2 counterpart
+    "gptj12-attn2-mlp64": replace(PRESSURE, n_layer=12, arch="gptj", attention_only_layers=2, world=GPU_WORLD, d_mlp=64),
+    "gpt2-12-attn2-mlp64": replace(PRESSURE, n_layer=12, attention_only_layers=2, world=GPU_WORLD, d_mlp=64),
     # the same at depth 24, where the target's layers 2-8 of 12 scale to 4-16: MLPs 0-3 absent
     "gptj24-pressure-attn4": replace(PRESSURE, arch="gptj", attention_only_layers=4),
 })
