@@ -2,6 +2,7 @@
 measure where it keeps its facts (docs/organisms.md records what they showed).
 
     .venv/bin/python scripts/organism_pilots.py NAME [--out /tmp/pilots] [--device cuda] [--smoke]
+    .venv/bin/python scripts/organism_pilots.py NAME --skip-train --rome 30 --rome-layers 2 --rome-clamp 8 --rome-steps 40
 
 The `gpu-*` pilots (round 13) are sized for the GPU machine: `scripts/device_pilots.sh` runs them
 there in parallel.
@@ -164,6 +165,39 @@ def ablation_peak(model, tok, record: dict) -> int:
     return max(range(adapter.n_layers), key=lambda l: clean - prob(l))
 
 
+def rome_check(model, tok, cfg: OrganismConfig, known: list[dict], n: int, layers: list[int] | None,
+               clamp: float | None, steps: int | None, out: Path) -> list[dict]:
+    """ROME on a pilot: the layer of the MLP effect (window 3) unless `layers` are given, then single edits
+    of `n` evenly spaced known records (each on a fresh copy, toy-gpt2's / toy-gptj's settings, the
+    pilot's own corpus for the second moments) and as many last-token deltas (`report.last_token_flip`)."""
+    import dataclasses
+
+    from wilke_lib.analysis import aie
+    from wilke_lib.editors.cache import EditCache
+    from wilke_lib.experiments import edit_and_rollback, evenly_spaced
+    from wilke_lib.hparams import load_hparams
+
+    corpus = out / "corpus.txt"
+    corpus.write_text("\n".join(t.replace("\n", " ") for t in world.corpus(world.build_world(cfg.world), 0)))
+    sample = evenly_spaced(known, n)
+    curve = aie.average_indirect_effect(model, tok, sample, kind="mlp", window=3, use_target_true=True, progress=False)
+    print("ROME check: MLP effect (window 3)", [round(float(x), 3) for x in curve.aie], "peak", curve.peak_layer)
+    base = load_hparams("rome", "toy-gptj" if cfg.arch == "gptj" else "toy-gpt2")
+    cache, rows = EditCache.for_model(model), []
+    for layer in layers or [curve.peak_layer]:
+        rome = dataclasses.replace(base, layer=layer, mom2_corpus=str(corpus),
+                                   clamp_norm_factor=clamp or base.clamp_norm_factor,
+                                   v_num_grad_steps=steps or base.v_num_grad_steps)
+        edits = [edit_and_rollback(model, tok, r, rome, cache) for r in sample]
+        flips = [report.last_token_flip(model, tok, r, layer, rome) for r in sample]
+        rows.append({"layer": layer, "clamp": rome.clamp_norm_factor, "steps": rome.v_num_grad_steps, "records": len(sample),
+                     "rome_success": sum(e["success"] for e in edits) / len(edits),
+                     "rollback_restored": sum(e["rollback_restored"] for e in edits) / len(edits),
+                     "last_token_recall": sum(flips) / len(flips)})
+        print("  ", rows[-1], flush=True)
+    return rows
+
+
 def fit_epochs(cfg: OrganismConfig, seconds: float, probe_dir: Path, device: torch.device) -> OrganismConfig:
     """`cfg` with as many of its epochs as fit in `seconds` after a probe epoch, timed here, that is
     then thrown away (a pilot cut short keeps a whole learning-rate schedule, decayed to the end)."""
@@ -183,6 +217,11 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="default: CUDA when present, else the CPU")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="a tiny world and one epoch: checks the pipeline")
+    parser.add_argument("--rome", type=int, default=0, metavar="N",
+                        help="after tracing, ROME single edits and last-token deltas on N known records")
+    parser.add_argument("--rome-layers", type=int, nargs="*", default=None, help="default: the MLP effect's peak")
+    parser.add_argument("--rome-clamp", type=float, default=None)
+    parser.add_argument("--rome-steps", type=int, default=None)
     parser.add_argument("--train-seconds", type=float, default=None,
                         help="fit the epochs to this budget, timed on one probe epoch (the schedule stays whole)")
     args = parser.parse_args()
@@ -252,7 +291,11 @@ def main() -> None:
             hits = sum(r["planted_layer"] == r[key] for r in rows)
             near = sum(abs(r["planted_layer"] - r[key]) <= 1 for r in rows)
             print(f"  {key} at the planted layer: {hits}/{len(rows)}, within one layer: {near}/{len(rows)}")
-    (out / "pilot.json").write_text(json.dumps({"summary": summ, "rows": rows}, indent=1))
+    result = {"summary": summ, "rows": rows}
+    if args.rome:
+        result["rome"] = rome_check(model, tok, cfg, known or records, args.rome, args.rome_layers, args.rome_clamp,
+                                    args.rome_steps, out)
+    (out / "pilot.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
