@@ -134,6 +134,8 @@ PILOTS.update({
     # 86.6% known there: MLPs a third wider (d_mlp 64), and the GPT-2 counterpart
     "gptj12-attn2-mlp64": replace(PRESSURE, n_layer=12, arch="gptj", attention_only_layers=2, world=GPU_WORLD, d_mlp=64),
     "gpt2-12-attn2-mlp64": replace(PRESSURE, n_layer=12, attention_only_layers=2, world=GPU_WORLD, d_mlp=64),
+    # wider MLPs gathered the lookups at MLP 2 again (82%): the pressure kept, twice the epochs (for a GPU)
+    "gptj12-pressure-attn2-long": replace(PRESSURE, n_layer=12, arch="gptj", attention_only_layers=2, epochs=160),
     # the same at depth 24, where the target's layers 2-8 of 12 scale to 4-16: MLPs 0-3 absent
     "gptj24-pressure-attn4": replace(PRESSURE, arch="gptj", attention_only_layers=4),
 })
