@@ -14,7 +14,7 @@ OUT=${OUT:-/tmp/device_pilots}
 PILOT_SECONDS=${PILOT_SECONDS:-500}
 # round 14's designs without the first MLPs (the only ones to pass the tracing targets on the CPU, short
 # of the known rate) to the end of their schedules, and round 13's deepest and widest
-PILOTS=${PILOTS:-"gptj12-pressure-attn2-long gptj24-pressure-attn4 gpt2-12-attn2-mlp64 gpu-deep24-gptj-pressure gpu-deep48-pressure gpu-deep24"}
+PILOTS=${PILOTS:-"gptj12-pressure-attn2-long gptj24-pressure-attn4 gptj12-pressure-attn2 gpu-deep24-gptj-pressure gpu-deep48-pressure gpu-deep24"}
 if [ -x .venv/bin/python ]; then PY=${PY:-.venv/bin/python}; else PY=${PY:-python3}; fi
 SMOKE_FLAG=""; [ -n "${SMOKE:-}" ] && SMOKE_FLAG="--smoke"
 WORK=$(mktemp -d /tmp/pilots.XXXX)
