@@ -262,3 +262,8 @@ def test_report_traces_with_impostors_and_keeps_them_out_of_the_targets(tiny_tok
     extra = table[table["target"] == "(not a target)"]
     assert set(extra["key"]) == set(report.IMPOSTOR_KEYS)
     assert not set(report.IMPOSTOR_KEYS) & {key for key, _, _ in report.TARGETS}
+    assert report.impostor_verdict({"n_with_impostor": 0}) is None
+    token_owned = {**stored, "impostor_share_at_peak_median": 1.0, "subject_specific_share_mean_per_layer": [0, 0.2, 0, 0]}
+    assert "is at layer 1" in report.impostor_verdict(token_owned)
+    assert "last token's, not the subject's" in report.impostor_verdict(token_owned)
+    assert "subject's own" in report.impostor_verdict({**token_owned, "impostor_share_at_peak_median": 0.2})

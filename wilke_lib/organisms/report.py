@@ -279,6 +279,27 @@ def _shown(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) and math.isfinite(value) else str(value)
 
 
+def impostor_verdict(report: dict[str, Any]) -> str | None:
+    """Chapter 07's sentences on the impostor contrast of a report (None when it has none): how much of
+    the raw MLP peak a same-token impostor recovers, and where the subject's own values help most."""
+    if not report.get("n_with_impostor"):
+        return None
+    specific = report["subject_specific_share_mean_per_layer"]
+    token_owned = report["impostor_share_at_peak_median"] > 0.5
+    return (f"For the {report['n_with_impostor']} traced records whose last subject token other subjects share, "
+            f"an impostor's MLP value recovers a median {report['impostor_share_at_peak_median']:.0%} of the "
+            f"record's largest single-MLP effect. Beyond the impostor, the subject's own MLP values help most "
+            f"at layer {report['subject_specific_peak_median']:g} (median over records; "
+            f"{report['subject_specific_peak_distinct']} distinct layers, "
+            f"{report['subject_specific_peak_top_share']:.0%} at the most common; the largest mean share beyond the "
+            f"impostor, {max(specific):.3f} of the gap, is at layer {int(np.argmax(specific))}), against layer "
+            f"{report['causal_peak_median']:g} for the raw peak the target is set on. "
+            + ("The raw peak is mostly the last token's, not the subject's: the measure the organisms were "
+               "built for cannot see where these records are told apart." if token_owned
+               else "The raw peak is mostly the subject's own: where the organism writes its facts and where "
+                    "tracing finds them agree."))
+
+
 def traced_frame(report: dict[str, Any]) -> pd.DataFrame:
     """One row per traced record of a report: case_id, subject kind, subject_state_recovery and the
     MLP causal peak layer, and the subject-specific peak (-1: no impostor) where the report has it
