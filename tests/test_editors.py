@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from wilke_lib.generation import greedy_matches, predict_greedy_ids
 from wilke_lib.hparams import (AlphaEditHParams, FTHParams, KNHParams, MEMITHParams, ROMEHParams, WilKEHParams, hparams_from_file,
                                load_hparams)
 from wilke_lib.editors.delta import LayerKeys
+from wilke_lib.organisms import silence_mlps
 from wilke_lib.editors.rome import compute_rome_update, rank_one_update, rome_target
 from wilke_lib.editors.wilke import eq10_score, layer_scores
 from wilke_lib.tokens import subject_last_token_index
@@ -299,6 +301,21 @@ def test_wilke_ablations_and_update_norm(tok, corpus_file, stats_dir):
         ablated = WilKEHParams(**{**vars(hparams), **variants[label]})
         scored = edit(model, tok, REQUEST, ablated, copy=True, cache=cache).scores
         assert scored[chosen] == pytest.approx(value, rel=1e-3), label
+
+
+def test_wilke_skips_attention_only_layers(tok, corpus_file, stats_dir):
+    """An MLP that writes nothing (an organism's attention-only layer) is no candidate: the default
+    search leaves it out, and naming it is an error that says why."""
+    model = fresh_model("gpt2", tok)
+    silence_mlps(model, 1)
+    base = all_hparams(corpus_file)["wilke"]
+    everywhere = WilKEHParams(**{**vars(base), "candidate_layers": None, "score": "update_norm"})
+    result = edit(model, tok, REQUEST, everywhere, copy=True, cache=EditCache.for_model(model, stats_dir=stats_dir))
+    assert sorted(result.scores) == list(range(1, ModelAdapter(model).n_layers))
+    assert all(math.isfinite(score) for score in result.scores.values())
+    named = WilKEHParams(**{**vars(base), "candidate_layers": [0, 1]})
+    with pytest.raises(ValueError, match=r"candidate layers \[0\].*all zero"):
+        edit(model, tok, REQUEST, named, copy=True, cache=EditCache.for_model(model, stats_dir=stats_dir))
 
 
 # ---- rollback -----------------------------------------------------------------------------------

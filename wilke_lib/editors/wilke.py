@@ -79,12 +79,24 @@ def update_norm_score(update_rel: float, delta_norm: float, fro_norm: float, hpa
 
 
 def candidate_layers(model: nn.Module, hparams: WilKEHParams) -> list[int]:
-    """hparams.candidate_layers, or every layer; checked against the model's depth."""
-    n_layers = ModelAdapter(model).n_layers
+    """hparams.candidate_layers, or every layer whose MLP writes something; checked against the model.
+
+    An MLP whose output projection is exactly zero (an attention-only layer, as in the organisms'
+    `attention_only_layers`, or a pruned MLP) stores nothing, and both scores divide by its norm: the
+    default search leaves such layers out, and naming one explicitly is an error."""
+    adapter = ModelAdapter(model)
+    n_layers = adapter.n_layers
     layers = hparams.candidate_layers if hparams.candidate_layers is not None else list(range(n_layers))
     bad = [l for l in layers if not 0 <= l < n_layers]
     if bad:
         raise ValueError(f"candidate layers {bad} out of range for a {n_layers}-layer model")
+    silent = [l for l in layers if not adapter.out_weight(l).any()]
+    if hparams.candidate_layers is not None and silent:
+        raise ValueError(f"candidate layers {silent}: their MLP output projection is all zero (attention-only "
+                         "layers), so Eq. 10 is undefined there; leave them out of candidate_layers")
+    layers = [l for l in layers if l not in silent]
+    if not layers:
+        raise ValueError("no candidate layer: every MLP's output projection is all zero")
     return list(layers)
 
 
