@@ -138,6 +138,9 @@ PILOTS.update({
     "gptj12-pressure-attn2-long": replace(PRESSURE, n_layer=12, arch="gptj", attention_only_layers=2, epochs=160),
     # the same at depth 24, where the target's layers 2-8 of 12 scale to 4-16: MLPs 0-3 absent
     "gptj24-pressure-attn4": replace(PRESSURE, arch="gptj", attention_only_layers=4),
+    # round 15 (CPU): the GPT-2 counterpart of the pressure design (the 3,200-fact one gathered at MLP 2)
+    "gpt2-12-pressure-attn2": replace(PRESSURE, n_layer=12, attention_only_layers=2),
+    "gpt2-12-pressure-attn2-long": replace(PRESSURE, n_layer=12, attention_only_layers=2, epochs=160),
 })
 
 

@@ -213,7 +213,7 @@ class ROMEHParams(_DeltaOptimHParams):
 class WilKEHParams(ROMEHParams):
     """WilKE (Hu et al. 2024): ROME's update (Eq. 11) at the layer chosen by Eq. 10.
 
-    candidate_layers: None = every layer of the model; or a list / "a..b" range.
+    candidate_layers: None = every layer whose MLP writes something (not attention-only); or a list / "a..b" range.
     score: "eq10"        -> ||delta^l|| / (||W_proj^l||_2 * ||sigma(x W_fc^l)||)  (Eq. 10 as a ratio of norms)
            "update_norm" -> ||dW^l||_F / ||W_proj^l||_F of ROME's update at l (the released code's criterion)
     use_delta / use_activation / use_weight_norm: the three factors of the score; switching one off
