@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rounds 13-14 of the organism pilots (docs/organisms.md, issue 12) on the GPU machine of the `device` tool,
+# Rounds 13-15 of the organism pilots (docs/organisms.md, issue 12) on the GPU machine of the `device` tool,
 # in one call:   run(command="bash scripts/device_pilots.sh", timeout_s=590)
 #
 # Trains pilots of scripts/organism_pilots.py side by side on the one GPU, each cut off after
@@ -12,9 +12,9 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_pilots}
 PILOT_SECONDS=${PILOT_SECONDS:-500}
-# round 14's designs without the first MLPs (the only ones to pass the tracing targets on the CPU, short
-# of the known rate) to the end of their schedules, and round 13's deepest and widest
-PILOTS=${PILOTS:-"gptj12-pressure-attn2-long gptj24-pressure-attn4 gptj12-pressure-attn2 gpu-deep24-gptj-pressure gpu-deep48-pressure gpu-deep24"}
+# the 12-layer designs without the first MLPs passed every target on the CPU after 160 epochs (round 15,
+# organisms/candidates/): their 24-layer version to the end of its schedule, and round 13's deepest and widest
+PILOTS=${PILOTS:-"gptj24-pressure-attn4 gpu-deep24-gptj-pressure gpu-deep48-pressure gpu-deep24"}
 if [ -x .venv/bin/python ]; then PY=${PY:-.venv/bin/python}; else PY=${PY:-python3}; fi
 SMOKE_FLAG=""; [ -n "${SMOKE:-}" ] && SMOKE_FLAG="--smoke"
 WORK=$(mktemp -d /tmp/pilots.XXXX)
