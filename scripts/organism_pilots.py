@@ -20,7 +20,7 @@ import torch
 
 from wilke_lib.analysis.causal_trace import subject_token_range
 from wilke_lib.arch import ModelAdapter, hooks
-from wilke_lib.counterfact import known_records
+from wilke_lib.counterfact import known_records, rewrite_prompt
 from wilke_lib.models import default_device, load_model
 from wilke_lib.organisms import report, world
 from wilke_lib.organisms.records import counterfact_records
@@ -204,6 +204,38 @@ def rome_check(model, tok, cfg: OrganismConfig, known: list[dict], n: int, layer
     return rows
 
 
+def wilke_check(model, tok, cfg: OrganismConfig, known: list[dict], n: int, layers: list[int] | None,
+                clamp: float | None, steps: int | None, out: Path) -> dict:
+    """WilKE's chosen layers on a pilot: single edits of `n` evenly spaced known records (each on a fresh
+    copy, toy-gpt2's / toy-gptj's WilKE settings with these candidates, clamp and steps)."""
+    import dataclasses
+    from collections import Counter
+
+    from wilke_lib.editing import edit
+    from wilke_lib.editors.cache import EditCache
+    from wilke_lib.experiments import evenly_spaced
+    from wilke_lib.generation import greedy_matches
+    from wilke_lib.hparams import load_hparams
+
+    corpus = out / "corpus.txt"
+    if not corpus.is_file():
+        corpus.write_text("\n".join(t.replace("\n", " ") for t in world.corpus(world.build_world(cfg.world), 0)))
+    base = load_hparams("wilke", "toy-gptj" if cfg.arch == "gptj" else "toy-gpt2")
+    wilke = dataclasses.replace(base, candidate_layers=layers, mom2_corpus=str(corpus),
+                                clamp_norm_factor=clamp or base.clamp_norm_factor,
+                                v_num_grad_steps=steps or base.v_num_grad_steps)
+    cache, chosen, success = EditCache.for_model(model), [], 0
+    for rec in evenly_spaced(known, n):
+        result = edit(model, tok, rec["requested_rewrite"], wilke, copy=True, cache=cache)
+        chosen.append(result.layers[0])
+        success += greedy_matches(result.model, tok, [rewrite_prompt(rec)],
+                                  [rec["requested_rewrite"]["target_new"]["str"]])[0]
+    row = {"candidates": layers, "clamp": wilke.clamp_norm_factor, "steps": wilke.v_num_grad_steps, "records": len(chosen),
+           "chosen_layers": dict(sorted(Counter(chosen).items())), "wilke_success": success / len(chosen)}
+    print("WilKE check:", row, flush=True)
+    return row
+
+
 def fit_epochs(cfg: OrganismConfig, seconds: float, probe_dir: Path, device: torch.device) -> OrganismConfig:
     """`cfg` with as many of its epochs as fit in `seconds` after a probe epoch, timed here, that is
     then thrown away (a pilot cut short keeps a whole learning-rate schedule, decayed to the end)."""
@@ -226,6 +258,10 @@ def main() -> None:
     parser.add_argument("--rome", type=int, default=0, metavar="N",
                         help="after tracing, ROME single edits and last-token deltas on N known records")
     parser.add_argument("--rome-layers", type=int, nargs="*", default=None, help="default: the MLP effect's peak")
+    parser.add_argument("--wilke", type=int, default=0, metavar="N",
+                        help="WilKE's chosen layers on N known records (with --rome-clamp / --rome-steps)")
+    parser.add_argument("--wilke-layers", type=int, nargs="*", default=None,
+                        help="WilKE's candidates (default: every MLP that writes)")
     parser.add_argument("--rome-clamp", type=float, default=None)
     parser.add_argument("--rome-steps", type=int, default=None)
     parser.add_argument("--train-seconds", type=float, default=None,
@@ -298,6 +334,9 @@ def main() -> None:
             near = sum(abs(r["planted_layer"] - r[key]) <= 1 for r in rows)
             print(f"  {key} at the planted layer: {hits}/{len(rows)}, within one layer: {near}/{len(rows)}")
     result = {"summary": summ, "rows": rows}
+    if args.wilke:
+        result["wilke"] = wilke_check(model, tok, cfg, known or records, args.wilke, args.wilke_layers, args.rome_clamp,
+                                      args.rome_steps, out)
     if args.rome:
         result["rome"] = rome_check(model, tok, cfg, known or records, args.rome, args.rome_layers, args.rome_clamp,
                                     args.rome_steps, out)
