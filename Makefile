@@ -71,8 +71,12 @@ check-site: venv
 toc: venv
 	$(PY) scripts/make_toc.py --book-dir book
 
+# Retrains both organisms side by side, one thread each (the committed weights were trained on one
+# thread; about 90 min on a shared core), resumable after an interruption: run it again.
 organisms: venv
-	$(PY) -m wilke_lib.organisms train --all
+	@pids=""; for name in toy-gpt2 toy-gptj; do \
+	  $(PY) -m wilke_lib.organisms train --name $$name --threads 1 & pids="$$pids $$!"; \
+	done; status=0; for pid in $$pids; do wait $$pid || status=$$?; done; exit $$status
 
 # The paper's lifelong runs (1,024 edits x 3 seeds) that are missing from runs/, one per CPU core,
 # resumable; RUNS_ARGS="--dry-run" lists them, "--executor slurm" sends them to a cluster.

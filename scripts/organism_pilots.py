@@ -28,8 +28,9 @@ from wilke_lib.organisms.interventions import planted_layer
 from wilke_lib.organisms.train import OrganismConfig, train
 from wilke_lib.tokens import encode_target, target_str
 
-# the first rounds' world: descriptor lists, 2-3 part names (world.DEFAULT_SPEC is round 3's "lines-long")
-ROUND1 = replace(world.DEFAULT_SPEC, three_part_share=0.25, four_part_share=0.0, descriptor_lines=False,
+# the first rounds' world: descriptor lists, 2-3 part names (world.WorldSpec()'s defaults are round 3's "lines-long";
+# world.DEFAULT_SPEC, the organisms' world, is round 15's)
+ROUND1 = replace(world.WorldSpec(), three_part_share=0.25, four_part_share=0.0, descriptor_lines=False,
                  doc_mix=(("bio", 0.30), ("descriptor", 0.20), ("sentence", 0.35), ("qa", 0.15)))
 BASE = OrganismConfig(name="pilot", arch="gpt2", n_layer=12, d_model=96, d_mlp=384, vocab_size=2048,
                       world=ROUND1.scaled(0.35), epochs=40, batch_size=32, lr=2e-3, warmup_steps=300)
@@ -63,7 +64,7 @@ PILOTS = {
     # round 7: capacity. The organism's facts (~5 bits each) fill a small part of one MLP's capacity
     # (~1-2 bits per parameter, Allen-Zhu & Li 3.3), so MLP 0 can hold them all; narrow MLPs that
     # cannot hold them in one layer test whether capacity pressure spreads storage over depth.
-    "narrow-mlp": OrganismConfig(name="narrow-mlp", arch="gpt2", d_mlp=32, world=world.DEFAULT_SPEC.scaled(0.5)),
+    "narrow-mlp": OrganismConfig(name="narrow-mlp", arch="gpt2", d_mlp=32, world=world.WorldSpec().scaled(0.5)),
     # round 8: stochastic depth on the MLPs while training (the saved model runs every MLP): a fact
     # kept in MLP 0 alone is lost whenever a row skips MLP 0, so it must be kept deeper as well
     "mlp-drop": replace(LINES_LONG, mlp_drop=(0.2,) * 12),
@@ -111,7 +112,7 @@ PILOTS = {
 # hold the facts of a world 1.5 times the default (4,800 facts of about 5 bits; the place-name pools
 # allow no more), so no single MLP can be the lookup. Larger batches than the CPU rounds, so that each
 # trains in minutes on one GPU.
-GPU_WORLD = replace(world.DEFAULT_SPEC, syllable_names=True)
+GPU_WORLD = replace(world.WorldSpec(), syllable_names=True)
 GPU = OrganismConfig(name="gpu", arch="gpt2", n_layer=24, d_model=128, d_mlp=512, world=GPU_WORLD,
                      subject_knockout=0.5, batch_size=64, lr=3e-3, epochs=80)
 PRESSURE = replace(GPU, d_model=96, d_mlp=48, world=GPU_WORLD.scaled(1.5))

@@ -1,8 +1,8 @@
 """Effectiveness on a trained model organism: ROME, MEMIT, FT, COMEBA-HK and LEMoE make target_new the greedy answer of
 the rewrite prompt for >= 90% of 20 records the model knows (single edits, each on a fresh copy of
-the model), with the organism's hyper-parameters (wilke_lib/hparams/README.md). WilKE does so for
-the edits it makes at ROME's layer; at the deeper layers its Eq. 10 also picks, the edits of the
-second-generation toy-gpt2 mostly fail (a measured result of the README, not a defect).
+the model), with the organism's hyper-parameters (wilke_lib/hparams/README.md). WilKE too, and on the
+third-generation organisms its Eq. 10 chooses different layers for different facts (toy-gpt2: layers
+2 / 3 / 5 for 12 / 5 / 3 of these 20 records, all edited; hparams README).
 Skipped until `organisms/toy-gpt2` has been built (`make organisms`)."""
 
 from __future__ import annotations
@@ -55,20 +55,20 @@ def test_edit_success_rate(editor, setup):
     assert rate >= 0.9, f"{editor} made target_new the answer for {successes} of {len(records)} records"
 
 
-def test_wilke_succeeds_where_it_chooses_romes_layer(setup):
+def test_wilke_chooses_layers_per_fact_and_edits_them(setup):
     from wilke_lib.counterfact import rewrite_prompt
     from wilke_lib.editing import edit
     from wilke_lib.generation import greedy_matches
     from wilke_lib.hparams import load_hparams
 
     model, tok, records, cache = setup
-    wilke, rome_layer = load_hparams("wilke", ORGANISM), load_hparams("rome", ORGANISM).layer
+    wilke = load_hparams("wilke", ORGANISM)
     outcomes = []
     for record in records:
         result = edit(model, tok, record, wilke, copy=True, cache=cache)
         target = record["requested_rewrite"]["target_new"]["str"]
         outcomes.append((result.layers[0], greedy_matches(result.model, tok, [rewrite_prompt(record)], [target])[0]))
-    at_rome = [ok for layer, ok in outcomes if layer == rome_layer]
-    print(f"wilke: layers {[layer for layer, _ in outcomes]}, success {sum(ok for _, ok in outcomes)}/{len(outcomes)}")
-    assert len(at_rome) >= len(records) // 2, f"WilKE chose ROME's layer {rome_layer} for only {len(at_rome)} edits"
-    assert sum(at_rome) >= 0.9 * len(at_rome), f"at ROME's layer WilKE succeeded {sum(at_rome)}/{len(at_rome)}"
+    layers = [layer for layer, _ in outcomes]
+    print(f"wilke: layers {layers}, success {sum(ok for _, ok in outcomes)}/{len(outcomes)}")
+    assert len(set(layers)) >= 2, f"WilKE chose layer {layers[0]} for every edit: the organism does not vary storage depth"
+    assert sum(ok for _, ok in outcomes) >= 0.9 * len(outcomes), f"WilKE edited {sum(ok for _, ok in outcomes)}/{len(outcomes)}"
