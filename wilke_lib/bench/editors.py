@@ -263,20 +263,23 @@ def lifelong_step_ms(model: nn.Module, tok, records: Sequence[dict], hparams: An
 def benchmark_scaling(model_name: str, *, ks: Sequence[int] = (1, 2, 4, 8, 12), n_edits: int = 3, warmup: int = 1,
                       device: str | None = None, searches: Sequence[str] = ("batched", "sequential"),
                       loaded: tuple | None = None, log: Callable[[str], None] | None = print):
-    """Time per WilKE edit vs the number of candidate layers (layers 0..k-1), per search kind."""
+    """Time per WilKE edit vs the number of candidate layers (the first k layers whose MLP writes: the
+    organisms have none in layers 0-1), per search kind."""
     model, tok, records = loaded if loaded is not None else load_organism(model_name, device)
     dev = model_device(model)
-    n_layers = ModelAdapter(model).n_layers
+    adapter = ModelAdapter(model)
+    writing = [l for l in range(adapter.n_layers) if adapter.out_weight(l).any()]
+    n_layers = len(writing)
     chosen = [r["requested_rewrite"] for r in records[: warmup + n_edits]]
     cache = EditCache.for_model(model)
     originals = original_weights(model)
-    all_layers = make_variants(model_name, ["wilke-batched"], candidate_layers=list(range(n_layers)))
+    all_layers = make_variants(model_name, ["wilke-batched"], candidate_layers=writing)
     prepare_statistics(model, tok, all_layers, cache)
     points = []
     for k in ks:
         k = min(int(k), n_layers)
         for search in searches:
-            variant = make_variants(model_name, [f"wilke-{search}"], candidate_layers=list(range(k)))[0]
+            variant = make_variants(model_name, [f"wilke-{search}"], candidate_layers=writing[:k])[0]
             points.append((k, search, variant))
             for request in chosen[:warmup]:
                 timed_edit(model, tok, request, variant_hparams(variant), cache, originals)

@@ -94,10 +94,7 @@ class WorldSpec:
                        model_pool=n(self.model_pool, pools), syllable_pool=n(self.syllable_pool, pools))
 
 
-# The committed organisms' world (the fifteenth round of pilots, docs/organisms.md): the field defaults
-# above with syllable names, scaled to 1.5 times as many subjects (4,800 facts), so that at about 2 bits per
-# parameter (Allen-Zhu & Li, Part 3.3) no single narrow MLP can hold them all.
-DEFAULT_SPEC = WorldSpec(syllable_names=True).scaled(1.5)
+DEFAULT_SPEC = WorldSpec(syllable_names=True).scaled(1.5)  # the organisms' (docs/organisms.md, round 15): 4,800 facts
 
 
 # ---- relations -------------------------------------------------------------------------------
