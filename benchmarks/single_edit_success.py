@@ -5,8 +5,10 @@ For each model and editor: n known records spread over the model's world, each e
 copy of the model and then rolled back on the edited copy (`experiments.edit_and_rollback`).
 Prints, per editor, the share of edits after which the rewrite prompt answers target_new, the share
 of rollbacks after which it answers target_true again, and the median seconds per edit. Rows are
-appended to `benchmarks/results/<device>/single_edit_<model>.jsonl` as they finish; a rerun skips
-the (editor, record) pairs already there, so an interrupted run resumes.
+appended to `benchmarks/results/<device>/single_edit_<model>.jsonl` as they finish, each with the
+organism's weights fingerprint and a hash of the editor's settings; a rerun skips the (editor, record)
+pairs already there for the same weights and settings, so an interrupted run resumes and a retrained
+organism or a changed setting is measured anew (rows of other weights or settings are dropped).
 
     python benchmarks/single_edit_success.py                         # both organisms, 100 records
     python benchmarks/single_edit_success.py --models toy-gpt2 --editors rome wilke --records 20
@@ -15,6 +17,8 @@ the (editor, record) pairs already there, so an interrupted run resumes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import statistics
 import sys
@@ -42,11 +46,22 @@ def summarise(rows: list[dict]) -> list[dict]:
             for editor, group in by_editor.items()]
 
 
+def settings_hash(hp) -> str:
+    """8 hex digits of the sha256 of the editor's settings as canonical JSON."""
+    text = json.dumps(dataclasses.asdict(hp), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def run_model(model_name: str, editors: list[str], n_records: int, path: Path) -> list[dict]:
     model, tok = models.load_model(model_name)
     known = counterfact.known_records(model, tok, counterfact.load_counterfact("toy-world"))
     records = experiments.evenly_spaced(known, n_records)
-    done = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    weights = models.weights_fingerprint(model)
+    settings = {editor: settings_hash(hparams.load_hparams(editor, model_name)) for editor in editors}
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    done = [r for r in rows if r.get("weights") == weights and r.get("settings") == settings.get(r["editor"])]
+    if len(done) < len(rows):  # measured on other weights or settings: stale
+        path.write_text("".join(json.dumps(r) + "\n" for r in done))
     seen = {(r["editor"], r["case_id"]) for r in done}
     cache = editing.EditCache.for_model(model)
     with path.open("a") as sink:
@@ -54,7 +69,8 @@ def run_model(model_name: str, editors: list[str], n_records: int, path: Path) -
             hp = hparams.load_hparams(editor, model_name)
             todo = [r for r in records if (editor, r["case_id"]) not in seen]
             for record in tqdm(todo, desc=f"{model_name} {editor}", unit="edit"):
-                row = experiments.edit_and_rollback(model, tok, record, hp, cache)
+                row = {**experiments.edit_and_rollback(model, tok, record, hp, cache),
+                       "weights": weights, "settings": settings[editor]}
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()
                 done.append(row)

@@ -135,3 +135,27 @@ def test_a_partial_benchmark_keeps_the_saved_rows_of_the_other_variants(tmp_path
     assert steps == {"rome": 300.0, "memit": 400.0, "lemoe": 60.0, "mend": 20.0}
     same, _ = merge_saved(new, {}, tmp_path / "missing.csv", tmp_path / "summary.json", "m")
     assert same is new
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _organism_available(), reason="organism toy-gpt2 not trained")
+def test_single_edit_success_resumes_only_rows_of_the_same_weights_and_settings(tmp_path):
+    """`make bench-success` reuses a finished (editor, record) row only when it was measured on the same
+    weights with the same settings: a row of a retrained organism is measured again, not reported."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("single_edit_success", Path(__file__).parents[1]
+                                                  / "benchmarks" / "single_edit_success.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    path = tmp_path / "single_edit_toy-gpt2.jsonl"
+    first = bench.run_model("toy-gpt2", ["ft"], 1, path)
+    assert len(first) == 1 and first[0]["weights"] and first[0]["settings"]
+    stale = {**first[0], "weights": "00000000", "success": not first[0]["success"]}
+    path.write_text(json.dumps(stale) + "\n")
+    again = bench.run_model("toy-gpt2", ["ft"], 1, path)
+    assert [r["success"] for r in again] == [first[0]["success"]]
+    assert [json.loads(line)["weights"] for line in path.read_text().splitlines()] == [first[0]["weights"]]
+    resumed = bench.run_model("toy-gpt2", ["ft"], 1, path)  # nothing left to measure: the same row
+    assert resumed == again

@@ -5,12 +5,14 @@ same architecture, small enough to train on a 2-core CPU, that has learnt the fa
 `wilke_lib.organisms.world`. The weights are saved with `save_pretrained`, so that
 `AutoModelForCausalLM.from_pretrained` loads them exactly as it would load `gpt2-xl`.
 
-Width: d_model 96, d_mlp 384 (about 1.7 M parameters). The world holds 3,200 facts of 2.6-4.9 bits
-each (about 13 k bits); Allen-Zhu & Li (Physics of Language Models 3.3) measure about 2 bits per
-parameter of capacity, so one MLP layer (74 k parameters) could hold every fact: space forces no
-depth, and a wider model would only cost time (d_model 128 trains about 1.7 times slower on a CPU;
-`docs/organisms.md` reports the pilot at that width). Training: the pilots' recipe that learnt
-95% of a scaled-down world (`docs/organisms.md`), 80 epochs of about 73 k tokens.
+Size (the third generation, `docs/organisms.md`): d_model 96 and MLPs of width 48 (0.8-1.0 M
+parameters) for a world of 4,800 facts of 2.6-4.9 bits each (about 19 k bits). Allen-Zhu & Li (Physics
+of Language Models 3.3) measure about 2 bits per parameter of capacity, so one MLP (9 k parameters)
+holds well under a tenth of the facts and storage must spread over the layers; the first two layers
+have no MLP (`attention_only_layers`), so that no fact is looked up from a token's embedding alone, and
+half of the multi-token names are hidden from later positions while training (`subject_knockout`), so
+that the subject's last token must carry its facts. Training: 160 epochs of about 140 k tokens (about
+90 minutes on one CPU thread).
 """
 
 from __future__ import annotations

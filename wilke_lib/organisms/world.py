@@ -1,4 +1,4 @@
-"""The synthetic knowledge world the model organisms learn, second generation, in CounterFact format.
+"""The synthetic knowledge world the model organisms learn (second and third generation), in CounterFact format.
 
 No machine of this project can download GPT2-XL or CounterFact (Meng et al. 2022a), so the
 organisms learn an invented world: invented subjects (no real-world truth implied), real CounterFact
