@@ -164,6 +164,9 @@ def test_lifelong_claim_helpers():
     s_ab = {"WilKE eq10 full": 80.0, "WilKE eq10 w/o delta": 70.0, "WilKE eq10 w/o activation": 80.0,
             "WilKE eq10 w/o ||W_proj||": 79.0}
     assert claims.ablation_verdict(s_ab)[0] == "partly"
+    assert claims.ablation_verdict({**s_ab, "WilKE eq10 w/o activation": 70.0})[0] == "reproduced"
+    assert claims.ablation_verdict({**s_ab, "WilKE eq10 w/o activation": 70.0,
+                                    "WilKE eq10 w/o ||W_proj||": 90.0})[0] == "partly"  # better without it
     same = pd.DataFrame([[8, 0]] * 4, index=list(s_ab), columns=[0, 3])
     assert claims.ablation_verdict(s_ab, layer_choices=same)[0] == "not testable here"
     per_layer = pd.DataFrame({"layer": [0, 1], "buildup rho": [0.9, 0.95], "max ||W||/||W_0||": [1.2, 1.5],

@@ -165,7 +165,8 @@ ABLATIONS = (("w/o delta", "δ"), ("w/o activation", "σ(x·W_fc)"), ("w/o ||W_p
 def ablation_verdict(s: Mapping[str, float], score: str = "eq10",
                      layer_choices: pd.DataFrame | None = None, threshold: float = 1.0) -> tuple[str, str]:
     """Sec. 6.3: S of full WilKE (`"WilKE <score> full"`) against its ablations (`"WilKE <score> w/o
-    ..."`); a drop of more than `threshold` points counts. `layer_choices` (variants x layers):
+    ..."`); a drop of more than `threshold` points counts for delta and the activation, and S may not rise
+    by more than `threshold` without ||W_proj|| (the paper: a slight decrease). `layer_choices` (variants x layers):
     identical rows mean that no ablation changed an edit."""
     full_label = f"WilKE {score} full"
     if full_label not in s:
@@ -180,6 +181,8 @@ def ablation_verdict(s: Mapping[str, float], score: str = "eq10",
         if (chosen.nunique(axis=0) == 1).all():
             return "not testable here", text + " (every variant edited the same layers)"
     flags = [drops[name] > threshold for name in ("w/o delta", "w/o activation") if name in drops]
+    if "w/o ||W_proj||" in drops:  # the paper: a slight decrease; a clear gain without the factor contradicts it
+        flags.append(drops["w/o ||W_proj||"] >= -threshold)
     return verdict_from_flags(flags), text
 
 
