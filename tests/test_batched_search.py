@@ -270,6 +270,24 @@ def _runner_pair(arch: str, tok) -> tuple:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_the_prefix_cache_passes_use_no_deprecated_argument(arch, tiny_tokenizer):
+    """transformers renamed `past_key_values` to `cache` (the old name goes in 5.40): the prefix pass,
+    its repetition and the suffix pass use the name this release takes (no deprecation warning), and
+    the repeated cache gives every copy its prompt's states."""
+    import warnings
+
+    model, prompts, _ = _runner_pair(arch, tiny_tokenizer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        cache = pc.prefix_cache(model, prompts)
+        once = pc.model_suffix_pass(model, prompts, cache, 1)
+        twice = pc.model_suffix_pass(model, prompts, pc.repeat_cache(model, prompts, cache, 2), 2)
+    assert cache is not None
+    torch.testing.assert_close(twice[0::2], once, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(twice[1::2], once, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_fast_blocks_compute_what_the_modules_compute(arch, tiny_tokenizer):
     """GPT-2's and GPT-J's blocks run as `fast_blocks` forwards (other architectures as modules), with
     the same final states and the same gradient with respect to the deltas of two copies."""

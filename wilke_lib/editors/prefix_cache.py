@@ -19,6 +19,7 @@ tiled over the copies), the cached keys / values through a minimal cache object;
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -119,13 +120,29 @@ def _tensor_memo(obj: Any, memo: dict[int, Any], depth: int = 0) -> None:
 def share_copy(cache: Any) -> Any:
     """A copy of a KV-cache object that shares its tensors.
 
-    A forward with `past_key_values=cache` appends to the cache object (HF's DynamicCache does
+    A forward given the cache appends to the cache object (HF's DynamicCache does
     `self.keys = torch.cat([self.keys, new])`, leaving the old tensors untouched): a fresh structure
     per forward keeps the prefix cache reusable without copying its tensors.
     """
     memo: dict[int, Any] = {}
     _tensor_memo(cache, memo)
     return copy.deepcopy(cache, memo)
+
+
+def cache_argument(module: nn.Module) -> str:
+    """The name under which `module.forward` takes a KV cache: `cache` (transformers >= 5.2x, where
+    `past_key_values` is deprecated and goes in 5.40) or `past_key_values` (older releases)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def returned_cache(output: Any) -> Any:
+    """The KV cache a forward with use_cache=True returned, under either name (see `cache_argument`)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def _cache_pass(model: nn.Module, ids: torch.Tensor) -> Any:
+    return returned_cache(model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True))
 
 
 def prefix_cache(model: nn.Module, prompts: BatchedPrompts) -> Any:
@@ -138,8 +155,7 @@ def prefix_cache(model: nn.Module, prompts: BatchedPrompts) -> Any:
     if prompts.P == 0:
         return None
     with torch.no_grad():
-        cache = model.base_model(input_ids=prompts.prefix_ids, attention_mask=torch.ones_like(prompts.prefix_ids),
-                                 use_cache=True).past_key_values
+        cache = _cache_pass(model, prompts.prefix_ids)
     if cache is None:
         raise RuntimeError("the model returned no KV cache (use_cache=True)")
     return cache
@@ -157,7 +173,7 @@ def repeat_cache(model: nn.Module, prompts: BatchedPrompts, cache: Any, repeats:
         return tuple(tuple(t.repeat_interleave(repeats, dim=0) for t in layer) for layer in cache)
     ids = prompts.prefix_ids.repeat_interleave(repeats, dim=0)
     with torch.no_grad():  # unknown cache type: recompute it on the repeated prefixes
-        return model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
+        return _cache_pass(model, ids)
 
 
 def layer_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,7 +197,7 @@ def model_suffix_pass(model: nn.Module, prompts: BatchedPrompts, cache: Any, rep
     else:
         mask = prompts.full_mask.repeat_interleave(repeats, dim=0)
         out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                               past_key_values=share_copy(cache), use_cache=True)
+                               **{cache_argument(model.base_model): share_copy(cache)}, use_cache=True)
     return out.last_hidden_state
 
 
