@@ -48,6 +48,15 @@ def test_consecutive_tables_repeat_a_one_at_a_time_editor_in_every_column():
     assert sentences[1].startswith("Batches of 8: the edits are best retained by") and "COMEBA-HK (90.0%)" in sentences[1]
 
 
+def test_consecutive_verdicts_set_alphaedit_and_comeba_hk_against_memit():
+    table = pd.DataFrame([{"editor": e, "batch size": 10, "efficacy": eff, "locality": loc, "kept": kept}
+                          for e, eff, loc, kept in (("MEMIT", 2.0, 5.0, 5.0), ("AlphaEdit", 6.0, 20.0, 19.0),
+                                                    ("COMEBA-HK", 1.0, 70.0, 71.0))])
+    (sentence,) = experiments.consecutive_verdicts(table)
+    assert "AlphaEdit vs MEMIT efficacy 6.0 vs 2.0, locality 20.0 vs 5.0, kept 19.0 vs 5.0 (ahead on all three)" in sentence
+    assert "COMEBA-HK vs MEMIT efficacy 1.0 vs 2.0" in sentence and "(ahead on locality and kept only)" in sentence
+
+
 def test_an_editor_keeps_its_colour_in_every_panel_of_the_consecutive_figure():
     from wilke_lib.analysis import plots
 

@@ -166,19 +166,27 @@ def consecutive_tables(runs: list[lifelong.RunResult], batch_sizes: tuple[int, .
 
 def consecutive_verdicts(final: pd.DataFrame) -> list[str]:
     """For each batch size: who retains the earlier edits best (efficacy over every edited record) and
-    who keeps the unedited facts best, and how COMEBA-HK compares with MEMIT, from the numbers."""
+    who keeps the unedited facts best, and how COMEBA-HK and AlphaEdit compare with MEMIT (the claim of
+    each of their papers: better on every measure), from the numbers."""
     lines = []
     for b, rows in final.groupby("batch size"):
         rows = rows.set_index("editor")
         best, kept = rows["efficacy"].idxmax(), rows["kept"].idxmax()
         text = (f"Batches of {b}: the edits are best retained by {best} (efficacy {rows.loc[best, 'efficacy']:.1f}% "
                 f"over all edited records), the unedited facts best kept by {kept} ({rows.loc[kept, 'kept']:.1f}%)")
-        if {"COMEBA-HK", "MEMIT"} <= set(rows.index):
-            c, m = rows.loc["COMEBA-HK"], rows.loc["MEMIT"]
-            text += (f"; COMEBA-HK vs MEMIT: efficacy {c['efficacy']:.1f} vs {m['efficacy']:.1f}, locality "
-                     f"{c['locality']:.1f} vs {m['locality']:.1f}, kept {c['kept']:.1f} vs {m['kept']:.1f}")
+        for rival in ("COMEBA-HK", "AlphaEdit"):
+            if {rival, "MEMIT"} <= set(rows.index):
+                text += "; " + _against_memit(rival, rows.loc[rival], rows.loc["MEMIT"])
         lines.append(text + ".")
     return lines
+
+
+def _against_memit(rival: str, r: pd.Series, m: pd.Series) -> str:
+    measures = ("efficacy", "locality", "kept")
+    ahead = [k for k in measures if r[k] > m[k]]
+    verdict = ("ahead on all three" if len(ahead) == len(measures) else "behind on all three" if not ahead
+               else f"ahead on {' and '.join(ahead)} only")
+    return f"{rival} vs MEMIT " + ", ".join(f"{k} {r[k]:.1f} vs {m[k]:.1f}" for k in measures) + f" ({verdict})"
 
 
 def finished_only(grouped: dict[str, list[lifelong.RunResult]]) -> dict[str, list[lifelong.RunResult]]:
