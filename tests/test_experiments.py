@@ -16,6 +16,14 @@ def curves(editor: str, s_by_step: dict[int, list[float]]) -> pd.DataFrame:
                          for step, values in s_by_step.items() for seed, s in enumerate(values)])
 
 
+def test_collapse_is_measured_against_the_running_peak_not_a_failed_first_step():
+    # one failed rollback at step 1 gives S ~ 0 there; the run works until step 8 and collapses at 16
+    frame = curves("AlphaEdit", {1: [0.0005], 2: [0.8], 4: [0.75], 8: [0.5], 16: [0.3], 32: [0.1]})
+    row = experiments.collapse_steps(frame).set_index("editor").loc["AlphaEdit"]
+    assert row["collapse step"] == 16 and math.isclose(row["S peak"], 80.0) and row["peak step"] == 2
+    assert math.isclose(row["S first"], 0.05)
+
+
 def test_collapse_step_is_the_first_checkpoint_below_half_the_start():
     frame = pd.concat([curves("ROME", {1: [0.9, 1.0], 2: [0.8, 0.8], 4: [0.5, 0.4], 8: [0.1, 0.1]}),
                        curves("WilKE", {1: [0.9, 0.9], 2: [0.8, 0.8], 4: [0.7, 0.7]})])
@@ -28,6 +36,11 @@ def test_collapse_step_is_the_first_checkpoint_below_half_the_start():
     assert sentences[0] == ("After 1,024 edits WilKE (S 5.0) does not beat ROME (S 10.0): -50%; the paper: 19.3 vs "
                             "9.3 (+108%).")
     assert "ROME collapses at step 4" in sentences[1] and "WilKE does not collapse" in sentences[2]
+    against_zero = experiments.scale_verdicts(
+        pd.DataFrame({"editor": ["MEMIT", "WilKE"], "S": [3.9, 0.0]}), experiments.collapse_steps(frame.iloc[:0]),
+        pd.DataFrame({"editor": ["MEMIT", "WilKE"], "S": [0.0, 14.6]}), 1024)
+    assert against_zero == ["After 1,024 edits WilKE (S 0.0) does not beat MEMIT (S 3.9): -100%; the paper: 14.6 vs "
+                            "0.0 (no ratio: the other's S is 0)."]
 
 
 def run(editor: str, batch_size: int, final: dict, checkpoints: list[dict]) -> SimpleNamespace:

@@ -195,18 +195,33 @@ def finished_only(grouped: dict[str, list[lifelong.RunResult]]) -> dict[str, lis
     return {label: runs for label, runs in out.items() if runs}
 
 
-def collapse_steps(curves_frame: pd.DataFrame, fraction_of_start: float = 0.5) -> pd.DataFrame:
+def collapse_steps(curves_frame: pd.DataFrame, fraction_of_peak: float = 0.5) -> pd.DataFrame:
     """When each editor's lifelong run collapses: the first checkpoint at which its S (mean over the
-    seeds measured there) falls below `fraction_of_start` of its S at the first checkpoint, with S
-    there and at the last checkpoint measured (step and S in %); NaN step: no collapse as far as measured."""
+    seeds measured there) falls below `fraction_of_peak` of the best S it had reached at an earlier
+    checkpoint, with that peak (S and step), S there and at the last checkpoint measured (in %); NaN
+    step: no collapse as far as measured.
+
+    The reference is the running peak, not the first checkpoint: S is a harmonic mean, so a single
+    record whose rollback fails at step 1 gives S about 0 there (ERS 0 of 1), and "half of the first
+    value" would then never be crossed by a run that works for a hundred edits before it degrades."""
     rows = []
     for editor, frame in curves_frame.groupby("editor", sort=False):
         s = frame.groupby("step")["S"].mean().sort_index() * 100
-        below = s[s < fraction_of_start * s.iloc[0]]
-        rows.append({"editor": editor, "S first": s.iloc[0], "collapse step": below.index[0] if len(below) else math.nan,
+        peak = s.cummax()
+        below = s[s < fraction_of_peak * peak]
+        step = below.index[0] if len(below) else None
+        peak_s = peak[step] if step is not None else s.max()
+        rows.append({"editor": editor, "S first": s.iloc[0], "S peak": peak_s,
+                     "peak step": int(s[s == peak_s].index[0]),
+                     "collapse step": step if step is not None else math.nan,
                      "S at collapse": below.iloc[0] if len(below) else math.nan,
                      "last step": int(s.index[-1]), "S last": s.iloc[-1]})
     return pd.DataFrame(rows)
+
+
+def _gain(gain: float) -> str:
+    """A relative gain as a signed percentage; against an S of 0 there is no ratio to give."""
+    return f"{gain:+.0%}" if math.isfinite(gain) else "no ratio: the other's S is 0"
 
 
 def scale_verdicts(ours: pd.DataFrame, collapse: pd.DataFrame, paper: pd.DataFrame, n_edits: int) -> list[str]:
@@ -219,19 +234,19 @@ def scale_verdicts(ours: pd.DataFrame, collapse: pd.DataFrame, paper: pd.DataFra
         if "WilKE" in s and other in s:
             gain = metrics.relative_improvement(float(s["WilKE"]), float(s[other]))
             text = (f"After {n_edits:,} edits WilKE (S {s['WilKE']:.1f}) {'beats' if gain > 0 else 'does not beat'} "
-                    f"{other} (S {s[other]:.1f}): {gain:+.0%}")
+                    f"{other} (S {s[other]:.1f}): {_gain(gain)}")
             if "WilKE" in paper_s and other in paper_s:
                 text += (f"; the paper: {paper_s['WilKE']:.1f} vs {paper_s[other]:.1f} "
-                         f"({metrics.relative_improvement(paper_s['WilKE'], paper_s[other]):+.0%})")
+                         f"({_gain(metrics.relative_improvement(paper_s['WilKE'], paper_s[other]))})")
             lines.append(text + ".")
     for _, row in collapse.iterrows():
         if math.isnan(row["collapse step"]):
-            lines.append(f"{row['editor']} does not collapse as far as measured: S {row['S first']:.1f} at the first "
-                         f"checkpoint, {row['S last']:.1f} at step {row['last step']:,}.")
+            lines.append(f"{row['editor']} does not collapse as far as measured: S {row['S peak']:.1f} at its best "
+                         f"(step {row['peak step']:,}), {row['S last']:.1f} at step {row['last step']:,}.")
         else:
-            lines.append(f"{row['editor']} collapses at step {int(row['collapse step']):,} (S {row['S first']:.1f} at the "
-                         f"first checkpoint, {row['S at collapse']:.1f} there, {row['S last']:.1f} at step "
-                         f"{row['last step']:,}).")
+            lines.append(f"{row['editor']} collapses at step {int(row['collapse step']):,} (S {row['S peak']:.1f} at its "
+                         f"best before, step {row['peak step']:,}; {row['S at collapse']:.1f} there, "
+                         f"{row['S last']:.1f} at step {row['last step']:,}).")
     return lines
 
 
