@@ -178,3 +178,16 @@ def test_figures_built_without_pyplot_display_as_png():
     fig.subplots().plot([1, 2])
     data, _ = shell.display_formatter.format(fig)
     assert data.get("image/png", b"").startswith(b"\x89PNG")
+
+
+def test_every_source_notebook_is_valid_nbformat_with_cell_ids():
+    """Cells added by hand without an `id` make nbformat warn now and fail in a future release."""
+    import json
+
+    import nbformat
+
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        raw = json.loads(path.read_text())
+        missing = [i for i, cell in enumerate(raw["cells"]) if "id" not in cell]
+        assert not missing, f"{path.name}: cells {missing} have no id"
+        nbformat.validate(nbformat.reads(path.read_text(), as_version=4))
