@@ -30,11 +30,18 @@ def test_notebook_executes_with_quick_profile(name, tmp_path, monkeypatch):
         # the quick profile's ablation runs are the ones the first part computes: the paper-scale section
         # then reads them back, finished
         parameters.update(n_edits=2, scores=["eq10"], scale_profile="quick")
+    if name == "03_lifelong":
+        # the same for Table 1: the "paper-scale" section reads the quick runs back, and they decide the claims
+        parameters.update(scale_profile="quick")
     papermill.execute_notebook(str(REPO / "notebooks" / f"{name}.ipynb"), str(out),
                                parameters=parameters, cwd=str(REPO), progress_bar=False)
     executed = json.loads(out.read_text())
     errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+    if name == "03_lifelong":
+        recorded = json.loads((tmp_path / "results" / "toy-gpt2" / "claims" / "03_lifelong.json").read_text())["claims"]
+        assert recorded["editors_fail_lifelong"]["note"] == "after 4 edits, 1 seed"
+        assert recorded["layer_per_fact"]["label"].endswith("layer-choices-scale")
 
 
 def test_consecutive_chapter_reads_the_runs_on_disk(tmp_path, monkeypatch):

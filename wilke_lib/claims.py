@@ -153,7 +153,7 @@ def layer_spread(layer_counts: pd.Series, reference_layers: Sequence[int] = ()) 
         verdict = "not reproduced"
     else:
         verdict = "reproduced" if share <= 0.9 else "partly"
-    text = f"{len(counts)} layer(s) over {int(counts.sum())} edits; layer {top} took {share:.0%}"
+    text = f"{len(counts)} layer(s) over {int(counts.sum()):,} edits; layer {top} took {share:.0%}"
     if len(reference_layers):
         text += f" (ROME's layer: {', '.join(map(str, reference_layers))})"
     return verdict, text
