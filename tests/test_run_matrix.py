@@ -48,6 +48,7 @@ def test_a_deleted_run_is_recomputed_identically(executor, tmp_path, monkeypatch
     result = json.loads((rdir / "result.json").read_text())
     again = run_matrix([spec], jobs=1, executor=executor, folder=tmp_path / "submitit")
     assert again["status"].tolist() == ["read back"]
+    assert again["S"].tolist() == pytest.approx([100 * result["final"]["S"]]) == first["S"].tolist()
     shutil.rmtree(rdir)  # a clone whose records were deleted
     recomputed = run_matrix([spec], jobs=1, executor=executor, folder=tmp_path / "submitit", poll_seconds=0.2)
     assert recomputed["status"].tolist() == ["computed"]

@@ -17,6 +17,7 @@ process is skipped with a note (the run's lock).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -130,13 +131,21 @@ def run_matrix(specs: Sequence[RunSpec], *, jobs: int | None = None, executor: s
     dirs = {s: run_dir_of(s, records[s.records]) for s in specs}
     todo = [s for s in specs if steps_done(dirs[s], s.n_edits) < s.n_edits or not (dirs[s] / "result.json").exists()]
     rows = [{"model": s.model_name, "editor": s.variant().label, "seed": s.seed, "n_edits": s.n_edits,
-             "status": "read back", "seconds": 0.0, "S": float("nan"), "run": dirs[s].name}
+             "status": "read back", "seconds": 0.0, "S": _final_s(dirs[s]), "run": dirs[s].name}
             for s in specs if s not in todo]
     if todo and executor == "processes":
         rows += _run_processes(todo, jobs, dirs, poll_seconds)
     elif todo:
         rows += _run_submitit(todo, executor, folder or Path("runs") / ".submitit", slurm or {})
     return pd.DataFrame(rows)
+
+
+def _final_s(run_dir: Path) -> float:
+    """S (%) after a finished run's last step, from its result.json (NaN when unreadable)."""
+    try:
+        return 100 * float(json.loads((run_dir / "result.json").read_text())["final"]["S"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return float("nan")
 
 
 def _run_processes(todo: Sequence[RunSpec], jobs: int, dirs: dict[RunSpec, Path], poll_seconds: float) -> list[dict]:
