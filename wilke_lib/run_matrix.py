@@ -17,7 +17,6 @@ process is skipped with a note (the run's lock).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 from wilke_lib import counterfact, experiments, lifelong, models
 from wilke_lib.lifelong.store import STEPS_ARCHIVE, STEPS_FILE, RunLockedError
 from wilke_lib.profiles import Profile, get_profile
+from wilke_lib.results import read_json
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -141,11 +141,9 @@ def run_matrix(specs: Sequence[RunSpec], *, jobs: int | None = None, executor: s
 
 
 def _final_s(run_dir: Path) -> float:
-    """S (%) after a finished run's last step, from its result.json (NaN when unreadable)."""
-    try:
-        return 100 * float(json.loads((run_dir / "result.json").read_text())["final"]["S"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return float("nan")
+    """S (%) after a finished run's last step, from its result.json (a corrupt one: CorruptFileError
+    naming it)."""
+    return 100 * float(read_json(run_dir / "result.json")["final"].get("S", float("nan")))
 
 
 def _run_processes(todo: Sequence[RunSpec], jobs: int, dirs: dict[RunSpec, Path], poll_seconds: float) -> list[dict]:
