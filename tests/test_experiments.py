@@ -83,21 +83,3 @@ def test_an_editor_keeps_its_colour_in_every_panel_of_the_consecutive_figure():
             colours.setdefault(line.get_label(), set()).add(line.get_color())
     assert set(colours) == {"ROME", "MEMIT", "WilKE"} and all(len(c) == 1 for c in colours.values())
     assert len({next(iter(c)) for c in colours.values()}) == 3
-
-
-def test_the_paper_scale_runs_decide_chapter_3s_claims_only_when_rome_memit_and_wilke_finished():
-    build_s = pd.Series({"ROME": 0.0, "MEMIT": 63.2, "WilKE": 0.0})
-    build_curves = curves("ROME", {1: [0.9], 16: [0.0]})
-    choices = pd.DataFrame({2: [16, 4], 4: [0, 12]}, index=["ROME", "WilKE"])
-    scale_table = pd.DataFrame({"editor": ["ROME", "MEMIT", "WilKE"], "S": [0.8, 1.5, 0.5]})
-    runs = {"WilKE": [SimpleNamespace(steps=pd.DataFrame({"edit_layers": [[2], [5], [5]]}))]}
-    scale = experiments.claim_evidence((build_s, build_curves, choices), 16, "", (scale_table, build_curves, runs), 1024, 3)
-    assert scale.at_scale and scale.note == "after 1,024 edits, 3 seeds" and "all at S 1.5 or less" in scale.order_note
-    assert scale.choices.loc["WilKE"].to_dict() == {2: 1, 5: 2}
-    found = {c[0]: c for c in experiments.lifelong_claims(scale, [2])}
-    assert found["wilke_beats_sota"][1] == "not reproduced" and found["editors_fail_lifelong"][1] == "reproduced"
-    assert found["layer_per_fact"][3] == "layer_choices_scale"
-    partial = experiments.claim_evidence((build_s, build_curves, choices), 16, "", (scale_table.iloc[:2], build_curves, runs),
-                                         1024, 3)
-    assert not partial.at_scale and partial.note == "after 16 edits, not 1,024"
-    assert {c[3] for c in experiments.lifelong_claims(partial, [2])} == {"table1", "lifelong_curves", "layer_choices"}

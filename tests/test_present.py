@@ -129,7 +129,8 @@ def test_registry_is_complete_and_names_the_chapters():
         nb = nbformat.read(ROOT / "notebooks" / f"{claim.chapter}.ipynb", as_version=4)
         source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
         assert f'"{claim.id}"' in source or (claim.rows and "claims_from_table" in source) or \
-            ("memit_verdicts" in source and claim.id.startswith("memit")), claim.id
+            ("memit_verdicts" in source and claim.id.startswith("memit")) or \
+            ("claims.lifelong_claims" in source and claim.id in LIFELONG_CLAIM_IDS), claim.id
 
 
 def test_verdicts_from_flags_and_from_a_verdict_table():
@@ -255,3 +256,25 @@ def test_site_extension_helpers():
     assert source is None or (source / site.MATHJAX_SCRIPT).is_file()
     assert site.MATHJAX_SKIP.search("tex-svg.js") and site.MATHJAX_SKIP.search("sre/mathmaps/de.json")
     assert not site.MATHJAX_SKIP.search("tex-mml-chtml.js") and not site.MATHJAX_SKIP.search("sre/mathmaps/en.json")
+
+
+LIFELONG_CLAIM_IDS = {"wilke_beats_sota", "editors_fail_lifelong", "degradation_over_steps", "layer_per_fact"}
+
+
+def test_the_paper_scale_runs_decide_chapter_3s_claims_only_when_rome_memit_and_wilke_finished():
+    build_s = pd.Series({"ROME": 0.0, "MEMIT": 63.2, "WilKE": 0.0})
+    build_curves = pd.DataFrame({"editor": ["ROME", "ROME"], "seed": [0, 0], "step": [1, 16], "S": [0.9, 0.0]})
+    choices = pd.DataFrame({2: [16, 4], 4: [0, 12]}, index=["ROME", "WilKE"])
+    scale_table = pd.DataFrame({"editor": ["ROME", "MEMIT", "WilKE"], "S": [0.8, 1.5, 0.5]})
+    scale_choices = pd.DataFrame({2: [1], 5: [2]}, index=["WilKE"])
+    scale = claims.claim_evidence((build_s, build_curves, choices), 16, "", (scale_table, build_curves, scale_choices),
+                                  1024, 3)
+    assert scale.at_scale and scale.note == "after 1,024 edits, 3 seeds" and "all at S 1.5 or less" in scale.order_note
+    found = {c[0]: c for c in claims.lifelong_claims(scale, [2])}
+    assert set(found) == LIFELONG_CLAIM_IDS
+    assert found["wilke_beats_sota"][1] == "not reproduced" and found["editors_fail_lifelong"][1] == "reproduced"
+    assert found["layer_per_fact"][1] == "reproduced" and found["layer_per_fact"][3] == "layer_choices_scale"
+    partial = claims.claim_evidence((build_s, build_curves, choices), 16, "",
+                                    (scale_table.iloc[:2], build_curves, scale_choices), 1024, 3)
+    assert not partial.at_scale and partial.note == "after 16 edits, not 1,024"
+    assert {c[3] for c in claims.lifelong_claims(partial, [2])} == {"table1", "lifelong_curves", "layer_choices"}

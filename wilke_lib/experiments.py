@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from wilke_lib import book, claims, counterfact, editing, generation, lifelong, metrics, models
+from wilke_lib import book, counterfact, editing, generation, lifelong, metrics, models
 from wilke_lib import hparams as hparams_lib
 from wilke_lib.editors import wilke
 from wilke_lib.errors import EditError
@@ -248,55 +248,6 @@ def scale_verdicts(ours: pd.DataFrame, collapse: pd.DataFrame, paper: pd.DataFra
                          f"best before, step {row['peak step']:,}; {row['S at collapse']:.1f} there, "
                          f"{row['S last']:.1f} at step {row['last step']:,}).")
     return lines
-
-
-TABLE1_LABELS = ("ROME", "MEMIT", "WilKE")
-
-
-@dataclass(frozen=True)
-class ClaimEvidence:
-    """The runs that decide chapter 3's claims: S after the last edit (by editor), the S curves, the
-    layer choices, the names of the page's table / figure / table showing them, and the notes."""
-    s: pd.Series
-    curves: pd.DataFrame
-    choices: pd.DataFrame
-    refs: tuple[str, str, str]
-    note: str
-    order_note: str
-
-    @property
-    def at_scale(self) -> bool:
-        return self.refs[0] == "table1_scale"
-
-
-def claim_evidence(build: tuple[pd.Series, pd.DataFrame, pd.DataFrame], n_edits: int, same_layer: str = "",
-                   scale: tuple[pd.DataFrame, pd.DataFrame, dict] | None = None, scale_n_edits: int = 0,
-                   scale_n_seeds: int = 0) -> ClaimEvidence:
-    """The paper's claims are about 1,024 edits: the paper-scale runs (`scale`: their Table 1, curves and
-    finished runs) decide them when ROME's, MEMIT's and WilKE's have all finished, else the build's runs
-    (`build`: S by editor, curves, layer choices), with a note saying after how many edits."""
-    if scale is not None and scale[2] and set(TABLE1_LABELS) <= set(scale[0]["editor"]):
-        s = scale[0].set_index("editor")["S"]
-        note = f"after {scale_n_edits:,} edits, {scale_n_seeds} seed{'s' if scale_n_seeds > 1 else ''}"
-        top = max(float(s[e]) for e in TABLE1_LABELS)
-        order_note = note + (f"; ROME, MEMIT and WilKE all at S {top:.1f} or less, so their order says little: "
-                             "the collapse steps compare them" if top < 5 else "")
-        return ClaimEvidence(s, scale[1], layer_choices(scale[2]),
-                             ("table1_scale", "lifelong_curves_scale", "layer_choices_scale"), note, order_note)
-    note = f"after {n_edits} edits, not 1,024" if n_edits < 1024 else ""
-    return ClaimEvidence(build[0], build[1], build[2], ("table1", "lifelong_curves", "layer_choices"), note,
-                         "; ".join(filter(None, [note, same_layer])))
-
-
-def lifelong_claims(evidence: ClaimEvidence, rome_layers: list[int]) -> list[tuple[str, str, str, str, str]]:
-    """(claim id, verdict, number, ref, note) of chapter 3's claims from `evidence`."""
-    e = evidence
-    out = [("wilke_beats_sota", *claims.wilke_vs_baselines(e.s), e.refs[0], e.order_note),
-           ("editors_fail_lifelong", *claims.editors_fail(e.s), e.refs[0], e.note),
-           ("degradation_over_steps", *claims.s_decline(e.curves), e.refs[1], e.note)]
-    if "WilKE" in e.choices.index:
-        out.append(("layer_per_fact", *claims.layer_spread(e.choices.loc["WilKE"], rome_layers), e.refs[2], e.note))
-    return out
 
 
 def table(grouped: dict[str, list[lifelong.RunResult]], model_name: str) -> pd.DataFrame:
