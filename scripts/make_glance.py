@@ -61,6 +61,10 @@ def cell_markdown(book_dir: Path, cell: dict) -> list[str]:
     else:
         link = ""
     lines.append(" · ".join(t for t in (text, link) if t))
+    if cell.get("precondition") and verdict != "reproduced":
+        lines.append(f"*Precondition:* {md_escape(cell['precondition'])}")
+    if cell.get("n"):
+        lines.append(f"*n:* {md_escape(cell['n'])}")
     return [line for line in lines if line]
 
 
@@ -94,8 +98,10 @@ def glance_markdown(book_dir: Path, models: list[str]) -> tuple[str, list[dict]]
         "Each row is a claim of the paper {cite}`hu2024wilke`, in its own words, with the section and the",
         "figure or table where the paper shows it. Each model's cell holds the verdict that the chapter",
         "testing the claim computed on that model, the number behind the verdict and a link to the figure",
-        "or table that shows it. The verdicts are {bdg-success}`reproduced`, {bdg-warning}`partly`,",
-        "{bdg-danger}`not reproduced` and {bdg-secondary}`not testable here` (the model cannot show it);",
+        "or table that shows it, with what it rests on (n: records, edits, seeds, and the runs it read). Each",
+        "claim's test states a precondition computed from the same runs; the verdicts are",
+        "{bdg-success}`reproduced`, {bdg-warning}`partly`, {bdg-danger}`not reproduced` and",
+        "{bdg-secondary}`not testable here` (the precondition failed: the cell names it and the value found);",
         f"{{bdg-dark-line}}`{claims_lib.NOT_RUN}` means that no executed page recorded one. The organisms",
         "are far smaller than GPT2-XL and GPT-J, so a verdict says what these runs show, not what the",
         "paper's models would (see {doc}`intro`, and the last section of each chapter). The build's own",
@@ -135,13 +141,14 @@ def glance_markdown(book_dir: Path, models: list[str]) -> tuple[str, list[dict]]
             for extra in paragraphs[1:]:
                 out += ["", f"    {extra}"]
             record.update({f"{model} verdict": cell["verdict"], f"{model} number": cell.get("number", ""),
-                           f"{model} note": cell.get("note", ""), f"{model} page": cell.get("page") or ""})
+                           f"{model} note": cell.get("note", ""), f"{model} precondition": cell.get("precondition", ""),
+                           f"{model} n": cell.get("n", ""), f"{model} page": cell.get("page") or ""})
         flat.append(record)
     out += ["````", "", f"[data (CSV)]({FILES}/glance.csv)", "", "## How the verdicts are decided", ""]
     for row in rows:
         claim = row["claim"]
-        out += [f"{md_escape(claim.title)} (chapter {chapter_number(claim.chapter)})",
-                f": {md_escape(claim.rule)}", ""]
+        rule = md_escape(claim.rule) + (f" *Precondition:* {md_escape(claim.precondition)}" if claim.precondition else "")
+        out += [f"{md_escape(claim.title)} (chapter {chapter_number(claim.chapter)})", f": {rule}", ""]
     return "\n".join(out), flat
 
 

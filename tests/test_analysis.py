@@ -367,7 +367,10 @@ def test_flash_analysis_groups_and_flash_free_run(tiny_tokenizer, results_in_tmp
     groups = flash.contrast_groups(model, tiny_tokenizer, recs, "tiny", hp, n_steps=3, seed=0, n_flash=1,
                                    n_normal=2, cache=cache, known=everything)
     assert len(groups.flash) == 1 and groups.analysis is not None
-    assert groups.flash_label == ("flash (detected)" if flash_ids else "largest norm jumps (no flash detected)")
+    app_b_ids = {r["case_id"] for r in run.app_b_records}
+    assert app_b_ids <= flash_ids  # App. B's flash records are among the detector's
+    assert groups.flash_label == ("flash (App. B)" if app_b_ids else "largest norm jumps (no App. B flash record)")
+    assert (groups.precondition() == "") == bool(app_b_ids)
     assert list(groups.table().columns) == ["group", "Record", "Content"]
     free = flash.flash_free_run(model, tiny_tokenizer, recs, run, hp, model_name="tiny", seed=0, cache=cache,
                                 known=everything)

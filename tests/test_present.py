@@ -151,32 +151,6 @@ def test_verdicts_from_flags_and_from_a_verdict_table():
         "not testable here", "one of the groups is empty")
 
 
-def test_lifelong_claim_helpers():
-    s = {"KN": 50.0, "ROME": 78.7, "MEMIT": 84.1, "WilKE": 78.7, "AlphaEdit": 90.0}
-    assert claims.wilke_vs_baselines(s) == ("not reproduced", "S: WilKE 78.7 vs MEMIT 84.1 (-6.4%)")
-    assert claims.wilke_vs_baselines({**s, "WilKE": 84.1})[0] == "partly"  # a tie with the best baseline
-    assert claims.wilke_vs_baselines({**s, "WilKE": 90.0})[0] == "reproduced"  # AlphaEdit is not a paper baseline
-    assert claims.editors_fail({"ROME": 9.3, "MEMIT": 60.0}) == ("partly", "S: ROME 9.3, MEMIT 60.0")
-    curves = pd.DataFrame({"step": [1, 16, 1, 16], "editor": ["ROME", "ROME", "WilKE", "WilKE"], "S": [1.0, 0.5, 0.8, 0.9]})
-    assert claims.s_decline(curves)[0] == "partly"
-    assert claims.layer_spread(pd.Series({0: 16, 1: 0}), [0]) == (
-        "not reproduced", "1 layer(s) over 16 edits; layer 0 took 100% (ROME's layer: 0)")
-    assert claims.layer_spread(pd.Series({0: 5, 3: 5}))[0] == "reproduced"
-    s_ab = {"WilKE eq10 full": 80.0, "WilKE eq10 w/o delta": 70.0, "WilKE eq10 w/o activation": 80.0,
-            "WilKE eq10 w/o ||W_proj||": 79.0}
-    assert claims.ablation_verdict(s_ab)[0] == "partly"
-    assert claims.ablation_verdict({**s_ab, "WilKE eq10 w/o activation": 70.0})[0] == "reproduced"
-    assert claims.ablation_verdict({**s_ab, "WilKE eq10 w/o activation": 70.0,
-                                    "WilKE eq10 w/o ||W_proj||": 90.0})[0] == "partly"  # better without it
-    same = pd.DataFrame([[8, 0]] * 4, index=list(s_ab), columns=[0, 3])
-    assert claims.ablation_verdict(s_ab, layer_choices=same)[0] == "not testable here"
-    per_layer = pd.DataFrame({"layer": [0, 1], "buildup rho": [0.9, 0.95], "max ||W||/||W_0||": [1.2, 1.5],
-                              "steps with a jump > 10 x median": [0, 0]})
-    out = claims.memit_verdicts(per_layer, 5.0)
-    assert out["memit_buildup"][0] == "reproduced" and out["memit_conceals_flash"][0] == "reproduced"
-    assert claims.memit_verdicts(per_layer, float("nan"))["memit_conceals_flash"][0] == "not testable here"
-
-
 def test_record_claim_validates_and_writes_the_record_and_its_page_copy(tmp_path, monkeypatch):
     monkeypatch.setenv("WILKE_RESULTS_DIR", str(tmp_path / "results"))
     with pytest.raises(KeyError):
@@ -258,23 +232,10 @@ def test_site_extension_helpers():
     assert not site.MATHJAX_SKIP.search("tex-mml-chtml.js") and not site.MATHJAX_SKIP.search("sre/mathmaps/en.json")
 
 
-LIFELONG_CLAIM_IDS = {"wilke_beats_sota", "editors_fail_lifelong", "degradation_over_steps", "layer_per_fact"}
+LIFELONG_CLAIM_IDS = {"wilke_beats_sota", "editors_fail_lifelong", "degradation_over_steps", "layer_per_fact",
+                      "wilke_delays_collapse", "memit_declines_most"}
 
 
-def test_the_paper_scale_runs_decide_chapter_3s_claims_only_when_rome_memit_and_wilke_finished():
-    build_s = pd.Series({"ROME": 0.0, "MEMIT": 63.2, "WilKE": 0.0})
-    build_curves = pd.DataFrame({"editor": ["ROME", "ROME"], "seed": [0, 0], "step": [1, 16], "S": [0.9, 0.0]})
-    choices = pd.DataFrame({2: [16, 4], 4: [0, 12]}, index=["ROME", "WilKE"])
-    scale_table = pd.DataFrame({"editor": ["ROME", "MEMIT", "WilKE"], "S": [0.8, 1.5, 0.5]})
-    scale_choices = pd.DataFrame({2: [1], 5: [2]}, index=["WilKE"])
-    scale = claims.claim_evidence((build_s, build_curves, choices), 16, "", (scale_table, build_curves, scale_choices),
-                                  1024, 3)
-    assert scale.at_scale and scale.note == "after 1,024 edits, 3 seeds" and "all at S 1.5 or less" in scale.order_note
-    found = {c[0]: c for c in claims.lifelong_claims(scale, [2])}
-    assert set(found) == LIFELONG_CLAIM_IDS
-    assert found["wilke_beats_sota"][1] == "not reproduced" and found["editors_fail_lifelong"][1] == "reproduced"
-    assert found["layer_per_fact"][1] == "reproduced" and found["layer_per_fact"][3] == "layer_choices_scale"
-    partial = claims.claim_evidence((build_s, build_curves, choices), 16, "",
-                                    (scale_table.iloc[:2], build_curves, scale_choices), 1024, 3)
-    assert not partial.at_scale and partial.note == "after 16 edits, not 1,024"
-    assert {c[3] for c in claims.lifelong_claims(partial, [2])} == {"table1", "lifelong_curves", "layer_choices"}
+def test_chapter_3_records_every_lifelong_claim_it_tests():
+    assert set(claims.LIFELONG_TESTS) | {"layer_per_fact"} == LIFELONG_CLAIM_IDS
+    assert {c.id for c in claims.chapter_claims("03_lifelong")} == LIFELONG_CLAIM_IDS

@@ -81,6 +81,13 @@ def paper_table1() -> pd.DataFrame:
     return pd.read_csv(Path(__file__).parent / "data" / "table1_reported.csv")
 
 
+def paper_curves() -> pd.DataFrame:
+    """The authors' curves behind Table 1 and Fig. 43 (from their released summary notebooks): one row per
+    model, editor, checkpoint (1, 2, 4, ..., 1024) and metric, with the mean and np.std over their three
+    runs, as fractions."""
+    return pd.read_csv(Path(__file__).parent / "data" / "curves_reported.csv")
+
+
 def _figure_png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")

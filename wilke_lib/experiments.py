@@ -23,9 +23,22 @@ from wilke_lib.profiles import Profile
 PAPER_MODEL = {"toy-gpt2": "gpt2-xl", "toy-gptj": "gpt-j-6b", "gpt2-xl": "gpt2-xl",
                "gpt-j-6b": "gpt-j-6b", "EleutherAI/gpt-j-6b": "gpt-j-6b"}
 EDITOR_LABELS = {"ft": "FT", "kn": "KN", "rome": "ROME", "memit": "MEMIT", "wilke": "WilKE", "r-rome": "r-ROME",
-                 "alphaedit": "AlphaEdit", "comeba_hk": "COMEBA-HK", "lemoe": "LEMoE", "mend": "MEND", "ke": "KE"}
-# editor names of the tables that are another editor with other settings: name -> (editor, overrides)
-DERIVED_EDITORS = {"r-rome": ("rome", {"update_form": "r-rome"})}  # Gupta et al. 2024, "Rebuilding ROME"
+                 "alphaedit": "AlphaEdit", "comeba_hk": "COMEBA-HK", "lemoe": "LEMoE", "mend": "MEND", "ke": "KE",
+                 "wilke-eq10": "WilKE (Eq. 10)"}
+# editor names of the tables that are another editor with other settings: name -> (editor, overrides).
+# "wilke" is WilKE as released, whose layer rule gave the paper's Table 1 and Fig. 43: the candidate layer
+# with the smallest ||dW|| / ||W|| of ROME's update; "wilke-eq10" is the rule the paper's text writes (Eq. 10).
+DERIVED_EDITORS = {"r-rome": ("rome", {"update_form": "r-rome"}),  # Gupta et al. 2024, "Rebuilding ROME"
+                   "wilke": ("wilke", {"score": "update_norm"}),
+                   "wilke-eq10": ("wilke", {"score": "eq10"})}
+
+
+def editor_label(editor: str, hparams=None) -> str:
+    """The table label of a run of `editor` with `hparams`: WilKE's Eq. 10 rule is "WilKE (Eq. 10)", the
+    released rule "WilKE"."""
+    if editor == "wilke" and getattr(hparams, "score", "update_norm") == "eq10":
+        return EDITOR_LABELS["wilke-eq10"]
+    return EDITOR_LABELS.get(editor, editor)
 
 
 @dataclass(frozen=True)
@@ -134,7 +147,7 @@ def consecutive_progress(model_name: str, records: list[dict], profile: Profile
                                      profile.consecutive_n_edits, profile.seeds[0]):
         run = consecutive.read_progress(fp, config)
         n_batches = len(config.batch_ends())
-        rows.append({"editor": EDITOR_LABELS.get(config.editor, config.editor), "batch size": config.batch_size,
+        rows.append({"editor": editor_label(config.editor, config.hparams), "batch size": config.batch_size,
                      "batches": 0 if run is None else len(run.steps), "of": n_batches,
                      "status": "not started" if run is None else ("finished" if run.final else "unfinished")})
         if run is not None and len(run.steps):
@@ -149,7 +162,8 @@ def consecutive_tables(runs: list[lifelong.RunResult], batch_sizes: tuple[int, .
     The single run of an editor that edits one request at a time stands for every batch size."""
     finals, curves = [], []
     for run in runs:
-        label, editor = EDITOR_LABELS.get(run.config.editor, run.config.editor), run.config.editor
+        editor = run.config.editor
+        label = editor_label(editor, getattr(run.config, "hparams", None))
         sizes = batch_sizes if consecutive.one_at_a_time(editor) else (run.config.batch_size,)
         for b in sizes:
             if run.final:
@@ -248,6 +262,104 @@ def scale_verdicts(ours: pd.DataFrame, collapse: pd.DataFrame, paper: pd.DataFra
                          f"best before, step {row['peak step']:,}; {row['S at collapse']:.1f} there, "
                          f"{row['S last']:.1f} at step {row['last step']:,}).")
     return lines
+
+
+def finals(grouped: dict[str, list[lifelong.RunResult]]) -> pd.DataFrame:
+    """One row per finished run: editor (label), seed and the metrics after its last step, in %."""
+    rows = [{"editor": label, "seed": run.config.seed, **{m: 100 * float(run.final.get(m, math.nan))
+                                                          for m in metrics.METRICS}}
+            for label, runs in grouped.items() for run in runs if run.final]
+    return pd.DataFrame(rows, columns=["editor", "seed", *metrics.METRICS])
+
+
+def paper_curves(model_name: str, metric: str = "S") -> pd.DataFrame:
+    """The authors' curve of `metric` for the paper's model that `model_name` stands in for, in the long
+    format of `curves` (editor, seed, step, metric as a fraction; seed "paper": the mean of their runs)."""
+    reported = book.paper_curves()
+    rows = reported[(reported["model"] == PAPER_MODEL.get(model_name, model_name)) & (reported["metric"] == metric)]
+    return pd.DataFrame({"editor": rows["editor"].to_numpy(), "seed": "paper", "step": rows["step"].to_numpy(),
+                         metric: rows["mean"].to_numpy()})
+
+
+def collapse_beside_paper(curves_frame: pd.DataFrame, model_name: str,
+                          editors: tuple[str, ...] = ("ROME", "MEMIT", "WilKE")) -> pd.DataFrame:
+    """The collapse step (`claims.collapse_step`, one definition for both) of each editor: the paper's
+    model (its authors' mean curve) and this model seed by seed, with the best S before it."""
+    from wilke_lib import claims
+
+    ours = claims.collapse_table(curves_frame[curves_frame["editor"].isin(editors)])
+    paper = claims.collapse_table(paper_curves(model_name).query("editor in @editors"))
+    fmt = lambda v: "none" if math.isnan(v) else f"{v:,.0f}"  # noqa: E731
+    rows = []
+    for editor in editors:
+        p, o = paper[paper["editor"] == editor], ours[ours["editor"] == editor].sort_values("seed")
+        rows.append({"editor": editor,
+                     f"paper ({PAPER_MODEL.get(model_name, model_name)})": fmt(p["collapse step"].iloc[0]) if len(p) else "–",
+                     f"{model_name}, per seed": " / ".join(fmt(v) for v in o["collapse step"]) or "–",
+                     "seeds": ", ".join(map(str, o["seed"])) or "–",
+                     "best S before (per seed)": " / ".join(f"{v:.1f}" for v in o["S peak"]) or "–"})
+    return pd.DataFrame(rows)
+
+
+def score_against_norm(grouped: dict[str, list[lifelong.RunResult]], labels: tuple[str, ...] = ("WilKE", "WilKE (Eq. 10)")
+                       ) -> pd.DataFrame:
+    """WilKE's layer score of the layer it edited at each step against that layer's ||W_proj||_F after the
+    step (edit and rollback), over the runs of `labels`: one row per step (editor, seed, step, layer,
+    score, weight norm). A rule whose score falls as earlier edits inflate a layer's norm is drawn to the
+    layers it has damaged."""
+    rows = []
+    for label in labels:
+        for run in grouped.get(label, []):
+            for _, step in run.steps.iterrows():
+                scores, norms = step.get("edit_scores") or {}, step.get("weight_norms_after_rollback") or {}
+                for layer in step.get("edit_layers") or []:
+                    norm = next((v for k, v in norms.items() if f".{layer}." in k), math.nan)
+                    rows.append({"editor": label, "seed": run.config.seed, "step": int(step["step"]), "layer": int(layer),
+                                 "score": float(scores.get(str(layer), math.nan)), "weight norm": float(norm)})
+    return pd.DataFrame(rows, columns=["editor", "seed", "step", "layer", "score", "weight norm"])
+
+
+COUNTERPART = {"toy-gpt2": "toy-gptj", "toy-gptj": "toy-gpt2", "gpt2-xl": "EleutherAI/gpt-j-6b",
+               "EleutherAI/gpt-j-6b": "gpt2-xl"}
+"""The other model of the paper's pair (App. B compares their flash records)."""
+
+
+def rome_flash_sets(model_name: str, records: list[dict], profile: Profile, seeds: tuple[int, ...] | None = None
+                    ) -> tuple[dict[str, set], dict[str, set]]:
+    """({run: case ids of its flash records by App. B's definition}, {run: case ids it edited}) over the
+    finished lifelong ROME runs of `profile` (read back, computing nothing), one per seed in `seeds`."""
+    from wilke_lib.analysis import flash
+
+    runs, _ = matrix_progress(model_name, records, profile, ("rome",))
+    flagged, edited = {}, {}
+    for run in finished_only(runs).get("ROME", []):
+        if seeds is None or run.config.seed in seeds:
+            name = f"{Path(model_name).name} seed {run.config.seed}"
+            flagged[name] = set(flash.app_b_flash(flash.scored_lifelong_run(run))["case_id"])
+            edited[name] = set(run.steps["case_id"])
+    return flagged, edited
+
+
+def layer_controls(layers: list[int]) -> list[EditorVariant]:
+    """ROME fixed at each of `layers`: the control of the claim that choosing the layer per fact helps
+    (`claims.layer_per_fact`)."""
+    return [EditorVariant(f"ROME @ layer {l}", "rome", {"layer": int(l)}) for l in layers]
+
+
+def top_layers(grouped: dict[str, list[lifelong.RunResult]], label: str = "WilKE", k: int = 2) -> list[int]:
+    """The `k` layers `label`'s runs (finished or not) edited most."""
+    if label not in grouped:
+        return []
+    counts = layer_choices({label: grouped[label]}).loc[label]
+    return [int(l) for l in counts[counts > 0].sort_values(ascending=False).index[:k]]
+
+
+def layer_control_progress(model_name: str, records: list[dict], profile: Profile, layers: list[int]
+                           ) -> tuple[dict[str, list[lifelong.RunResult]], pd.DataFrame]:
+    """The fixed-layer ROME runs at `layers` with every seed of the profile, as far as they are on disk
+    (computing nothing; `make runs RUNS_ARGS=--layer-controls` computes them); as `matrix_progress`."""
+    cells = [(v, seed) for v in layer_controls(layers) for seed in profile.seeds]
+    return _progress(model_name, records, profile, cells, profile.n_edits)
 
 
 def table(grouped: dict[str, list[lifelong.RunResult]], model_name: str) -> pd.DataFrame:

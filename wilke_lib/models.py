@@ -26,6 +26,12 @@ from wilke_lib.results import REPO_ROOT, model_slug
 
 ORGANISMS: tuple[str, ...] = ("toy-gpt2", "toy-gptj")
 ORGANISMS_DIR: Path = REPO_ROOT / "organisms"
+# the rungs of the width ladder (`organisms.train.LADDER`): organisms too, by name, but not the book's default pair
+LADDER_NAME = re.compile(r"toy-(gpt2|gptj)-w\d+")
+
+
+def is_organism_name(name: str) -> bool:
+    return name in ORGANISMS or LADDER_NAME.fullmatch(name) is not None
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -67,7 +73,7 @@ def resolve_model_path(name: str | Path) -> str:
     - anything else: returned unchanged, as a hub id.
     """
     name = str(name)
-    if name in ORGANISMS:
+    if is_organism_name(name):
         path = ORGANISMS_DIR / name
         if not (path / "config.json").is_file():
             raise FileNotFoundError(

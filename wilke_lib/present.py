@@ -51,7 +51,8 @@ class SavedFile(type(Path())):
 DPI = 150
 WIDE_INCHES = 7.0  # figures wider than this are shown at the column width, a click opens the full size
 TABLE1_METRICS = ("S", "ES", "PS", "NS", "ERS", "ORS")
-EDITOR_ORDER = ("FT", "KE", "KN", "MEND", "ROME", "r-ROME", "MEMIT", "AlphaEdit", "COMEBA-HK", "LEMoE", "WilKE")
+EDITOR_ORDER = ("FT", "KE", "KN", "MEND", "ROME", "r-ROME", "MEMIT", "AlphaEdit", "COMEBA-HK", "LEMoE", "WilKE (Eq. 10)",
+                "WilKE")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 VERDICT_BADGES = {"reproduced": "bdg-success", "partly": "bdg-warning", "not reproduced": "bdg-danger",
                   "not testable here": "bdg-secondary", claims_lib.NOT_RUN: "bdg-dark-line"}
@@ -282,20 +283,31 @@ class Page:
         return SavedFile(path)
 
     # ---------------------------------------------------------------------------------- claims
-    def claim(self, claim_id: str, verdict: str, number: str, *, ref: str | None = None, note: str = "") -> None:
+    def claim(self, claim_id: str, verdict: str, number: str, *, ref: str | None = None, note: str = "",
+              precondition: str = "", n: str = "") -> None:
         """Record the verdict of one of the paper's claims that this page tests; `ref`: the name of
-        the figure or table of this page that shows it."""
+        the figure or table of this page that shows it; `precondition`, `n`: as `claims.Outcome`'s."""
         claims_lib.record_claim(self.model_name, self.chapter, claim_id, verdict, number, page=self.docname,
                                 label=self.label(ref) if ref else None, note=note, copies=[self.files()],
-                                context=self.context)
+                                context=self.context, precondition=precondition, n=n)
 
-    def claims_from_table(self, table: pd.DataFrame, *, ref: str | None = None, note: str = "") -> None:
+    def outcome(self, claim_id: str, outcome: claims_lib.Outcome, *, ref: str | None = None, note: str = "") -> None:
+        """Record a claim's `claims.Outcome`."""
+        self.claim(claim_id, outcome.verdict, outcome.number, ref=ref, note=note, precondition=outcome.precondition,
+                   n=outcome.n)
+
+    def claims_from_table(self, table: pd.DataFrame, *, ref: str | None = None, note: str = "",
+                          precondition: str = "", failed: str = "", n: str = "") -> None:
         """Record every claim of this chapter that the registry maps onto rows of a verdict table
-        (`analysis.verdicts.verdict_table`)."""
+        (`analysis.verdicts.verdict_table`). `precondition`: what the table needs to test the claims;
+        `failed`: why it does not hold here (then each claim is "not testable here", whatever the rows say)."""
         for claim in claims_lib.chapter_claims(self.chapter):
             if claim.rows:
                 verdict, number = claims_lib.verdict_from_rows(table, claim)
-                self.claim(claim.id, verdict, number, ref=ref, note=note)
+                if failed:
+                    verdict = "not testable here"
+                self.claim(claim.id, verdict, number, ref=ref, note=note,
+                           precondition=f"{precondition}: {failed}" if failed else precondition, n=n)
 
     def show_claims(self) -> None:
         """Display the verdicts this page recorded, as they appear on the "Results at a glance" page."""
@@ -306,8 +318,12 @@ class Page:
         for claim_id, cell in recorded.items():
             claim = registry[claim_id]
             note = f" *({md_escape(cell['note'])})*" if cell.get("note") else ""
+            pre = cell.get("precondition") or ""
+            extra = "".join(f" {label} {md_escape(text)}." for label, text in
+                            (("Precondition:", pre), ("n:", cell.get("n") or "")) if text)
             lines.append(f"- {{{VERDICT_BADGES[cell['verdict']]}}}`{cell['verdict']}` **{md_escape(claim.title)}** "
-                         f"({md_escape(claim.section)}, {md_escape(claim.evidence)}): {md_escape(cell['number'])}{note}")
+                         f"({md_escape(claim.section)}, {md_escape(claim.evidence)}): {md_escape(cell['number'])}{note}"
+                         f"{extra}")
         if not recorded:
             lines.append("- (no verdict was recorded)")
         show_markdown("\n".join(lines))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,50 @@ def detect_flash(table: pd.DataFrame, *, norm_col: str = "norm", rollback_col: s
     return flagged[cols].reset_index(drop=True)
 
 
+WORKING_WINDOW = 16
+"""Steps before a step over which the model must still work for a flash there to count (App. B)."""
+MIN_WORKING = 0.5
+"""Mean edit success and mean rollback success over that window that count as a working model."""
+
+
+def working_before(scored: pd.DataFrame, window: int = WORKING_WINDOW, min_working: float = MIN_WORKING) -> pd.Series:
+    """Per step (rows sorted by step): whether the model still worked just before it, i.e. over the
+    `window` steps before, the mean edit success and the mean rollback success were both at least
+    `min_working`. The first step edits the unedited model, which knows every record: it works.
+
+    Appendix B's flash records "exhibit a relatively high success rate during the editing phase, but
+    during the rollback phase after editing, a lower success rate": a failed rollback only singles a
+    record out while rollbacks otherwise succeed. In a collapsed model every rollback fails."""
+    def before(column: str) -> pd.Series:
+        return scored[column].astype(float).shift(1).rolling(window, min_periods=1).mean()
+
+    works = (before("edit_success") >= min_working) & (before("rollback_success") >= min_working)
+    works.iloc[:1] = True
+    return works
+
+
+def app_b_flash(scored: pd.DataFrame, window: int = WORKING_WINDOW, min_working: float = MIN_WORKING) -> pd.DataFrame:
+    """The steps of a `score_flash` table that are toxicity flash by Appendix B's definition: the edit
+    succeeded (ES = 1), its rollback failed (`rollback_failed`), the norm jumped (`norm_spike`) and the
+    model still worked in the `window` steps before (`working_before`). Adds the column `working`."""
+    out = scored.assign(working=working_before(scored, window, min_working).to_numpy())
+    keep = out["rollback_failed"] & out["norm_spike"] & (out["edit_success"].astype(float) >= 1.0) & out["working"]
+    return out[keep].reset_index(drop=True)
+
+
+def scored_lifelong_run(run, rollback_threshold: float = 0.1, jump_factor: float = 10.0) -> pd.DataFrame:
+    """The detector's table (`score_flash`) of a lifelong run of ROME (`lifelong.RunResult`), from what its
+    steps record: ES, rollback success and ||W_proj||_F of the edited layer after each step. Lets every
+    committed ROME run, whatever its seed or model, be screened for App. B's flash records."""
+    steps = run.steps.sort_values("step")
+    norms = [next(iter((row or {}).values()), float("nan")) for row in steps["weight_norms_after_rollback"]]
+    table = pd.DataFrame({"step": steps["step"].to_numpy(), "case_id": steps["case_id"].to_numpy(),
+                          "edit_success": steps["ES"].astype(float).to_numpy(),
+                          "rollback_success": steps["rollback_success"].astype(float).to_numpy(), "norm": norms,
+                          "failed": steps["failed"].astype(bool).to_numpy()})
+    return score_flash(table, rollback_threshold=rollback_threshold, jump_factor=jump_factor)
+
+
 def record_content(record: dict) -> str:
     """Table 2 / 3 content of a CounterFact record: "prompt [true] => [new]." with the subject filled in."""
     req = record.get("requested_rewrite", record)
@@ -121,6 +165,24 @@ class FlashAnalysis:
     flash_records: list[dict]
     normal_records: list[dict]
     settings: dict
+    app_b: pd.DataFrame = field(default_factory=pd.DataFrame)
+    app_b_records: list[dict] = field(default_factory=list)
+
+    @property
+    def working_steps(self) -> int:
+        """Steps at which the model still worked just before (`working_before`)."""
+        return int(working_before(self.scored).sum())
+
+    def app_b_summary(self) -> str:
+        """How the detector's flagged steps fare against each part of App. B's definition."""
+        flagged = self.scored[self.scored["flash"]]
+        succeeded = int((flagged["edit_success"].astype(float) >= 1.0).sum())
+        working = int(working_before(self.scored)[self.scored["flash"]].sum())
+        first = f", the first at step {int(flagged['step'].min()):,}" if len(flagged) else ""
+        return (f"the detector flags {len(flagged)} of {len(self.scored):,} steps{first}; {succeeded} of them with ES = 1, "
+                f"{working} in a working model (edit and rollback success >= {MIN_WORKING:g} over the "
+                f"{WORKING_WINDOW} steps before, true before {self.working_steps:,} steps of the run); "
+                f"{len(self.app_b)} meet App. B's definition")
 
     def table(self) -> pd.DataFrame:
         """The flash records in the format of the paper's Tables 2-3 (Record, Content)."""
@@ -152,13 +214,19 @@ def flash_analysis(model: nn.Module, tok, records: Sequence[dict], model_name: s
     flagged = detect_flash(recording.table, **kwargs)
     flash_ids = set(flagged["case_id"])
     bad = set(scored.loc[scored["rollback_failed"] | scored["norm_spike"] | scored["failed"], "case_id"])
+    app_b = app_b_flash(scored)
+    app_b_ids = set(app_b["case_id"])
     analysis = FlashAnalysis(layer=layer, sequence=sequence, recording=recording, scored=scored, flagged=flagged,
                              flash_records=[r for r in sequence if r["case_id"] in flash_ids],
                              normal_records=[r for r in sequence if r["case_id"] not in flash_ids | bad],
-                             settings=settings)
+                             settings=settings, app_b=app_b,
+                             app_b_records=[r for r in sequence if r["case_id"] in app_b_ids])
     write_json_atomic(results_dir(model_name) / "flash_records.json",
                       {"model_name": model_name, "n_steps": len(sequence), "seed": seed, "layer": layer,
-                       "detector": settings, "case_ids": sorted(flash_ids), "records": analysis.flash_records})
+                       "detector": settings, "case_ids": sorted(flash_ids), "records": analysis.flash_records,
+                       "app_b_case_ids": sorted(app_b_ids),
+                       "app_b": {"window": WORKING_WINDOW, "min_working": MIN_WORKING,
+                                 "working_steps": analysis.working_steps}})
     return analysis
 
 
@@ -188,6 +256,12 @@ class Groups:
     normal: list[dict]
     flash_label: str
     analysis: FlashAnalysis | None = None
+    stand_in_reason: str = ""  # why the flash group holds stand-ins, not flash records ("" when it holds flash records)
+
+    def precondition(self) -> str:
+        """"" when the flash group holds flash records (App. B's definition, or a file of them), else why
+        not: then a comparison of the groups cannot test a claim about flash records."""
+        return self.stand_in_reason
 
     def as_dict(self) -> dict[str, list[dict]]:
         return {"flash": self.flash, "normal": self.normal}
@@ -220,11 +294,13 @@ def contrast_groups(model: nn.Module, tok, records: Sequence[dict], model_name: 
         return Groups(flash, normal, f"flash records of {Path(source).name}")
     analysis = flash_analysis(model, tok, records, model_name, hparams, n_steps=n_steps, seed=seed, cache=cache,
                               known=known, **detector)
-    flash, label = analysis.flash_records[:n_flash], "flash (detected)"
+    flash, label, reason = analysis.app_b_records[:n_flash], "flash (App. B)", ""
     if not flash:  # stand-ins: the largest tenth of the steps by norm jump, at most n_flash
         k = max(1, math.ceil(0.1 * len(analysis.sequence)))
         k = k if n_flash is None else min(n_flash, k)
-        flash, label = analysis.largest_jumps(k), "largest norm jumps (no flash detected)"
+        flash, label = analysis.largest_jumps(k), "largest norm jumps (no App. B flash record)"
+        reason = (f"no flash record by App. B's definition in chapter 5's {len(analysis.sequence):,}-step ROME run "
+                  f"({analysis.app_b_summary()}): the flash group holds stand-ins, the {len(flash)} largest norm jumps")
     ids = {r["case_id"] for r in flash}
     normal = [r for r in analysis.normal_records if r["case_id"] not in ids][:n_normal]
-    return Groups(flash, normal, label, analysis)
+    return Groups(flash, normal, label, analysis, reason)

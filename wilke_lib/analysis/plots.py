@@ -336,6 +336,43 @@ def lifelong_metrics_figure(df: pd.DataFrame, *, metrics: Sequence[str] = METRIC
 
 
 @_styled
+def beside_paper_figure(ours: pd.DataFrame, paper: pd.DataFrame, *, model_name: str, paper_model: str,
+                        editors: Sequence[str] = ("ROME", "MEMIT", "WilKE"), metric: str = "S") -> Figure:
+    """Fig. 43 side by side: `metric` (in %) over the editing steps for each editor, the paper's model
+    (its authors' mean curve, `paper`) on the left and this model (mean over its seeds, range shaded,
+    `ours`) on the right, on the same axes; a dotted line at step 64, where ROME collapses on both
+    paper models."""
+    fig, axes = _grid(2, 2, (4.2, 3.0))
+    order = [e for e in editors if e in set(ours["editor"]) | set(paper["editor"])]
+    for ax, df, title in ((axes[0], paper, f"paper: {paper_model}"), (axes[1], ours, model_name)):
+        part = df[df["editor"].isin(order)]
+        _curves(ax, part.assign(**{metric: part[metric] * 100.0}), metric, "editor", order=order)
+        ax.axvline(64, color="0.6", ls=":", lw=0.9)
+        ax.set(xlabel="editing step", ylabel=f"{metric} (%)", title=title, ylim=(0, 100))
+        _log2_steps(ax)
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4))
+    return fig
+
+
+@_styled
+def score_norm_figure(df: pd.DataFrame) -> Figure:
+    """WilKE's score of the layer it edited against that layer's ||W_proj|| after the step, one panel per
+    rule (`experiments.score_against_norm`), log-log, coloured by the step."""
+    editors = list(dict.fromkeys(df["editor"]))
+    fig, axes = _grid(max(1, len(editors)), max(1, len(editors)), (4.0, 3.2))
+    for ax, editor in zip(axes, editors):
+        part = df[(df["editor"] == editor) & (df["score"] > 0) & (df["weight norm"] > 0)]
+        points = ax.scatter(part["weight norm"], part["score"], c=part["step"], s=6, cmap="viridis",
+                            norm=mpl.colors.LogNorm(vmin=1, vmax=max(2, int(df["step"].max()))))
+        ax.set(xscale="log", yscale="log", xlabel="||W_proj|| of the edited layer", ylabel="its layer score",
+               title=editor)
+    if editors:
+        fig.colorbar(points, ax=axes, label="editing step", shrink=0.85)
+    return fig
+
+
+@_styled
 def consecutive_figure(curves: pd.DataFrame, *, metrics: Sequence[str] = ("efficacy", "locality", "kept"),
                        percent: bool = True) -> Figure:
     """Consecutive batch editing: each measure over the number of edits so far (log-2 axis), one row of

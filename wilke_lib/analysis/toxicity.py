@@ -188,13 +188,14 @@ def toxicity_summary(recording: ToxicityRecording, layer: int | None = None,
 
 
 def toxicity_verdicts(full: dict, removed: dict | None, n_flash: int) -> pd.DataFrame:
-    """Sec. 4.1-4.2 phenomena from `toxicity_summary` of the full run and of the flash-free run."""
+    """Sec. 4.1-4.2 phenomena from `toxicity_summary` of the full run and of the flash-free run; `n_flash`:
+    the run's flash records by App. B's definition (`flash.app_b_flash`)."""
     rows = [
         ("toxicity buildup", "||W - W_0|| grows steadily with the steps",
          f"Spearman rho(toxicity, step) = {full['buildup_rho']:.2f}",
          bool(full["buildup_rho"] > 0.8 and full["final_toxicity"] > 0)),
         ("toxicity flash", "a few records make the norm spike (11 of 1024 on GPT2-XL, 9 on GPT-J)",
-         f"{n_flash} record(s) flagged in {full['steps']} steps", n_flash > 0),
+         f"{n_flash} record(s) meet App. B's definition in {full['steps']} steps", n_flash > 0),
         ("step-like shape", "most of the growth happens in a few steps",
          f"the largest 10% of the steps make {100 * full['top_share']:.0f}% of the growth",
          bool(full["top_share"] > 0.5)),

@@ -1,0 +1,270 @@
+"""The width ladder: organisms that differ only in MLP width, and the rule, fixed before any WilKE or
+MEMIT run on them, that picks the one whose ROME collapses where the paper's models do.
+
+On both of the paper's models ROME's lifelong S falls below half its best at step 64 (the authors'
+curves, `book.paper_curves`), and everything the paper is about (the staircase, flashes in a working
+model, WilKE delaying the collapse) happens before and around that step. The third-generation
+organisms (MLP width 48) collapse after 4-16 edits. Width buys lifespan (pilots in docs/organisms.md),
+so the ladder trains the third generation's recipe at widths 48, 96, 192, 384 (768 if needed)
+(`organisms.train.LADDER`) and measures, for each rung:
+
+* its organism report (`make organism-report`): whether it meets every realism target;
+* ROME's collapse step over 1,024 lifelong edits with rollback, seeds 9, 10, 11 (`claims.collapse_step`,
+  checkpoints at every step up to 16, then powers of two and every 32 steps);
+* FT's S after 1,024 edits (seed 9), the control: a collapse that FT does not share belongs to ROME's family;
+* cheap proxies over single edits: the relative size of one ROME update ||dW|| / ||W|| (the released
+  WilKE's criterion), ||W - W_0|| / ||W_0|| after one edit and its rollback, and the share of other known
+  facts lost after one edit and its rollback.
+
+The choice (`choose`), in three tiers, in this order:
+1. among the rungs that meet every realism target, the one whose median ROME collapse step over the
+   seeds is closest to 64 on a log scale, if that step is in 32-128;
+2. otherwise the same rule on a second arm with a heavier world (not built yet: `choose` says so);
+3. otherwise the same rule with the spread targets relaxed (at most 0.85 of the peaks at one layer, at
+   least 4 distinct layers).
+The result, with the tier that decided, goes to organisms/ladder.json (`python -m wilke_lib.ladder`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wilke_lib import claims, counterfact, editing, lifelong, models
+from wilke_lib.generation import greedy_matches
+from wilke_lib.hparams import load_hparams
+from wilke_lib.lifelong import CheckpointPolicy
+from wilke_lib.organisms.report import REPORT_FILE, TARGETS
+from wilke_lib.organisms.train import LADDER, ORGANISM_DIR
+from wilke_lib.results import REPO_ROOT, read_json, write_json_atomic
+
+TARGET_STEP = 64
+"""ROME's collapse step on GPT2-XL and on GPT-J (the authors' curves)."""
+TIER1_RANGE = (32, 128)
+"""Collapse steps that count as calibrated (a factor of two either side of 64)."""
+SEEDS = (9, 10, 11)
+N_EDITS = 1024
+CHECKPOINTS = CheckpointPolicy(powers_of_two=True, multiple_of=32, extra=tuple(range(1, 17)))
+"""Every step up to 16 (where the narrow rungs collapse), then powers of two and every 32 steps."""
+RELAXED_SPREAD = {"causal_peak_top_share": 0.85, "causal_peak_distinct": 4}
+"""Tier 3: the spread targets, relaxed; the other targets stay."""
+LADDER_FILE = ORGANISM_DIR / "ladder.json"
+
+
+def rung_folder(name: str) -> str:
+    """The organism to load for a rung: its own folder, or for width 48, which the book's pair are until the
+    calibrated pair replace them, the book's organism of that architecture."""
+    if (ORGANISM_DIR / name / "config.json").is_file():
+        return name
+    arch, width = name.removeprefix("toy-").rsplit("-w", 1)
+    base = f"toy-{arch}"
+    config = ORGANISM_DIR / base / "config.json"
+    if config.is_file() and int(read_json(config).get("n_inner") or 0) == int(width):
+        return base
+    raise FileNotFoundError(f"rung {name!r} is not trained: run `python -m wilke_lib.organisms train --name {name} "
+                            f"--threads 1` (resumable)")
+
+
+def rung_hparams(editor: str, name: str) -> Any:
+    """The editor's settings for a rung: those of the book's organism of the same architecture (the rungs share
+    its recipe; the calibrated pair get their own sweeps afterwards)."""
+    arch = name.removeprefix("toy-").split("-w")[0]
+    return load_hparams(editor, f"toy-{arch}")
+
+
+def run_configs(name: str) -> list[lifelong.LifelongConfig]:
+    """ROME with every seed and FT with the first: the lifelong runs a rung is measured by."""
+    folder = rung_folder(name)
+    out = str(REPO_ROOT / "runs" / folder)
+    return ([lifelong.LifelongConfig(model_name=folder, editor="rome", hparams=rung_hparams("rome", name),
+                                     n_edits=N_EDITS, seed=s, checkpoints=CHECKPOINTS, out_dir=out) for s in SEEDS]
+            + [lifelong.LifelongConfig(model_name=folder, editor="ft", hparams=rung_hparams("ft", name),
+                                       n_edits=N_EDITS, seed=SEEDS[0], checkpoints=CHECKPOINTS, out_dir=out)])
+
+
+def run_rung(name: str, compute: bool = True) -> list[lifelong.RunResult | None]:
+    """The rung's runs (`run_configs`): computed where missing (resumably) or, with compute=False, read back
+    as far as they are on disk (None: not started)."""
+    records = counterfact.load_counterfact("toy-world")
+    configs = run_configs(name)
+    if compute:
+        return lifelong.run_many(models.load_model, records, configs)
+    fp = lifelong.records_fingerprint(records)
+    return [lifelong.read_progress(fp, c) for c in configs]
+
+
+def collapse_steps(runs: Sequence[lifelong.RunResult | None]) -> list[float | None]:
+    """ROME's collapse step per seed (NaN: none within the run; None: the run has not finished)."""
+    steps = []
+    for run in runs:
+        if run is None or not run.final:
+            steps.append(None)
+            continue
+        s = run.checkpoints.set_index("step")["S"].sort_index() * 100.0
+        steps.append(claims.collapse_step(s))
+    return steps
+
+
+def proxies(name: str, n_records: int = 100, n_probes: int = 100) -> dict[str, float]:
+    """Single-edit proxies of a rung's lifespan, medians over `n_records` known records, each edited by ROME on a
+    fresh copy and rolled back: ||dW|| / ||W|| of the edit, ||W - W_0|| / ||W_0|| after edit and rollback, and
+    the share of `n_probes` other known records that no longer answer their true object after both."""
+    folder = rung_folder(name)
+    model, tok = models.load_model(folder, device="cpu")
+    hp = rung_hparams("rome", name)
+    known = counterfact.known_records(model, tok, counterfact.load_counterfact("toy-world"))
+    edited, probes = known[::max(1, len(known) // n_records)][:n_records], known[1::max(1, len(known) // n_probes)][:n_probes]
+    probe_prompts = [counterfact.rewrite_prompt(r) for r in probes]
+    probe_targets = [r["requested_rewrite"]["target_true"]["str"] for r in probes]
+    cache = editing.EditCache.for_model(model)
+    update, residue, lost = [], [], []
+    for record in edited:
+        work = copy.deepcopy(model)
+        before = {k: v.detach().clone() for k, v in work.state_dict().items()}
+        result = editing.edit(work, tok, record["requested_rewrite"], hp, cache=cache)
+        name = f"{next(iter(result.weight_deltas))}.weight"
+        w0 = before[name]
+        update.append(_relative_change(work, name, w0))
+        editing.rollback(work, tok, record["requested_rewrite"], hp, result, cache=cache, keep_deltas=False)
+        residue.append(_relative_change(work, name, w0))
+        lost.append(1.0 - sum(greedy_matches(work, tok, probe_prompts, probe_targets)) / len(probes))
+    return {"rome_update_rel_norm": statistics.median(update),
+            "rome_residue_after_rollback": statistics.median(residue),
+            "retention_lost_after_one_edit": statistics.median(lost)}
+
+
+def _relative_change(model: torch.nn.Module, name: str, original: torch.Tensor) -> float:
+    """||W - W_0|| / ||W_0|| of parameter `name`."""
+    return (torch.linalg.norm(model.state_dict()[name] - original) / torch.linalg.norm(original)).item()
+
+
+def targets_met(report: dict, relaxed: bool = False) -> bool:
+    """Whether a rung's organism report meets every realism target (tier 3: the spread targets relaxed)."""
+    if relaxed:
+        report = {**report, "causal_peak_top_share": min(report["causal_peak_top_share"], 0.6)
+                  if report["causal_peak_top_share"] <= RELAXED_SPREAD["causal_peak_top_share"] else 1.0,
+                  "causal_peak_distinct": max(report["causal_peak_distinct"], 4)
+                  if report["causal_peak_distinct"] >= RELAXED_SPREAD["causal_peak_distinct"] else 0}
+    return all(test(report) for _, _, test in TARGETS)
+
+
+def rung_row(name: str, compute_proxies: bool = False) -> dict[str, Any]:
+    """One row of organisms/ladder.json, from what is on disk (runs are not computed here)."""
+    width = LADDER[name].d_mlp
+    try:
+        folder = rung_folder(name)
+    except FileNotFoundError:
+        return {"name": name, "d_mlp": width, "trained": False}
+    report_path = ORGANISM_DIR / folder / REPORT_FILE
+    report = read_json(report_path) if report_path.is_file() else None
+    runs = run_rung(name, compute=False)
+    steps = collapse_steps(runs[:len(SEEDS)])
+    ft = runs[len(SEEDS)]
+    row = {"name": name, "folder": folder, "d_mlp": width, "trained": True,
+           "targets_met": None if report is None else targets_met(report),
+           "targets_met_relaxed": None if report is None else targets_met(report, relaxed=True),
+           "causal_peak_top_share": None if report is None else report["causal_peak_top_share"],
+           "causal_peak_distinct": None if report is None else report["causal_peak_distinct"],
+           "rome_collapse_steps": [None if s is None or math.isnan(s) else int(s) for s in steps],
+           "rome_collapsed": [None if s is None else not math.isnan(s) for s in steps],
+           "ft_s_final": None if ft is None or not ft.final else 100 * ft.final["S"]}
+    if compute_proxies:
+        row.update(proxies(name))
+    return row
+
+
+def median_collapse(row: dict) -> float | None:
+    """The median over the seeds of a rung's ROME collapse step; a seed without collapse counts as beyond
+    the run (N_EDITS + 1); None until every seed's run has finished."""
+    if not row.get("trained") or None in row.get("rome_collapsed", [None]):
+        return None
+    steps = [s if collapsed else N_EDITS + 1 for s, collapsed in zip(row["rome_collapse_steps"], row["rome_collapsed"])]
+    return float(statistics.median(steps))
+
+
+OPTIONAL_WIDTHS = (768,)
+"""Rungs trained only if the others do not reach the target."""
+
+
+def choose(rows: Sequence[dict], tier2_out_of_reach: bool = False) -> dict[str, Any]:
+    """The rule fixed in advance (module docstring): {"chosen": name or None, "tier": 1 / 3 / None, "reason"}.
+    Undecided while a rung's report or runs are missing. Tier 3 (relaxed spread) only once tier 2 (a heavier
+    world) is declared out of reach."""
+    pending = [r["name"] for r in rows if r.get("trained") and (r.get("targets_met") is None or median_collapse(r) is None)]
+    required = [r["name"] for r in rows if not r.get("trained") and r["d_mlp"] not in OPTIONAL_WIDTHS]
+    if pending or required:
+        return {"chosen": None, "tier": None,
+                "reason": f"undecided: waiting for {', '.join(pending + required)} (organism, report, ROME runs)"}
+
+    def closest(key: str) -> str | None:
+        fits = [(abs(math.log(median_collapse(r) / TARGET_STEP)), r["name"]) for r in rows
+                if r.get(key) and TIER1_RANGE[0] <= median_collapse(r) <= TIER1_RANGE[1]]
+        return min(fits)[1] if fits else None
+
+    def decided(name: str, tier: int) -> dict[str, Any]:
+        step = median_collapse(next(r for r in rows if r["name"] == name))
+        return {"chosen": name, "tier": tier,
+                "reason": f"median ROME collapse step {step:g}, the closest to {TARGET_STEP} on a log scale among the "
+                          f"rungs in {TIER1_RANGE[0]}-{TIER1_RANGE[1]} that meet "
+                          f"{'every realism target' if tier == 1 else 'the targets with the spread relaxed'}"}
+
+    if (name := closest("targets_met")) is not None:
+        return decided(name, 1)
+    optional = [r["name"] for r in rows if not r.get("trained") and r["d_mlp"] in OPTIONAL_WIDTHS]
+    if optional:
+        return {"chosen": None, "tier": None, "reason": f"no trained rung qualifies for tier 1: train {', '.join(optional)}"}
+    if not tier2_out_of_reach:
+        return {"chosen": None, "tier": None,
+                "reason": "no rung qualifies for tier 1: tier 2 (the same rule on a heavier world) comes next"}
+    if (name := closest("targets_met_relaxed")) is not None:
+        return decided(name, 3)
+    return {"chosen": None, "tier": None, "reason": "no rung qualifies, even with the spread targets relaxed"}
+
+
+def ladder_table(names: Sequence[str] | None = None, compute_proxies: bool = False,
+                 tier2_out_of_reach: bool = False) -> dict[str, Any]:
+    """organisms/ladder.json's content: every GPT-2 rung's row, the choice and the rule."""
+    names = list(names or [n for n in LADDER if n.startswith("toy-gpt2-")])
+    rows = [rung_row(n, compute_proxies) for n in names]
+    decision = choose(rows, tier2_out_of_reach)
+    for row in rows:
+        row["chosen"] = row["name"] == decision["chosen"]
+    return {"rule": {"target_step": TARGET_STEP, "tier1_range": list(TIER1_RANGE), "seeds": list(SEEDS),
+                     "n_edits": N_EDITS, "relaxed_spread": RELAXED_SPREAD,
+                     "definition": "collapse step: first checkpoint where S falls below half its best so far"},
+            "rungs": rows, **decision}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--names", nargs="+", default=None, help="rungs (default: every GPT-2 rung)")
+    parser.add_argument("--run", action="store_true", help="compute the rungs' missing ROME and FT runs (resumable)")
+    parser.add_argument("--proxies", action="store_true", help="also measure the single-edit proxies (minutes)")
+    parser.add_argument("--tier2-out-of-reach", action="store_true",
+                        help="allow tier 3 (spread targets relaxed) when no rung qualifies for tier 1")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    names = args.names or [n for n in LADDER if n.startswith("toy-gpt2-")]
+    if args.run:
+        for name in names:
+            try:
+                run_rung(name)
+            except FileNotFoundError as err:
+                print(f"{name}: {err}")
+    table = ladder_table(names, args.proxies, args.tier2_out_of_reach)
+    write_json_atomic(LADDER_FILE, table)
+    for row in table["rungs"]:
+        print({k: row.get(k) for k in ("name", "d_mlp", "targets_met", "rome_collapse_steps", "ft_s_final", "chosen")})
+    print(f"choice: {table['chosen']} (tier {table['tier']}): {table['reason']}")
+
+
+if __name__ == "__main__":
+    main()
