@@ -1095,6 +1095,46 @@ def summary(outcomes: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
+ISSUE_34 = """## Silent wrong numbers and folders that lock themselves out (issue 34)
+
+Cases that used to give wrong numbers without a word, or a run folder that failed on every later call.
+Each has a test in `tests/test_validation.py`.
+
+| case | answer now |
+|---|---|
+| `target_new` a string prefix of `target_true` ("G" vs "Gouththe") | RecordError naming the file, record, case_id and `requested_rewrite.target_new.str` |
+| targets equal up to white space, zero-width characters (U+200B, U+200C, U+200D, U+2060, U+FEFF) or NFKC normalisation | RecordError naming the file, record, case_id and `requested_rewrite.target_new.str` |
+| one target a token prefix of the other for the model's tokenizer (e.g. records handed to `run_lifelong` without `load_counterfact`) | RecordError from `counterfact.check_for_model` when the run starts, before any edit |
+| subject made only of zero-width characters | RecordError: `requested_rewrite.subject` must contain visible characters |
+| subject with white space or zero-width characters at either end | RecordError naming `requested_rewrite.subject` |
+| lone surrogate in a subject (or any string of a record) | RecordError: the field is not valid Unicode text |
+| a key twice in one JSON object of a records file | RecordError naming the file, record, case_id, field path and both values |
+| the same fact (subject, relation_id, target_true) under two case_ids | RecordError naming both records |
+| `Profile` seeds `(9, 9)` or editors `("rome", "rome")` | ValueError: must be free of repeats |
+| `lifelong.run_many` given the same run twice | ValueError naming both configs, before any model is loaded |
+| notebook parameters `seeds` / `editors` given as lists (papermill `-p seeds "[9, 10]"`) | accepted (made tuples) |
+| a learning rate (`v_lr`, `lr`, `edit_lr`, `lr_lr`, `multiplier_lr`) above 10, or `v_lr` / `lr` / `edit_lr` <= 0 | ValueError naming the file and the key |
+| KN `edit_lambda` 0 or beyond +-1000 | ValueError naming the file and the key |
+| MEMIT / AlphaEdit / COMEBA-HK `mom2_update_weight` 0 | ValueError naming the file and the key |
+| LEMoE `scale` <= 0 | ValueError naming the file and the key |
+| `context_lengths` `[[-5, 10]]`, `[[0, 10]]`, `[[5, -3]]` (a length or count below 1) | ValueError naming the file, the key and the pair |
+| `essence_template` with other than exactly one `{}` | ValueError naming the file and the key |
+| WilKE's settings skipping ROME's checks | `WilKEHParams.__post_init__` runs its parent's (a null `layer` still allowed) |
+| `result.json` whose `final` is `"oops"`, `{}`, lacks a metric or holds a NaN | moved aside as `result.json.corrupt` with a warning naming it; the run is finished again (same numbers); `make runs` runs it rather than reading it back |
+| `config.json` of the run without its `"config"` | moved aside as `config.json.corrupt` and written again from the run's configuration; a finished run is read back, an unfinished one resumes from its state |
+| a `steps.jsonl` / `checkpoints.jsonl` row that reads but lacks fields or has the wrong types (`{"step": 2}`) | warning naming the file and line; the file moved aside as `*.corrupt`, the rows before that line kept, and the run goes on from its last good state (same numbers) |
+| `seed=2**70` (or below 0) | ValueError from `LifelongConfig` before any folder exists; every seed up to 2**63 - 1 runs |
+| model name `"toy-gpt2 "` (white space at either end) | ValueError from `LifelongConfig` |
+| `run_matrix --jobs -3` (or 0, or a word) | argparse usage error: expected a positive whole number |
+
+Not handled in this round (issue 34): a model object reused between runs, the code fingerprint of a run,
+a model identified by its weights rather than its path, LEMoE's experts in the model identity, deeply
+nested JSON, 240-character model folder names, `/dev/stdin` as the records file, an empty known-records
+cache, and the lock file of exact package versions.
+"""
+"""Hand-written: the cases of issue 34, tested in tests/test_validation.py rather than in this catalogue."""
+
+
 def markdown(outcomes: list[Outcome]) -> str:
     header = [
         "# Bad inputs and what the library answers",
@@ -1124,7 +1164,7 @@ def markdown(outcomes: list[Outcome]) -> str:
     tail = ["", "## Not clear", ""]
     tail += [f"* {o.kind} / {o.case}: {o.verdict}" + (f" — fix belongs in {o.known_defect}" if o.known_defect else "")
              for o in defects] or ["None."]
-    return "\n".join(header + rows + tail) + "\n"
+    return "\n".join(header + rows + tail) + "\n\n" + ISSUE_34
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ Malformed input fails early with a `RecordError` that says where and what.
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,53 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+ZERO_WIDTH = "\u200b\u200c\u200d\u2060\ufeff"
+"""Characters that print as nothing: a string that differs from another only by these looks the same
+in every table while it tokenises differently."""
+
+
+def canonical(text: str) -> str:
+    """`text` as a reader sees it: NFKC-normalised, zero-width characters removed, white space collapsed.
+    Two targets with the same canonical form are the same answer, whatever their bytes."""
+    text = unicodedata.normalize("NFKC", text).translate({ord(c): None for c in ZERO_WIDTH})
+    return " ".join(text.split())
+
+
+def _unicode_problem(text: str) -> str:
+    """Why `text` is not valid Unicode text ("" when it is): a lone surrogate (e.g. from a JSON "\\ud800")
+    cannot be encoded as UTF-8, and the tokenizer fails on it with a raw TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"is not valid Unicode text ({err.reason} at position {err.start}: {text[err.start]!r})"
+    return ""
+
+
+def _subject_problem(subject: str) -> str:
+    """Why a subject cannot be edited as it looks ("" when it can): one with nothing visible in it, or
+    with white space or zero-width characters at either end (the edit would land on another token
+    sequence than the one the prompt shows, and the record would quietly leave the known set)."""
+    if not canonical(subject):
+        return f"must contain visible characters, got {subject!r}"
+    if subject != subject.strip() or subject != subject.strip(ZERO_WIDTH):
+        return f"must not start or end with white space or zero-width characters, got {subject!r}"
+    return ""
+
+
+def _targets_problem(new: str, true: str) -> str:
+    """Why target_new cannot be told from target_true ("" when it can): equal up to white space,
+    zero-width characters or NFKC normalisation, or a string prefix of it (new "G" vs true
+    "Gouththe": the unedited model already "says" the new target, so ES holds before any edit)."""
+    a, b = canonical(new), canonical(true)
+    if a == b:
+        return (f"must differ from requested_rewrite.target_true.str by more than white space, zero-width "
+                f"characters or Unicode (NFKC) normalisation ({new!r} vs {true!r})")
+    if b.startswith(a):
+        return (f"must not be a prefix of requested_rewrite.target_true.str ({new!r} vs {true!r}): the "
+                f"unedited model's answer would already count as the new one")
+    return ""
+
+
 def validate_record(rec: Any, index: int | None = None, source: str | None = None) -> dict:
     """Check one record against the CounterFact schema and return it unchanged.
 
@@ -61,6 +109,8 @@ def validate_record(rec: Any, index: int | None = None, source: str | None = Non
         # bool is an int subclass; a True case_id is a bug, not an id.
         if not isinstance(value, kind) or isinstance(value, bool):
             raise fail(path, f"must be {kind_name}, got {_type_name(value)}")
+        if isinstance(value, str) and _unicode_problem(value):
+            raise fail(path, _unicode_problem(value))
         return value
 
     if not isinstance(rec, dict):
@@ -76,6 +126,8 @@ def validate_record(rec: Any, index: int | None = None, source: str | None = Non
     subject = require(rewrite, "subject", "requested_rewrite.subject", str, "a string")
     if not subject.strip():
         raise fail("requested_rewrite.subject", "must be a non-empty string")
+    if _subject_problem(subject):
+        raise fail("requested_rewrite.subject", _subject_problem(subject))
     require(rewrite, "relation_id", "requested_rewrite.relation_id", str, "a string")
 
     target_strs = {}
@@ -90,10 +142,9 @@ def validate_record(rec: Any, index: int | None = None, source: str | None = Non
                                       f"added when it is encoded), got {text!r}")
         require(target, "id", f"{path}.id", (str, int), "a string or int")
         target_strs[which] = text
-    if " ".join(target_strs["target_new"].split()) == " ".join(target_strs["target_true"].split()):
+    if _targets_problem(target_strs["target_new"], target_strs["target_true"]):
         raise fail("requested_rewrite.target_new.str",
-                   f"must differ from requested_rewrite.target_true.str by more than white space "
-                   f"({target_strs['target_new']!r} vs {target_strs['target_true']!r})")
+                   _targets_problem(target_strs["target_new"], target_strs["target_true"]))
 
     for key in _REQUIRED_PROMPT_LISTS + _OPTIONAL_PROMPT_LISTS:
         if key not in rec and key in _OPTIONAL_PROMPT_LISTS:
@@ -102,23 +153,79 @@ def validate_record(rec: Any, index: int | None = None, source: str | None = Non
         for position, item in enumerate(prompts):
             if not isinstance(item, str):
                 raise fail(f"{key}[{position}]", f"must be a string, got {_type_name(item)}")
+            if _unicode_problem(item):
+                raise fail(f"{key}[{position}]", _unicode_problem(item))
             if not item.strip():
                 raise fail(f"{key}[{position}]", "must be a non-empty prompt")
     return rec
 
 
+def _fact(rec: dict) -> tuple[str, str, str]:
+    """(subject, relation_id, target_true) as a reader sees them: the fact a record states."""
+    rw = rec["requested_rewrite"]
+    return canonical(rw["subject"]), rw["relation_id"], canonical(rw["target_true"]["str"])
+
+
 def validate_records(records: Any, source: str | None = None) -> list[dict]:
-    """Validate a whole list of records; case_ids must be unique."""
+    """Validate a whole list of records; case_ids must be unique, and so must the facts (subject,
+    relation_id, target_true): one fact under two case_ids would be edited and counted twice."""
     if not isinstance(records, list):
         raise RecordError(f"{source or 'records'}: expected a JSON list of records, got {_type_name(records)}")
     seen: dict[int, int] = {}
+    facts: dict[tuple[str, str, str], int] = {}
     for index, rec in enumerate(records):
         validate_record(rec, index, source)
         if rec["case_id"] in seen:
             raise _fail(source, index, rec, "case_id",
                         f"duplicates the case_id of record #{seen[rec['case_id']]}")
         seen[rec["case_id"]] = index
+        first = facts.setdefault(_fact(rec), index)
+        if first != index:
+            raise _fail(source, index, rec, "requested_rewrite",
+                        f"states the same fact (subject, relation_id, target_true) {_fact(rec)} as record "
+                        f"#{first} (case_id {records[first]['case_id']!r}); keep one of them")
     return records
+
+
+def _keep_duplicate_keys(found: list[tuple[dict, str, Any, Any]]) -> Any:
+    """An `object_pairs_hook` for json.loads that notes every key an object has twice (json keeps the
+    last one silently: a `case_id` 0 followed by a `case_id` 5 would become record 5)."""
+    def hook(pairs: list[tuple[str, Any]]) -> dict:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                found.append((out, key, out[key], value))
+            out[key] = value
+        return out
+    return hook
+
+
+def _path_to(container: Any, target: dict, path: str = "") -> str | None:
+    """The field path ("requested_rewrite.target_new") of the object `target` inside `container`."""
+    if container is target:
+        return path
+    children = container.items() if isinstance(container, dict) else (
+        enumerate(container) if isinstance(container, list) else ())
+    for key, child in children:
+        inner = f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else key)
+        found = _path_to(child, target, inner)
+        if found is not None:
+            return found
+    return None
+
+
+def _refuse_duplicate_keys(records: Any, found: list[tuple[dict, str, Any, Any]], source: str) -> None:
+    """RecordError naming the file, the record and the field of the first key given twice."""
+    if not found:
+        return
+    obj, key, first, second = found[0]
+    problem = (f"appears twice in one JSON object (values {first!r} and {second!r}; JSON would keep the last "
+               f"one silently): keep one of them")
+    for index, rec in enumerate(records if isinstance(records, list) else []):
+        path = _path_to(rec, obj)
+        if path is not None:
+            raise _fail(source, index, rec, f"{path}.{key}" if path else key, problem)
+    raise RecordError(f"in {source}: the key {key!r} {problem}")
 
 
 def load_counterfact(source: str | Path) -> list[dict]:
@@ -133,14 +240,16 @@ def load_counterfact(source: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"CounterFact file not found: {path} (or pass {TOY_WORLD!r} for the synthetic world)")
     data = path.read_bytes()
+    duplicates: list[tuple[dict, str, Any, Any]] = []
     try:
-        records = json.loads(data.decode("utf-8"))
+        records = json.loads(data.decode("utf-8"), object_pairs_hook=_keep_duplicate_keys(duplicates))
     except UnicodeDecodeError as err:
         encoding = "UTF-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in data[:4] else "latin1"
         raise RecordError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}), probably {encoding}; CounterFact "
                           f"files are UTF-8 JSON: convert it, e.g. `iconv -f {encoding} -t utf-8`") from err
     except json.JSONDecodeError as err:
         raise RecordError(f"{path}: not valid JSON ({err})") from err
+    _refuse_duplicate_keys(records, duplicates, str(path))
     return validate_records(records, str(path))
 
 
@@ -148,12 +257,16 @@ def check_for_model(records: Sequence[dict], tok: PreTrainedTokenizerBase, max_p
                     source: str = "records", margin: int = 16, positions: Sequence[int] | None = None) -> list[dict]:
     """Check valid records against a model before a run starts: every prompt, filled with its subject
     and followed by its longer target, must fit in the model's context with `margin` tokens to spare
-    (ROME's context prefixes go in front), every target must encode to at least one token, and the
-    records together must have paraphrase and neighbourhood prompts (else PS or NS has no value).
-    RecordError naming the record (`positions[i]`, its place in the file, else i) and the field otherwise."""
+    (ROME's context prefixes go in front), every target must encode to at least one token, neither
+    target may be a token prefix of the other, and the records together must have paraphrase and
+    neighbourhood prompts (else PS or NS has no value). RecordError naming the record (`positions[i]`,
+    its place in the file, else i) and the field otherwise."""
     for index, rec in zip(positions if positions is not None else range(len(records)), records):
         rw = rec["requested_rewrite"]
         targets = {w: encode_target(tok, rw[w]["str"], f"requested_rewrite.{w}.str") for w in ("target_new", "target_true")}
+        problem = _token_prefix_problem(targets["target_new"], targets["target_true"], rw)
+        if problem:
+            raise _fail(source, index, rec, "requested_rewrite.target_new.str", problem)
         longest = max(len(t) for t in targets.values())
         fields = [("requested_rewrite.prompt", rewrite_prompt(rec))] + [
             (f"{key}[{i}]", p) for key in _REQUIRED_PROMPT_LISTS for i, p in enumerate(rec.get(key, []))]
@@ -166,6 +279,21 @@ def check_for_model(records: Sequence[dict], tok: PreTrainedTokenizerBase, max_p
         if records and not any(rec.get(key) for rec in records):
             raise RecordError(f"{source}: every record has an empty `{key}`: the lifelong metrics need some")
     return list(records)
+
+
+def _token_prefix_problem(new: list[int], true: list[int], rw: dict) -> str:
+    """Why two encoded targets cannot be told apart by greedy matching ("" when they can). The metrics
+    generate as many tokens as the target has and compare: a target_new that is a token prefix of
+    target_true is "answered" by the unedited model (ES true before any edit), and a target_true that is
+    a token prefix of target_new is "answered" by the edited model (NS and the rollback true for free)."""
+    pair = f"({rw['target_new']['str']!r} {new} vs {rw['target_true']['str']!r} {true})"
+    if true[:len(new)] == new:
+        return (f"is a token prefix of requested_rewrite.target_true.str for this tokenizer {pair}: the unedited "
+                f"model's answer already counts as the new one, so ES would hold before any edit")
+    if new[:len(true)] == true:
+        return (f"starts with the tokens of requested_rewrite.target_true.str for this tokenizer {pair}: the "
+                f"edited model's answer would also count as the true one (NS and the rollback true for free)")
+    return ""
 
 
 def known_records(model: nn.Module, tok: PreTrainedTokenizerBase, records: Sequence[dict],

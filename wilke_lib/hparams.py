@@ -39,14 +39,23 @@ _LOWER_BOUNDS = {
     "v_num_grad_steps": (1, True), "v_lr": (0, False), "v_weight_decay": (0, True), "clamp_norm_factor": (0, False),
     "kl_factor": (0, True), "v_early_stop_loss": (0, True), "context_top_k": (1, True), "context_seed": (0, True),
     "mom2_n_samples": (1, True), "mom2_batch_size": (1, True), "mom2_max_length": (1, True), "mom2_ridge": (0, True),
-    "mom2_update_weight": (0, True), "steps": (1, True), "lr": (0, False), "norm_constraint": (0, False),
+    "mom2_update_weight": (0, False), "steps": (1, True), "lr": (0, False), "norm_constraint": (0, False),
     "early_stop_loss": (0, True), "ig_steps": (1, True), "max_neurons": (1, True), "threshold": (0, False),
     # the hypernetwork editors (MEND, KE) and their training
     "train_steps": (1, True), "batch_size": (1, True), "n_train": (1, True), "n_val": (0, True), "n_local": (0, True),
     "seed": (0, True), "rank": (1, True), "edit_lr": (0, False), "lr_lr": (0, True), "c_edit": (0, False),
     "c_loc": (0, True), "lstm_hidden": (1, True), "condition_dim": (1, True), "hidden_dim": (1, True),
     "max_scale": (0, False), "kl_margin": (0, True), "multiplier_lr": (0, True),
+    # LEMoE, AlphaEdit
+    "scale": (0, False), "expert_dim": (1, True), "nullspace_threshold": (0, False), "l2": (0, True),
 }
+MAX_LEARNING_RATE = 10.0
+# field -> highest allowed value (included): a learning rate of 1e30 "succeeds" with a delta of 0
+_UPPER_BOUNDS = {"v_lr": MAX_LEARNING_RATE, "lr": MAX_LEARNING_RATE, "edit_lr": MAX_LEARNING_RATE,
+                 "lr_lr": MAX_LEARNING_RATE, "multiplier_lr": MAX_LEARNING_RATE}
+MAX_EDIT_LAMBDA = 1e3
+"""KN's |edit_lambda| at most: beyond it the value vectors, hence the weights, blow up (1e30 gives weights
+near 1e30)."""
 
 
 def check_fields(obj: Any) -> None:
@@ -69,6 +78,27 @@ def check_fields(obj: Any) -> None:
             low, inclusive = _LOWER_BOUNDS[f.name]
             if value < low or (value == low and not inclusive):
                 raise ValueError(f"{where}: must be {'>=' if inclusive else '>'} {low}, got {value!r}")
+        if f.name in _UPPER_BOUNDS and value > _UPPER_BOUNDS[f.name]:
+            raise ValueError(f"{where}: must be <= {_UPPER_BOUNDS[f.name]:g} (a learning rate beyond it makes the "
+                             f"edit meaningless), got {value!r}")
+
+
+def check_context_lengths(value: Any) -> list[list[int]]:
+    """ROME's context prefixes as [[length, count], ...] with length >= 1 and count >= 1 (a pair with a
+    length or count below 1 silently switched the prefixes off); [] for the bare prompt only."""
+    want = "a list of [length, count] pairs with length >= 1 and count >= 1, e.g. [[5, 10], [10, 10]]"
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"context_lengths must be {want}, got {value!r}")
+    pairs = []
+    for pair in value:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in pair)):
+            raise ValueError(f"context_lengths must be {want}, got {value!r}")
+        if pair[0] < 1 or pair[1] < 1:
+            raise ValueError(f"context_lengths must be {want}; {list(pair)} has a length or count below 1 "
+                             f"(in {value!r})")
+        pairs.append([int(pair[0]), int(pair[1])])
+    return pairs
 
 
 def parse_layers(value: Any, what: str = "layers") -> list[int] | None:
@@ -165,8 +195,9 @@ class _DeltaOptimHParams:
         check_fields(self)
         if self.fact_token not in FACT_TOKENS:
             raise ValueError(f"fact_token must be one of {FACT_TOKENS}, got {self.fact_token!r}")
-        if "{}" not in self.essence_template:
-            raise ValueError(f"essence_template must contain '{{}}', got {self.essence_template!r}")
+        if self.essence_template.count("{}") != 1:
+            raise ValueError(f"essence_template must contain '{{}}' exactly once (for the subject), got "
+                             f"{self.essence_template!r}")
         if self.v_num_grad_steps < 1:
             raise ValueError("v_num_grad_steps must be >= 1")
         if self.v_weight_decay_form not in ("released", "squared"):
@@ -175,12 +206,7 @@ class _DeltaOptimHParams:
             raise ValueError(f"delta_runner must be one of {DELTA_RUNNERS}, got {self.delta_runner!r}")
         if self.mom2_dtype not in ("float32", "float64"):
             raise ValueError(f"mom2_dtype must be 'float32' or 'float64', got {self.mom2_dtype!r}")
-        lengths = []
-        for pair in self.context_lengths:
-            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, int) for x in pair)):
-                raise ValueError(f"context_lengths must be a list of [length, count] pairs, got {self.context_lengths!r}")
-            lengths.append([int(pair[0]), int(pair[1])])
-        self.context_lengths = lengths
+        self.context_lengths = check_context_lengths(self.context_lengths)
         if self.context_prefixes is not None:
             self.context_prefixes = [str(p) for p in self.context_prefixes]
 
@@ -203,10 +229,13 @@ class ROMEHParams(_DeltaOptimHParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
-            raise ValueError(f"layer must be a non-negative int, got {self.layer!r}")
+        self._check_layer()
         if self.update_form not in UPDATE_FORMS:
             raise ValueError(f"update_form must be one of {UPDATE_FORMS}, got {self.update_form!r}")
+
+    def _check_layer(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"layer must be a non-negative int, got {self.layer!r}")
 
 
 @dataclass(kw_only=True)
@@ -235,16 +264,17 @@ class WilKEHParams(ROMEHParams):
     editor: ClassVar[str] = "wilke"
 
     def __post_init__(self) -> None:
-        _DeltaOptimHParams.__post_init__(self)
-        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
-            raise ValueError(f"layer must be an int or null, got {self.layer!r}")
-        if self.update_form not in UPDATE_FORMS:
-            raise ValueError(f"update_form must be one of {UPDATE_FORMS}, got {self.update_form!r}")
+        super().__post_init__()  # ROME's checks (update_form, ...), its layer check relaxed below
         self.candidate_layers = parse_layers(self.candidate_layers, "candidate_layers")
         if self.score not in WILKE_SCORES:
             raise ValueError(f"score must be one of {WILKE_SCORES}, got {self.score!r}")
         if self.search not in ("batched", "sequential"):
             raise ValueError(f"search must be 'batched' or 'sequential', got {self.search!r}")
+
+    def _check_layer(self) -> None:
+        """`layer` is unused by the search: null is allowed, an int must still be a layer."""
+        if self.layer is not None:
+            super()._check_layer()
 
 
 @dataclass(kw_only=True)
@@ -264,8 +294,9 @@ class MEMITHParams(_DeltaOptimHParams):
         if parsed != sorted(parsed) or any(l < 0 for l in parsed):
             raise ValueError(f"layers must be increasing non-negative ints, got {self.layers!r}")
         self.layers = parsed
-        if self.mom2_update_weight < 0:
-            raise ValueError("mom2_update_weight must be >= 0")
+        if self.mom2_update_weight <= 0:
+            raise ValueError(f"mom2_update_weight must be > 0 (with 0 the update ignores the preserved keys' "
+                             f"statistics C), got {self.mom2_update_weight!r}")
 
 
 @dataclass(kw_only=True)
@@ -321,6 +352,8 @@ class LEMoEHParams:
             raise ValueError(f"layer must be a non-negative int, got {self.layer!r}")
         if self.expert_dim < 1 or self.steps < 1 or self.lr <= 0 or not -1 <= self.route_threshold <= 1:
             raise ValueError("expert_dim and steps must be >= 1, lr > 0 and -1 <= route_threshold <= 1")
+        if self.scale <= 0:
+            raise ValueError(f"scale must be > 0 (with 0 the experts are added with weight 0: no edit), got {self.scale!r}")
 
 
 @dataclass(kw_only=True)
@@ -361,6 +394,9 @@ class KNHParams:
         self.layers = parse_layers(self.layers, "layers")
         if self.ig_steps < 1 or not 0 < self.threshold <= 1 or self.max_neurons < 1:
             raise ValueError("ig_steps >= 1, 0 < threshold <= 1 and max_neurons >= 1 are required")
+        if not 0 < abs(self.edit_lambda) <= MAX_EDIT_LAMBDA:
+            raise ValueError(f"edit_lambda must be non-zero with |edit_lambda| <= {MAX_EDIT_LAMBDA:g} (0 edits "
+                             f"nothing, a huge value blows the weights up), got {self.edit_lambda!r}")
 
 
 @dataclass(kw_only=True)

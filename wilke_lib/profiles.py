@@ -76,6 +76,8 @@ class Profile:
             raise ValueError(f"profile {self.name!r}: {field_name} must be {want}, "
                              f"got {getattr(self, field_name)!r}")
 
+        self._lists_as_tuples()
+
         for name in ("n_edits", "eval_batch_size", "n_flash_records", "n_trace_records",
                      "n_strength_records", "layer_stride", "n_heatmaps", "ablation_n_edits", "consecutive_n_edits"):
             value = getattr(self, name)
@@ -93,12 +95,36 @@ class Profile:
                 continue
             if not isinstance(value, tuple) or not value or not all(isinstance(e, str) for e in value):
                 fail(name, 'a non-empty tuple of editor names, e.g. ("rome", "wilke")')
+        for name in ("seeds", "editors", "multi_seed_editors", "consecutive_batch_sizes", "consecutive_editors"):
+            repeated = _repeated(getattr(self, name) or ())
+            if repeated:
+                fail(name, f"free of repeats (a repeated seed or editor is the same run twice, counted as two "
+                           f"replicates with a confidence interval of 0; repeated: {repeated})")
+
+    def _lists_as_tuples(self) -> None:
+        """Accept lists where tuples are expected: a notebook parameter given on the command line
+        (papermill `-p seeds "[9, 10]"`) arrives as a list. The profile is frozen, hence `object.__setattr__`."""
+        for name in ("seeds", "editors", "multi_seed_editors", "consecutive_batch_sizes", "consecutive_editors"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+
 
     def seeds_for(self, editor: str) -> tuple[int, ...]:
         """The seeds `editor` (a table name: "rome", "r-rome", ...) runs with."""
         if self.multi_seed_editors is None or editor in self.multi_seed_editors:
             return self.seeds
         return self.seeds[:1]
+
+
+def _repeated(values: tuple) -> list:
+    """The values that occur more than once, in order of first repeat."""
+    seen, out = set(), []
+    for value in values:
+        if value in seen and value not in out:
+            out.append(value)
+        seen.add(value)
+    return out
 
 
 PROFILES: dict[str, Profile] = {

@@ -140,13 +140,19 @@ def append_jsonl(path: Path, row: dict[str, Any]) -> None:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSON-lines file; an unreadable line (a write killed half-way) is dropped with a warning."""
+    return [row for _, row in read_jsonl_numbered(path)]
+
+
+def read_jsonl_numbered(path: Path) -> list[tuple[int, Any]]:
+    """(line number from 1, row) of each readable line of a JSON-lines file, so that a row that reads but
+    is not what it should be can be named by its line; unreadable lines are dropped as by `read_jsonl`."""
     path = Path(path)
     if not path.exists():
         return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         try:
-            rows.append(json.loads(line))
+            rows.append((number, json.loads(line)))
         except json.JSONDecodeError:
             log.warning("dropping unreadable line in %s", path)
     return rows

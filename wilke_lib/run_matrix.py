@@ -31,9 +31,9 @@ import torch
 from tqdm.auto import tqdm
 
 from wilke_lib import counterfact, experiments, lifelong, models
-from wilke_lib.lifelong.store import STEPS_ARCHIVE, STEPS_FILE, RunLockedError
+from wilke_lib.lifelong.store import RESULT_FILE, STEPS_ARCHIVE, STEPS_FILE, RunLockedError, final_problem
 from wilke_lib.profiles import Profile, get_profile
-from wilke_lib.results import read_json
+from wilke_lib.results import CorruptFileError, read_json
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -126,10 +126,12 @@ def _poll(bars: dict[RunSpec, tqdm], overall: tqdm, dirs: dict[RunSpec, Path]) -
 def run_matrix(specs: Sequence[RunSpec], *, jobs: int | None = None, executor: str = "processes",
                folder: Path | None = None, slurm: dict | None = None, poll_seconds: float = 5.0) -> pd.DataFrame:
     """Compute the runs of `specs` that are missing; a table of what was done (status, seconds, S)."""
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise ValueError(f"run_matrix: jobs must be a positive int (runs at once) or None for the CPU cores, got {jobs!r}")
     jobs = jobs or max(1, os.cpu_count() or 1)
     records = {s.records: counterfact.load_counterfact(s.records) for s in specs}
     dirs = {s: run_dir_of(s, records[s.records]) for s in specs}
-    todo = [s for s in specs if steps_done(dirs[s], s.n_edits) < s.n_edits or not (dirs[s] / "result.json").exists()]
+    todo = [s for s in specs if steps_done(dirs[s], s.n_edits) < s.n_edits or not has_result(dirs[s])]
     rows = [{"model": s.model_name, "editor": s.variant().label, "seed": s.seed, "n_edits": s.n_edits,
              "status": "read back", "seconds": 0.0, "S": _final_s(dirs[s]), "run": dirs[s].name}
             for s in specs if s not in todo]
@@ -138,6 +140,16 @@ def run_matrix(specs: Sequence[RunSpec], *, jobs: int | None = None, executor: s
     elif todo:
         rows += _run_submitit(todo, executor, folder or Path("runs") / ".submitit", slurm or {})
     return pd.DataFrame(rows)
+
+
+def has_result(run_dir: Path) -> bool:
+    """Whether a run folder holds a result.json with final metrics (`store.final_problem`); one without
+    them is run again (the runner moves it aside as result.json.corrupt and finishes the run)."""
+    path = run_dir / RESULT_FILE
+    try:
+        return path.is_file() and not final_problem(read_json(path))
+    except CorruptFileError:
+        return False
 
 
 def _final_s(run_dir: Path) -> float:
@@ -182,6 +194,17 @@ def _run_submitit(todo: Sequence[RunSpec], executor: str, folder: Path, slurm: d
     return [job.result() for job in tqdm(submitted, desc="jobs", unit="run")]
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1 (`--jobs -3` or `--jobs 0` is a usage error, not a bare ValueError)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number (at least 1), got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(models.ORGANISMS))
@@ -189,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--editors", nargs="+", default=None, help="default: the profile's editors")
     parser.add_argument("--records", default="toy-world", help="toy-world or the path of a CounterFact JSON")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the profile's seeds")
-    parser.add_argument("--jobs", type=int, default=None, help="runs at once (default: the CPU cores)")
+    parser.add_argument("--jobs", type=positive_int, default=None, help="runs at once (default: the CPU cores)")
     parser.add_argument("--executor", default="processes", choices=["processes", "submitit-local", "slurm"])
     parser.add_argument("--slurm-partition", default=None)
     parser.add_argument("--timeout-min", type=int, default=24 * 60)

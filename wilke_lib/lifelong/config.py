@@ -23,6 +23,8 @@ from wilke_lib.models import model_key
 from wilke_lib.results import digest, plain
 
 FORMAT_VERSION = 2
+MAX_SEED = 2**63 - 1
+"""The largest seed a run accepts (a 64-bit signed int, what every seeded generator takes)."""
 
 
 def _is_int(value: Any) -> bool:
@@ -94,6 +96,12 @@ class LifelongConfig:
         if self.n_edits < 1 or self.eval_batch_size < 1 or self.save_every < 1:
             raise ValueError(f"LifelongConfig: n_edits, eval_batch_size and save_every must be >= 1, got "
                              f"{self.n_edits}, {self.eval_batch_size}, {self.save_every}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"LifelongConfig.seed must be between 0 and 2**63 - 1 = {MAX_SEED}, got {self.seed} "
+                             "(random.Random and torch.manual_seed take it)")
+        if isinstance(self.model_name, str) and (not self.model_name.strip() or self.model_name != self.model_name.strip()):
+            raise ValueError(f"LifelongConfig.model_name must be a model name or folder without white space at "
+                             f"either end, e.g. 'toy-gpt2', got {self.model_name!r}")
         layers = self.toxicity_layers
         if layers is not None and not (isinstance(layers, (list, tuple)) and all(_is_int(l) and l >= 0 for l in layers)):
             raise TypeError(f"LifelongConfig.toxicity_layers must be layer indices (ints >= 0) or None, got "

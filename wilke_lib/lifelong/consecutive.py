@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 BATCHES_FILE = "batches.jsonl"
 MEASURES = ("efficacy", "generalization", "locality")
+FINAL_METRICS = (*MEASURES, "kept")
+"""The metrics of a consecutive run's `final` (result.json); NaN where a measure had no prompts."""
 
 
 @dataclass
@@ -145,7 +147,7 @@ def run_consecutive(model: nn.Module, tok: Any, records: Sequence[dict], config:
     fp = records_fingerprint(records)
     rdir, key = locate(fp, config)
     ends = config.batch_ends()
-    if store.finished(rdir, key):
+    if store.finished(rdir, key, metrics=FINAL_METRICS, allow_nan=True):
         return load(rdir)
     P, Q = split_records(known_cached(model, tok, records, config, backend, fp), config.n_edits, config.seed)
     with store.writer_lock(rdir):
@@ -184,8 +186,7 @@ def run_consecutive(model: nn.Module, tok: Any, records: Sequence[dict], config:
             bar.update(1)
         bar.close()
         last = read_jsonl(rdir / store.CHECKPOINTS_FILE)[-1]
-        write_json_atomic(rdir / store.RESULT_FILE, {"key": key, "final": {k: last[k] for k in
-                                                                           ("efficacy", "generalization", "locality", "kept")}})
+        write_json_atomic(rdir / store.RESULT_FILE, {"key": key, "final": {k: last[k] for k in FINAL_METRICS}})
         (rdir / store.STATE_FILE).unlink(missing_ok=True)
     return load(rdir, source="computed")
 
@@ -210,8 +211,7 @@ def _start(rdir: Path, config: ConsecutiveConfig, key: str) -> None:
 def load(rdir: Path, source: str = "read back") -> store.RunResult:
     """A consecutive run's tables: `steps` one row per batch, `checkpoints` the retention measures."""
     cfg = store.read_json(rdir / store.CONFIG_FILE, f"delete {rdir} to recompute the run")["config"]
-    result = rdir / store.RESULT_FILE
-    final = store.read_json(result)["final"] if result.exists() else {}
+    final = store.read_final(rdir, FINAL_METRICS, allow_nan=True)
     hparams = {k: v for k, v in cfg["hparams"].items() if k != "__type__"}
     config = ConsecutiveConfig(**{**cfg, "hparams": hparams_from_dict(cfg["editor"], hparams, str(rdir))})
     return store.RunResult(config=config, steps=pd.DataFrame(read_jsonl(rdir / BATCHES_FILE)),

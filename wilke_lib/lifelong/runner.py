@@ -209,7 +209,7 @@ def step_row(st: _RunState, step: int) -> dict[str, Any]:
     row: dict[str, Any] = {"step": step, "case_id": rec.get("case_id"), "failed": False, "error": None,
                            "rollback_error": None, "edit_layers": [], "edit_delta_norms": {}, "edit_scores": None,
                            "rollback_layers": [], "rollback_delta_norms": {}, "rollback_seconds": None}
-    torch.manual_seed(st.config.seed * 1_000_003 + step)  # editors that draw random numbers
+    torch.manual_seed((st.config.seed * 1_000_003 + step) % 2**64)  # editors that draw random numbers (mod: torch's range)
     t0 = time.perf_counter()
     try:
         res, row["edit_seconds"] = _call_editor(st, st.backend.edit, st.model, st.tok, request, st.hparams)
@@ -320,6 +320,7 @@ def run_lifelong(model: nn.Module, tok: Any, records: Sequence[dict], config: Li
     identity = run_identity(config, fp, hparams)
     key, measured = digest(identity), checkpoint_steps(config.n_edits, config.checkpoints)
     rdir = run_dir(config.out_dir, config, fp, hparams)
+    store.repair_config(rdir, config, hparams, identity, key)
     if store.finished(rdir, key, measured):
         log.info("lifelong run already finished, reading %s", rdir)
         return store.load_run(rdir)
@@ -384,6 +385,7 @@ def run_many(model_loader: Callable[[str], tuple[nn.Module, Any]], records: Sequ
     `model_loader(config.model_name) -> (model, tok)`; finished runs are read back unloaded."""
     results = []
     fp = records_fingerprint(records)
+    refuse_repeats(fp, configs)
     for config in configs:
         finished = store.read_back(fp, config)
         if finished is not None:
@@ -397,6 +399,19 @@ def run_many(model_loader: Callable[[str], tuple[nn.Module, Any]], records: Sequ
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return results
+
+
+def refuse_repeats(records_fp: str, configs: Sequence[LifelongConfig]) -> None:
+    """ValueError when two configs are the same run (a repeated seed or editor): the one run would be
+    counted as two replicates, with a confidence interval of 0."""
+    first: dict[str, int] = {}
+    for i, config in enumerate(configs):
+        key = store.locate(records_fp, config)[1]
+        j = first.setdefault(key, i)
+        if j != i:
+            raise ValueError(f"run_many: configs #{j} and #{i} are the same run (editor {config.editor!r}, seed "
+                             f"{config.seed}, model {config.model_name!r}, n_edits {config.n_edits}); a repeated "
+                             "seed or editor would count one run as two replicates: drop the repeat")
 
 
 def lifelong_dir(model_name: str) -> Path:

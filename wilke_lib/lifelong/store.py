@@ -17,6 +17,10 @@ Under `config.run_dir(...)`:
   written only when the run produced numbers: a run in which every edit failed, or whose metrics are
   not finite, is left unfinished with the reason, never stored as a result.
 * `.lock`             held (fcntl advisory lock) by the process writing the run.
+
+What is read back is checked against the shape the runner writes (`schema`): a file that reads as JSON but lacks what the runner needs is named
+with its line, moved aside as `<name>.corrupt` and the run goes on from its last good state, instead
+of failing with a KeyError on every later call.
 """
 
 from __future__ import annotations
@@ -40,8 +44,10 @@ from torch import nn
 
 from wilke_lib.lifelong.config import (FORMAT_VERSION, LifelongConfig, checkpoint_steps, config_from_dict, config_to_dict,
                                        records_fingerprint, resolve_hparams, run_dir, run_identity)
+from wilke_lib.lifelong.schema import CHECKPOINT_ROW, FINAL_METRICS, STEP_ROW, config_problem, final_problem, row_problem
 from wilke_lib.lifelong.toxicity import is_snapshot_step
-from wilke_lib.results import CorruptFileError, digest, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
+from wilke_lib.results import (CorruptFileError, digest, read_json, read_jsonl, read_jsonl_numbered, write_json_atomic,
+                               write_jsonl_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,14 @@ LOCK_FILE = ".lock"
 
 class RunLockedError(RuntimeError):
     """Another process is writing the same run."""
+
+
+def set_aside(path: Path, problem: str, then: str) -> None:
+    """Move a file that reads but holds the wrong thing to `<name>.corrupt` (kept for inspection), with a
+    warning naming it, what is wrong and what happens next."""
+    corrupt = path.with_name(path.name + ".corrupt")
+    os.replace(path, corrupt)
+    log.warning("%s %s: moved to %s, %s", path, problem, corrupt.name, then)
 
 
 @dataclass
@@ -89,9 +103,11 @@ def writer_lock(rdir: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def finished(rdir: Path, key: str, checkpoints: list[int] | None = None) -> bool:
-    """Whether `rdir` holds this run (`key`) finished: its result.json, and when `checkpoints` (the steps
-    the run measures) is given, a row in checkpoints.jsonl for each; a warning and False otherwise."""
+def finished(rdir: Path, key: str, checkpoints: list[int] | None = None, metrics: Sequence[str] = FINAL_METRICS,
+             allow_nan: bool = False) -> bool:
+    """Whether `rdir` holds this run (`key`) finished: its result.json with a `final` of `metrics`
+    (`final_problem`; one without is moved aside as result.json.corrupt), and when `checkpoints` (the
+    steps the run measures) is given, a row in checkpoints.jsonl for each; a warning and False otherwise."""
     path = rdir / RESULT_FILE
     if not path.exists():
         return False
@@ -102,7 +118,11 @@ def finished(rdir: Path, key: str, checkpoints: list[int] | None = None) -> bool
         return False
     if not isinstance(result, dict) or result.get("key") != key:
         return False
-    found = [row.get("step") for row in read_jsonl(rdir / CHECKPOINTS_FILE)]
+    problem = final_problem(result, metrics, allow_nan)
+    if problem:
+        set_aside(path, problem, "the run is finished again from its last good state")
+        return False
+    found = [row.get("step") if isinstance(row, dict) else None for row in read_jsonl(rdir / CHECKPOINTS_FILE)]
     if checkpoints is not None and found != list(checkpoints):
         log.warning("%s holds the checkpoints of steps %s instead of %s: the run will be recomputed",
                     rdir / CHECKPOINTS_FILE, found, list(checkpoints))
@@ -110,9 +130,29 @@ def finished(rdir: Path, key: str, checkpoints: list[int] | None = None) -> bool
     return True
 
 
+def _config_record(config: LifelongConfig, hparams: Any, identity: dict, key: str) -> dict[str, Any]:
+    return {"key": key, "identity": identity, "config": config_to_dict(config, hparams), "format_version": FORMAT_VERSION}
+
+
+def repair_config(rdir: Path, config: LifelongConfig, hparams: Any, identity: dict, key: str) -> None:
+    """Rewrite this run's config.json when it carries the run's key but cannot be read back
+    (`config_problem`, e.g. its "config" lost): the bad file is moved aside as config.json.corrupt and
+    the rows, state and result, which carry the key themselves, are kept. Anything else is left alone."""
+    path = rdir / CONFIG_FILE
+    try:
+        data = read_json(path) if path.is_file() else None
+    except CorruptFileError:
+        return  # unreadable: `start_dir` resets the folder, `load_run` names the file
+    if not isinstance(data, dict) or data.get("key") != key or not config_problem(data):
+        return
+    set_aside(path, config_problem(data), "written again from the run's configuration")
+    write_json_atomic(path, _config_record(config, hparams, identity, key))
+
+
 def start_dir(rdir: Path, config: LifelongConfig, hparams: Any, identity: dict, key: str) -> None:
     """Write config.json (kept if it is already this run's; a run dir of another identity is reset)."""
     path = rdir / CONFIG_FILE
+    repair_config(rdir, config, hparams, identity, key)
     if path.exists():
         try:
             if read_json(path, rebuild="starting the run again").get("key") == key:
@@ -121,8 +161,7 @@ def start_dir(rdir: Path, config: LifelongConfig, hparams: Any, identity: dict, 
             log.warning("%s", err)
     for stale in (STEPS_FILE, STEPS_ARCHIVE, CHECKPOINTS_FILE, STATE_FILE, TOXICITY_FILE, RESULT_FILE):
         (rdir / stale).unlink(missing_ok=True)
-    write_json_atomic(path, {"key": key, "identity": identity, "config": config_to_dict(config, hparams),
-                             "format_version": FORMAT_VERSION})
+    write_json_atomic(path, _config_record(config, hparams, identity, key))
 
 
 EDITOR_STATE_PREFIX = "editor_state/"
@@ -184,11 +223,19 @@ def apply_state(params: dict[str, nn.Parameter], state: dict[str, torch.Tensor])
     return editor_state
 
 
-def truncate_rows(path: Path, last_step: int) -> list[dict[str, Any]]:
-    """Keep the rows with step <= last_step, one per step (rewritten atomically); return them."""
+def truncate_rows(path: Path, last_step: int, schema: dict[str, tuple[Any, str]] | None = None) -> list[dict[str, Any]]:
+    """Keep the rows with step <= last_step, one per step (rewritten atomically); return them.
+
+    With `schema` (`STEP_ROW`, `CHECKPOINT_ROW`), the first kept row that lacks what it asks for is named
+    with its line, the file is moved aside as `<name>.corrupt` and the rows before that line are kept:
+    the caller sees the steps missing and goes back to its last good state."""
     rows: dict[int, dict[str, Any]] = {}
-    for row in read_jsonl(path):
-        step = row.get("step", 0)
+    for number, row in read_jsonl_numbered(path):
+        problem = row_problem(row, schema) if schema is not None else ""
+        step = row.get("step", 0) if isinstance(row, dict) else None
+        if problem and (not isinstance(step, int) or step <= last_step):
+            set_aside(path, f"line {number} {problem}", f"the rows before it are kept (up to step {max(rows, default=0)})")
+            break
         if isinstance(step, int) and step <= last_step:
             rows[step] = row  # a step written twice keeps its last row
     kept = [rows[s] for s in sorted(rows)]
@@ -201,8 +248,8 @@ def read_rows(rdir: Path, step: int, config: LifelongConfig, snapshot_layers: li
     """(step rows, checkpoint rows, toxicity snapshots) of a run up to `step` (those after it cut off),
     and what is missing among them ("" when nothing): a run resumed with a row or a snapshot missing
     would lose that point of its curves for good, so the caller starts it again instead."""
-    steps = truncate_rows(rdir / STEPS_FILE, step)
-    checkpoints = truncate_rows(rdir / CHECKPOINTS_FILE, step)
+    steps = truncate_rows(rdir / STEPS_FILE, step, STEP_ROW)
+    checkpoints = truncate_rows(rdir / CHECKPOINTS_FILE, step, CHECKPOINT_ROW)
     snapshots = load_toxicity(rdir / TOXICITY_FILE, step)
     lacks = []
     if [r.get("step") for r in steps] != list(range(1, step + 1)):
@@ -277,11 +324,27 @@ def load_run(path: str | Path, source: str = "read back") -> RunResult:
         raise FileNotFoundError(f"{rdir} is not a lifelong run: it has no {CONFIG_FILE}")
     rebuild = f"delete {rdir} to recompute the run"
     cfg = read_json(rdir / CONFIG_FILE, rebuild)
-    result_path = rdir / RESULT_FILE
-    final = read_json(result_path, rebuild)["final"] if result_path.exists() else {}
+    if config_problem(cfg):
+        raise CorruptFileError(f"{rdir / CONFIG_FILE} {config_problem(cfg)}; {rebuild} (or run it: `run_lifelong` "
+                               "writes it again)")
     return RunResult(config=config_from_dict(cfg["config"]), steps=pd.DataFrame(read_steps(rdir)),
-                     checkpoints=pd.DataFrame(read_jsonl(rdir / CHECKPOINTS_FILE)), final=final, run_dir=rdir,
+                     checkpoints=pd.DataFrame(read_jsonl(rdir / CHECKPOINTS_FILE)), final=read_final(rdir), run_dir=rdir,
                      source=source)
+
+
+def read_final(rdir: Path, metrics: Sequence[str] = FINAL_METRICS, allow_nan: bool = False) -> dict[str, float]:
+    """The `final` metrics of a run's result.json; {} (unfinished) when it has none. One that reads but is
+    not a result (`final_problem`) is moved aside as result.json.corrupt, so that the run is finished
+    again rather than read back with a wrong `final`; an unreadable one raises CorruptFileError."""
+    path = rdir / RESULT_FILE
+    if not path.exists():
+        return {}
+    result = read_json(path, f"delete {rdir} to recompute the run")
+    problem = final_problem(result, metrics, allow_nan)
+    if problem:
+        set_aside(path, problem, "the run reads as unfinished and is finished again when it is run")
+        return {}
+    return result["final"]
 
 
 def locate(records: Sequence[dict] | str, config: LifelongConfig) -> tuple[Path, str]:
@@ -292,8 +355,13 @@ def locate(records: Sequence[dict] | str, config: LifelongConfig) -> tuple[Path,
 
 
 def read_back(records: Sequence[dict] | str, config: LifelongConfig) -> RunResult | None:
-    """The run `config` if it is finished on disk, else None; never loads a model or computes."""
-    rdir, key = locate(records, config)
+    """The run `config` if it is finished on disk, else None; never loads a model or computes (a
+    config.json of this run that lost what `load_run` needs is written again: `repair_config`)."""
+    fp = records if isinstance(records, str) else records_fingerprint(records)
+    hparams = resolve_hparams(config)
+    identity = run_identity(config, fp, hparams)
+    rdir, key = run_dir(config.out_dir, config, fp, hparams), digest(identity)
+    repair_config(rdir, config, hparams, identity, key)
     if finished(rdir, key, checkpoint_steps(config.n_edits, config.checkpoints)):
         return load_run(rdir)
     return None
