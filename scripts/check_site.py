@@ -8,6 +8,8 @@ Failures, counted per kind:
   on its page;
 * ``broken image``: an image that did not load (or any request of a page answered 404);
 * ``console error``: a JavaScript error, or an error logged to the console, while the page loads;
+* ``raw markup``: MyST or Markdown shown as text (a fence, ``{table}``, ``:name:``, ``](``), a placeholder
+  swallowed as HTML (``runs//``) or an absolute local path in the text;
 * ``raw LaTeX``: LaTeX left in the text after MathJax ran (``\\(``, ``\\[``, ``\\begin``, ``$...\\...$``,
   outside code) or a formula MathJax could not typeset;
 * ``traceback``: an output cell that shows a Python traceback (an error output);
@@ -37,7 +39,7 @@ from pathlib import Path
 from urllib.parse import unquote, urldefrag, urljoin, urlparse
 
 REPO = Path(__file__).resolve().parents[1]
-KINDS = ("broken link", "broken image", "console error", "raw LaTeX", "traceback", "progress bar",
+KINDS = ("broken link", "broken image", "console error", "raw LaTeX", "raw markup", "traceback", "progress bar",
          "uncaptioned figure")
 SKIPPED_DIRS = ("_static", "_sources", "_images", "_downloads", "glance_files")
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -49,12 +51,17 @@ const skip = 'pre, code, script, style, textarea, mjx-container, .MathJax, .high
 const latex = /\\\(|\\\[|\\begin\{|\\end\{|\$[^$\n]{0,200}\\[A-Za-z|{][^$\n]{0,200}\$|\$\$/;
 const article = document.querySelector('main') || document.body;
 const rawLatex = [];
+// MyST or Markdown that reached the reader as text: a fence, a directive, its options, a link, a lost placeholder
+const rawMarkup = /```|\{(table|figure|list-table|note|admonition)\}|^\s*:(name|class|alt|width):|\]\(|runs\/\/|\/(work|home|tmp)\/[\w.-]+\//m;
+const rawMarkup_ = [];
 const walker = document.createTreeWalker(article, NodeFilter.SHOW_TEXT);
 while (walker.nextNode()) {
   const node = walker.currentNode;
   if (!node.parentElement || node.parentElement.closest(skip)) continue;
   const text = node.textContent;
   if (latex.test(text)) rawLatex.push(text.trim().slice(0, 120));
+  const markup = text.match(rawMarkup);
+  if (markup) rawMarkup_.push(markup[0].slice(0, 120));
 }
 for (const el of document.querySelectorAll('mjx-merror, .MathJax_Error')) rawLatex.push('MathJax error: ' + el.textContent.slice(0, 120));
 const outputs = Array.from(document.querySelectorAll('.cell_output'));
@@ -82,7 +89,7 @@ return {
   figures: figures.length,
   tables: document.querySelectorAll('main table').length,
   math: document.querySelectorAll('mjx-container').length,
-  rawLatex, tracebacks, progress, uncaptioned,
+  rawLatex, rawMarkup: rawMarkup_, tracebacks, progress, uncaptioned,
 };
 """
 
@@ -246,7 +253,7 @@ def check_site(html_dir: Path, browser_paths: tuple[str, str], *, screenshots: l
             report.figures += info["figures"]
             report.tables += info["tables"]
             report.formulas += info["math"]
-            for kind, key in (("raw LaTeX", "rawLatex"), ("traceback", "tracebacks"),
+            for kind, key in (("raw LaTeX", "rawLatex"), ("raw markup", "rawMarkup"), ("traceback", "tracebacks"),
                               ("progress bar", "progress"), ("uncaptioned figure", "uncaptioned")):
                 for detail in info[key]:
                     report.add(kind, page, detail)

@@ -104,6 +104,20 @@ def page_files(out: Path) -> Path:
     return out.with_name(f"{out.stem}_files")
 
 
+def fold_code(path: Path) -> None:
+    """Fold every code cell's input of an executed page behind a toggle (myst-nb's `hide-input` tag): a
+    chapter reads as text, figures and tables, and the code that computed them is one click away."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            tags = cell.metadata.setdefault("tags", [])
+            if "hide-input" not in tags:
+                tags.append("hide-input")
+    nbformat.write(nb, path)
+
+
 def run_one(nb: Path, out: Path, parameters: dict, kernel: str, cwd: Path, timeout: int | None) -> str:
     """Execute one notebook; return "ok" or a one-line failure description."""
     import papermill as pm
@@ -115,6 +129,7 @@ def run_one(nb: Path, out: Path, parameters: dict, kernel: str, cwd: Path, timeo
             str(nb), str(out), parameters=parameters, kernel_name=kernel, language="python", cwd=str(cwd),
             progress_bar=False, request_save_on_cell_execute=True, execution_timeout=timeout,
         )
+        fold_code(out)
         return "ok"
     except pm.PapermillExecutionError as err:
         return f"failed: {err.ename}: {str(err.evalue).splitlines()[0] if err.evalue else ''}"[:200]

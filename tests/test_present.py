@@ -61,7 +61,10 @@ def test_table_shows_every_cell_in_full_and_offers_the_csv(book):
                           "value": [1.23456, 2e-7], "observed": [True, False]})
     page.table(frame, "verdicts", "What the model shows.", paper="Sec. 4.1")
     md = shown[-1]
-    assert md.startswith("````{table} What the model shows. (Paper: Sec. 4.1.)\n:name: toy-gptj-05-toxicity-verdicts")
+    assert md.startswith("::::{table} What the model shows. (Paper: Sec. 4.1.)\n:name: toy-gptj-05-toxicity-verdicts")
+    # a caption with inline code or a placeholder still makes a table (a backtick fence would not)
+    page.table(frame, "verdicts", "Runs of `make runs` under runs/<model>/.")
+    assert shown[-1].startswith("::::{table} Runs of `make runs` under runs/\\<model\\>/.\n")
     assert " ".join(long_text.split()) in md and "…" not in md
     assert r"a \| b" in md and r"x\*y\_z \$3" in md
     assert "| 1.235 |" in md and "| 2.000e-07 |" in md and "| yes |" in md

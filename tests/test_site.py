@@ -44,7 +44,7 @@ def _static_site(root: Path) -> Path:
     html = root / "html"
     (html / "_images").mkdir(parents=True)
     (html / "_images" / "ok.png").write_bytes(PIXEL)
-    good = ('<h1 id="top">Good</h1><p>Inline code <code>$\\alpha$</code> is fine.</p>'
+    good = ('<h1 id="top">Good</h1><p>Inline code <code>$\\alpha$</code> and <code>````{table}</code> are fine.</p>'
             '<figure id="f1"><img src="_images/ok.png" alt="a pixel"><figcaption><p>Fig. 1.1 A pixel.</p>'
             '</figcaption></figure><a href="bad.html#faults">faults</a> <a href="#top">top</a>'
             '<a href="https://example.org/">outside</a>')
@@ -55,7 +55,8 @@ def _static_site(root: Path) -> Path:
            '<div class="cell_output"><div class="output traceback"><pre>Traceback (most recent call last)</pre></div>'
            '<pre>rome toy seed 9:  50%|█████     | 8/16 [00:34&lt;00:32,  4.03s/edit]</pre>'
            '<img src="_images/ok.png" alt="plain output image"></div>'
-           '<script>console.error("planted console error")</script>')
+           '<script>console.error("planted console error")</script>'
+           '<p>````{table} A caption with `code` :name: toy-gpt2-03-x</p><p>read from runs//</p>')
     (html / "index.html").write_text(PAGE.format(title="Good", body=good))
     (html / "bad.html").write_text(PAGE.format(title="Faults", body=bad))
     return html
@@ -73,6 +74,7 @@ def test_checker_finds_each_planted_fault_and_passes_a_clean_page(tmp_path):
     assert any("planted console error" in e for e in errors["console error"])
     assert len(errors["raw LaTeX"]) == 1  # one text node holds both formulas; code is not checked
     assert len(errors["traceback"]) == 1 and len(errors["progress bar"]) == 1
+    assert len(errors["raw markup"]) == 2  # the fence of a table that did not render, a swallowed placeholder
     assert len(errors["uncaptioned figure"]) == 2  # a figure without caption, an output image outside a figure
     assert report.external_links == 1 and "pages: 2" in report.summary()
 
@@ -123,8 +125,8 @@ def built_book(tmp_path_factory):
             page.figure(fig, "curves", "S falls from 90 to 70 over four edits; the norm $\\|W\\|$ grows.",
                         alt="S falling over the edits", data=pd.DataFrame({"step": [1, 2, 4], "S": [90, 80, 70]}),
                         paper="Fig. 43")
-            page.table(pd.DataFrame({"editor": ["ROME", "WilKE"], "S": [70.0, 72.5]}), "table1", "S after four edits.",
-                       paper="Table 1")
+            page.table(pd.DataFrame({"editor": ["ROME", "WilKE"], "S": [70.0, 72.5]}), "table1",
+                       "S after four edits of `make runs`, read from runs/<model>/.", paper="Table 1")
             page.claim("wilke_beats_sota", "reproduced", "S: WilKE 72.5 vs ROME 70.0 (+3.6%)", ref="table1")
             page.show_claims()
             _executed_page(book / model / "03_lifelong.ipynb", model, shown)

@@ -20,11 +20,17 @@ def _git(*args: str) -> str:
                           timeout=10, check=True).stdout.strip()
 
 
+SOURCES = ("wilke_lib", "notebooks", "scripts", "pyproject.toml", "Makefile", "organisms")
+"""What computes the book's numbers: a change here makes a page "dirty". The build's own outputs (the executed
+pages under book/, figures/, benchmark tables, runs/ it read back) do not: `make book` writes them while it runs."""
+
+
 def git_commit() -> str:
-    """Short commit hash of the repository, with " (dirty)" if tracked files changed; "unknown" without git."""
+    """Short commit hash of the repository, with " (dirty)" when a tracked source (`SOURCES`) differs from it;
+    "unknown" without git."""
     try:
         commit = _git("rev-parse", "--short", "HEAD")
-        dirty = _git("status", "--porcelain", "--untracked-files=no")
+        dirty = _git("status", "--porcelain", "--untracked-files=no", "--", *SOURCES)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{commit} (dirty)" if dirty else commit
@@ -62,7 +68,8 @@ def show_provenance(parameters: dict) -> None:
     table = "| item | value |\n|---|---|\n" + "\n".join(f"| {_cell(k)} | {_cell(v)} |" for k, v in info.items())
     try:
         from IPython.display import Markdown, display
-        display(Markdown("**Provenance of this page**\n\n" + table))
+        # folded: the reader opens it to check what produced the page, it does not stand before the content
+        display(Markdown(f"```{{dropdown}} Provenance of this page (commit {info['git commit']})\n\n{table}\n```"))
     except ImportError:
         print(table)
 

@@ -17,6 +17,9 @@
   (`analysis.verdicts.verdict_table`) onto a claim for the chapters (5-8) that build one.
 * `glance_rows` gathers the verdicts of every claim and model: "not run" where the page or the claim
   is missing, never a verdict that no page computed. scripts/make_glance.py writes the page.
+
+The module is longer than the project's 420 lines on purpose: it is the one home of the paper's claims
+(registry, tests, records), so that a claim's words, its precondition and its test are read side by side.
 """
 
 from __future__ import annotations

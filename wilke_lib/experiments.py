@@ -1,6 +1,10 @@
 """The paper's lifelong experiments as data: Table 1, the curves of Fig. 43 and the ablation of
 Fig. 9 (Hu et al. 2024, Sec. 6 and Appendix F), run with `wilke_lib.lifelong` and compared with the
-numbers the paper reports (`wilke_lib/data/table1_reported.csv`)."""
+numbers the paper reports (`wilke_lib/data/table1_reported.csv`, `curves_reported.csv`).
+
+This module is longer than the project's 420 lines: every table the lifelong chapters read (runs to frames, collapse steps
+beside the paper's, layer choices and their controls, the consecutive runs) is here, one function each, so
+that the notebooks stay thin."""
 
 from __future__ import annotations
 

@@ -86,6 +86,7 @@ def make_label(*parts: str) -> str:
 
 # ------------------------------------------------------------------------------------ Markdown
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>#|$~^])")
+_PLACEHOLDER = re.compile(r"<([A-Za-z_][\w -]*)>")
 
 
 def md_escape(text: object) -> str:
@@ -228,7 +229,9 @@ class Page:
 
     @staticmethod
     def _caption(caption: str, paper: str | None) -> str:
-        caption = " ".join(caption.split())
+        """One line of Markdown; a placeholder such as `<model>` is escaped, else it is read as an HTML tag
+        and vanishes."""
+        caption = _PLACEHOLDER.sub(r"\\<\1\\>", " ".join(caption.split()))
         return f"{caption} (Paper: {paper}.)" if paper else caption
 
     def figure(self, fig, name: str, caption: str, *, alt: str, data=None, paper: str | None = None,
@@ -272,10 +275,12 @@ class Page:
             return None
         folder = self.files()
         path = save_data(frame if data is None else data, folder / _check_name("table", name))
-        lines = [f"````{{table}} {self._caption(caption, paper)}", f":name: {self.label(name)}"]
+        # a colon fence: a backtick fence's first line may not hold a backtick (CommonMark), and a caption
+        # with inline code would turn the whole table into a paragraph of raw markup
+        lines = [f"::::{{table}} {self._caption(caption, paper)}", f":name: {self.label(name)}"]
         if css_class:
             lines.append(f":class: {css_class}")
-        lines += ["", markdown_table(frame, index=index, digits=digits, escape=escape), "````", ""]
+        lines += ["", markdown_table(frame, index=index, digits=digits, escape=escape), "::::", ""]
         if note:
             lines += [" ".join(note.split()), ""]
         lines.append(self._links(path))

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from wilke_lib.lifelong import CheckpointPolicy
 
 ALL_EDITORS: tuple[str, ...] = ("ft", "ke", "kn", "mend", "rome", "r-rome", "memit", "alphaedit", "comeba_hk", "lemoe",
-                                "wilke")
+                                "wilke", "wilke-eq10")
 """The editors of the lifelong tables (`experiments.editor_variant`: "r-rome" is ROME with the update
-of Gupta et al. 2024)."""
+of Gupta et al. 2024; "wilke" is WilKE as released, "wilke-eq10" WilKE with the paper's Eq. 10)."""
 
-TABLE1_EDITORS: tuple[str, ...] = ("rome", "memit", "wilke")
-"""The editors whose Table 1 rows the paper gives with three seeds (the others: one seed here)."""
+TABLE1_EDITORS: tuple[str, ...] = ("rome", "memit", "wilke", "wilke-eq10")
+"""The editors whose Table 1 rows the paper gives with three seeds (the others: one seed here), and
+WilKE with the rule of the paper's text, to compare with the released one."""
 
 CONSECUTIVE_EDITORS: tuple[str, ...] = ("rome", "memit", "alphaedit", "comeba_hk", "lemoe", "wilke")
 """The editors of the consecutive-batch chapter (12): the batch editors and the one-at-a-time ones."""
@@ -108,7 +109,6 @@ class Profile:
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
-
 
     def seeds_for(self, editor: str) -> tuple[int, ...]:
         """The seeds `editor` (a table name: "rome", "r-rome", ...) runs with."""

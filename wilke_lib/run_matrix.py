@@ -83,6 +83,21 @@ def ablation_matrix(model_names: Sequence[str], profile_name: str = "paper", rec
             for m in model_names for v in experiments.ablation_variants(tuple(scores))]
 
 
+def layer_control_matrix(model_names: Sequence[str], profile_name: str = "paper", records: str = "toy-world",
+                         k: int = 2) -> list[RunSpec]:
+    """ROME fixed at each of the `k` layers WilKE's runs of the profile chose most (as far as they have got),
+    with every seed of the profile: the control of `claims.layer_per_fact` (chapter 3 reads them back)."""
+    profile = get_profile(profile_name)
+    facts = counterfact.load_counterfact(records)
+    specs = []
+    for m in model_names:
+        wilke_runs, _ = experiments.matrix_progress(m, facts, profile, ("wilke",))
+        for variant in experiments.layer_controls(experiments.top_layers(wilke_runs, k=k)):
+            specs += [RunSpec(m, "rome", seed, profile.n_edits, profile_name, records, label=variant.label,
+                              overrides=tuple(sorted(variant.overrides.items()))) for seed in profile.seeds]
+    return specs
+
+
 def run_dir_of(spec: RunSpec, records: Sequence[dict]) -> Path:
     config = spec.config()
     return lifelong.run_dir(config.out_dir, config, records, lifelong.resolve_hparams(config))
@@ -219,13 +234,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ablation", action="store_true",
                         help="the ablation of Fig. 9 instead of the editors (WilKE's variants, the profile's "
                              "ablation_n_edits, its first seed)")
+    parser.add_argument("--layer-controls", action="store_true",
+                        help="ROME fixed at the two layers WilKE's runs chose most, every seed of the profile (the "
+                             "control of the claim that choosing the layer per fact helps; needs WilKE's runs)")
     parser.add_argument("--scores", nargs="+", default=["eq10", "update_norm"], choices=["eq10", "update_norm"],
                         help="with --ablation: the layer scores whose variants run")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and what is missing")
     args = parser.parse_args(argv)
     if args.ablation and (args.editors or args.seeds):
         parser.error("--ablation runs WilKE's variants with the profile's first seed: drop --editors / --seeds")
+    if args.layer_controls and (args.ablation or args.editors or args.seeds):
+        parser.error("--layer-controls runs ROME at WilKE's layers with the profile's seeds: drop --ablation / "
+                     "--editors / --seeds")
     specs = (ablation_matrix(args.models, args.profile, args.records, args.scores) if args.ablation
+             else layer_control_matrix(args.models, args.profile, args.records) if args.layer_controls
              else paper_matrix(args.models, args.profile, args.editors, args.records, args.seeds))
     if args.dry_run:
         records = {s.records: counterfact.load_counterfact(s.records) for s in specs}
