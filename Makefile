@@ -2,6 +2,7 @@
 #   make book                          # venv + every notebook (papermill) on the default organisms + HTML book
 #   make book PROFILE=quick MODELS=toy-gpt2
 #   make test
+#   make lock / make upgrade-check      # re-lock the exact versions / try the newest ones in .venv-latest
 SHELL      := /bin/bash
 PYTHON3    ?= python3
 VENV       ?= .venv
@@ -19,17 +20,19 @@ TORCH_VERSION   ?= 2.13.0
 # pinned torch then comes from the configured indexes / local wheels.
 TORCH_CPU_INDEX ?=
 
-.PHONY: venv test book book-only check-site toc organisms organism-report runs ablation-runs consecutive-runs bench bench-success clean distclean help
+.PHONY: venv lock upgrade-check test book book-only check-site toc organisms organism-report runs ablation-runs consecutive-runs bench bench-success clean distclean help
 
 help:
-	@echo "targets: venv test book book-only check-site toc organisms organism-report runs ablation-runs consecutive-runs bench bench-success clean distclean"
+	@echo "targets: venv lock upgrade-check test book book-only check-site toc organisms organism-report runs ablation-runs consecutive-runs bench bench-success clean distclean"
 	@echo "variables: PROFILE=$(PROFILE) MODELS='$(MODELS)' NB_ARGS='$(NB_ARGS)'"
 
 $(PY):
 	$(PYTHON3) -m venv $(VENV)
 
-# The stamp is rebuilt whenever pyproject.toml changes.
-$(VENV)/.installed: pyproject.toml | $(PY)
+# The stamp is rebuilt whenever pyproject.toml or requirements.lock changes. Every package comes at the exact
+# version of requirements.lock (torch first, as pinned, from TORCH_CPU_INDEX when given); wilke_lib itself is
+# installed editable without resolving anything again.
+$(VENV)/.installed: pyproject.toml requirements.lock | $(PY)
 	@if ! $(PY) -c "import torch" 2>/dev/null; then \
 	  if [ -z "$(TORCH_CPU_INDEX)" ]; then \
 	    $(PY) -m pip install "torch==$(TORCH_VERSION)"; \
@@ -37,10 +40,34 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	    $(PY) -m pip install "torch==$(TORCH_VERSION)" --extra-index-url "$(TORCH_CPU_INDEX)"; \
 	  fi; \
 	fi
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -r requirements.lock
+	$(PY) -m pip install -e '.[dev]' --no-deps
 	touch $@
 
 venv: $(VENV)/.installed
+
+# Writes requirements.lock from what $(VENV) holds now (after a deliberate upgrade, checked with upgrade-check).
+lock: venv
+	@{ echo "# Exact versions of every package of the tested environment (Python 3.11, Linux), installed by make venv."; \
+	  echo "# Regenerate with make lock after a deliberate upgrade (make upgrade-check tries the newest versions first)."; \
+	  echo "# torch: a local build (e.g. 2.13.0+cpu) is written without its label; make venv installs torch first (TORCH_CPU_INDEX)."; \
+	  $(PY) -m pip freeze --all --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/' | grep -iv '^wilke[-_]lib==' | grep -v '^pip=='; \
+	} > requirements.lock.tmp && mv requirements.lock.tmp requirements.lock
+
+# The newest versions of every requirement (torch still as pinned) in a separate venv, and the quick tests there:
+# upgrading is a choice, made after this passes (then make lock in an upgraded $(VENV)). Prints what differs
+# from the lock. Downloads a lot; .venv-latest is kept between calls.
+VENV_LATEST ?= .venv-latest
+upgrade-check:
+	@[ -x $(VENV_LATEST)/bin/python ] || $(PYTHON3) -m venv $(VENV_LATEST)
+	@if [ -z "$(TORCH_CPU_INDEX)" ]; then \
+	  $(VENV_LATEST)/bin/python -m pip install "torch==$(TORCH_VERSION)"; \
+	else \
+	  $(VENV_LATEST)/bin/python -m pip install "torch==$(TORCH_VERSION)" --extra-index-url "$(TORCH_CPU_INDEX)"; \
+	fi
+	$(VENV_LATEST)/bin/python -m pip install --upgrade --upgrade-strategy eager -e '.[dev]' "torch==$(TORCH_VERSION)"
+	-$(VENV_LATEST)/bin/python -m pip freeze --all --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/' | grep -iv '^wilke[-_]lib==' | grep -v '^pip==' | diff <(grep -v '^#' requirements.lock) -
+	$(VENV_LATEST)/bin/python -m pytest -q -m "not slow" tests/test_editors.py tests/test_lifelong.py
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -79,7 +106,9 @@ organisms: venv
 	done; status=0; for pid in $$pids; do wait $$pid || status=$$?; done; exit $$status
 
 # The paper's lifelong runs (1,024 edits x 3 seeds) that are missing from runs/, one per CPU core,
-# resumable; RUNS_ARGS="--dry-run" lists them, "--executor slurm" sends them to a cluster.
+# resumable; RUNS_ARGS="--dry-run" lists them, "--executor slurm" sends them to a cluster; "--stale" lists the runs
+# computed with other code than the current one, "--restamp 4" checks each one's first 4 steps against the current
+# code and records it where they agree, "--allow-code-change" continues unfinished runs started with other code.
 RUNS_ARGS ?=
 runs: venv
 	$(PY) -m wilke_lib.run_matrix $(RUNS_ARGS)

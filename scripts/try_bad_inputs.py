@@ -59,7 +59,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from wilke_lib import editing, experiments, lifelong, models, profiles, results, stats  # noqa: E402
+from wilke_lib import code_version, editing, experiments, lifelong, models, profiles, results, stats  # noqa: E402
 from wilke_lib.arch import ModelAdapter  # noqa: E402
 from wilke_lib.counterfact import load_counterfact  # noqa: E402
 from wilke_lib.errors import EditError  # noqa: E402
@@ -958,6 +958,28 @@ def _(fx: Fixtures, tmp: Path) -> None:
     load_run(tmp / "not-a-run")
 
 
+@case("runs", "a killed run resumed after the library's code changed", "computed up to step", "allow_code_change",
+      "0123456789abcdef")
+def _(fx: Fixtures, tmp: Path) -> None:
+    def code(fingerprint: str) -> Any:  # fixed fingerprints: the table does not change with every edit of the library
+        info = {"fingerprint": fingerprint, "git_commit": "x", "git_dirty": False}
+        return mock.patch.object(code_version, "current_code", return_value=info)
+
+    with code("fedcba9876543210"):
+        fx.killed_run(tmp / "runs", 3)
+    with code("0123456789abcdef"):
+        fx.run(tmp / "runs")
+
+
+@case("runs", "a model object edited before its run (weights not those of its files)", "tiny-model", "freshly loaded")
+def _(fx: Fixtures, tmp: Path) -> None:
+    model, tok = models.load_model(fx.model_dir(), device="cpu")
+    with torch.no_grad():
+        ModelAdapter(model).out_weight(1)[0, 0] += 1e-3
+    run_lifelong(model, tok, fx.records, fx.run_config(tmp / "runs", model_name=str(fx.model_dir())),
+                 backend=fake_backend())
+
+
 # ---------------------------------------------------------------------------------------- judging
 def _raise_site(exc: BaseException) -> Path | None:
     """The file of the innermost Python frame the exception went through (where it was raised)."""
@@ -1127,12 +1149,25 @@ Each has a test in `tests/test_validation.py`.
 | model name `"toy-gpt2 "` (white space at either end) | ValueError from `LifelongConfig` |
 | `run_matrix --jobs -3` (or 0, or a word) | argparse usage error: expected a positive whole number |
 
-Not handled in this round (issue 34): a model object reused between runs, the code fingerprint of a run,
-a model identified by its weights rather than its path, LEMoE's experts in the model identity, deeply
-nested JSON, 240-character model folder names, `/dev/stdin` as the records file, an empty known-records
-cache, and the lock file of exact package versions.
+Code, weights and names (issue 34, items 2, 3, 5 and 9), tested in `tests/test_run_identity.py`:
+
+| case | answer now |
+|---|---|
+| a killed run resumed after the library's code changed | `CodeChangedError` naming the run folder and both code fingerprints (`code_version`: sha256 of `wilke_lib/**/*.py` and `wilke_lib/hparams/**/*.yaml`); `allow_code_change=True` / `run_matrix --allow-code-change` continues it and records the continuation (both fingerprints, the step) in its config.json |
+| a finished run read back after the code changed | read back, marked: `RunResult.stale` / `code_status` ("differs"); `run_matrix --stale` lists it; `run_matrix --restamp N` recomputes its first N steps (default 4) in a temporary folder and, when they equal the stored rows bit for bit (timings aside), records the current code with "re-stamped after checking steps 1..N", else names the first step and field that differ and leaves it stale |
+| a run written before code fingerprints existed | read back as before (same folder, same numbers), `code_status` "unknown" (stale, listed by `--stale`); resumed without refusal, the resume recorded |
+| `run_lifelong` given a model object, then the same object again | the caller's model is never edited (the run works on a deep copy, even when it fails or is killed): the second call gives the numbers of a fresh model |
+| a model whose weights in memory differ from the files of the model it is stored under (an edit made before the run) | `WeightsMismatchError` naming the folder and both weight digests, before any edit (the files' digest is loaded once per model and dtype and cached) |
+| the same organism given by its folder path (`/…/organisms/toy-gpt2`, `organisms/toy-gpt2/`, a link to it) | the organism: same run identity and folder as "toy-gpt2" (the name's own identity unchanged, every committed run still found) |
+| a model with LEMoE experts | `models.model_identity` gains `-experts-<hash>` and `models.weights_digest` includes the experts: two models with different experts never share an identity |
+| the installed package versions | `requirements.lock` pins every package; `make venv` and environment.yml install from it, `make upgrade-check` tries the newest in `.venv-latest`, and each page's provenance names the lock file's sha256 |
+
+Not handled in this round (issue 34): deeply nested JSON, 240-character model folder names, `/dev/stdin` as
+the records file and an empty known-records cache; a local model folder other than an organism is still
+identified by its spelling (a relative and an absolute path are two runs).
 """
-"""Hand-written: the cases of issue 34, tested in tests/test_validation.py rather than in this catalogue."""
+"""Hand-written: the cases of issue 34, tested in tests/test_validation.py and tests/test_run_identity.py rather
+than in this catalogue."""
 
 
 def markdown(outcomes: list[Outcome]) -> str:

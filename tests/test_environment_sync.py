@@ -1,4 +1,5 @@
-"""pyproject.toml and environment.yml must list the same requirements with the same pins."""
+"""pyproject.toml and environment.yml must list the same requirements with the same pins, and requirements.lock
+must pin every one of them at a version they accept (make venv and environment.yml install from it)."""
 from __future__ import annotations
 
 import re
@@ -50,7 +51,7 @@ def environment_requirements() -> dict[str, str]:
     reqs: list[str] = []
     for dep in env.get("dependencies", []):
         if isinstance(dep, dict):
-            reqs.extend(dep.get("pip", []))
+            reqs.extend(r for r in dep.get("pip", []) if not r.lstrip().startswith("-"))  # options: -c requirements.lock
         elif isinstance(dep, str):
             name = re.split(r"[=<>!~ ]", dep, maxsplit=1)[0].lower()
             if name not in ("python", "pip"):
@@ -80,3 +81,36 @@ def test_requirements_in_sync():
 
 def test_torch_is_pinned():
     assert pyproject_requirements()["torch"].startswith("=="), "torch must stay pinned (CUDA wheels otherwise)"
+
+
+def lock_pins() -> dict[str, str]:
+    """{normalised name: version} of requirements.lock (comments skipped)."""
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version, f"requirements.lock: {line!r} is not an exact pin (name==version)"
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def test_the_lock_pins_every_requirement_at_a_version_it_accepts():
+    from packaging.specifiers import SpecifierSet
+
+    pins = lock_pins()
+    missing = sorted(set(pyproject_requirements()) - set(pins))
+    assert not missing, f"requirements.lock lacks {missing}: run make lock"
+    wrong = {name: (spec, pins[name]) for name, spec in pyproject_requirements().items()
+             if spec and not SpecifierSet(spec).contains(pins[name], prereleases=True)}
+    assert not wrong, f"requirements.lock pins versions pyproject.toml refuses: {wrong}"
+    assert "wilke-lib" not in pins, "requirements.lock must not pin the package itself (installed editable)"
+
+
+def test_make_venv_and_environment_yml_install_from_the_lock():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "pip install -r requirements.lock" in makefile and "pip install -e '.[dev]' --no-deps" in makefile
+    assert re.search(r"^TORCH_VERSION\s*\?=\s*" + re.escape(lock_pins()["torch"]) + r"\s*$", makefile, re.M)
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert "-c requirements.lock" in pip

@@ -44,9 +44,14 @@ def _version(dist: str) -> str:
 
 
 def versions() -> dict[str, str]:
-    """Versions of python, torch, transformers and wilke_lib."""
+    """Versions of python, torch, transformers and wilke_lib, and the sha256 (12 hex digits) of requirements.lock,
+    the exact versions `make venv` installs: a page's provenance then names every locked package, not only these."""
+    import hashlib
+
+    lock = REPO_ROOT / "requirements.lock"
+    locked = f"sha256 {hashlib.sha256(lock.read_bytes()).hexdigest()[:12]}" if lock.is_file() else "missing"
     return {"python": platform.python_version(), "torch": _version("torch"),
-            "transformers": _version("transformers"), "wilke_lib": _version("wilke_lib")}
+            "transformers": _version("transformers"), "wilke_lib": _version("wilke_lib"), "requirements.lock": locked}
 
 
 def _cell(value) -> str:

@@ -22,7 +22,7 @@ from huggingface_hub import try_to_load_from_cache
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from wilke_lib.results import REPO_ROOT, model_slug
+from wilke_lib.results import REPO_ROOT, CorruptFileError, cache_dir, model_slug, read_json, write_json_atomic
 
 ORGANISMS: tuple[str, ...] = ("toy-gpt2", "toy-gptj")
 ORGANISMS_DIR: Path = REPO_ROOT / "organisms"
@@ -86,12 +86,30 @@ def resolve_model_path(name: str | Path) -> str:
     return name
 
 
+def canonical_model_name(name: str | Path) -> str:
+    """The name a model is keyed by: an organism given by its folder (`/work/main/organisms/toy-gpt2`,
+    `organisms/toy-gpt2/`, a symbolic link to it) becomes its name ("toy-gpt2"), so that the spelling of a
+    path does not make its runs new runs the book never reads; anything else is returned unchanged (the
+    identity of the names already used, hence of the committed runs, does not change)."""
+    text = str(name)
+    if is_organism_name(text):
+        return text
+    try:
+        path = Path(text).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):
+        return text
+    if path.parent == ORGANISMS_DIR.resolve() and is_organism_name(path.name) and path.is_dir():
+        return path.name
+    return text
+
+
 def model_key(name: str | Path, edge_bytes: int = 1 << 20) -> str:
     """The identity under which results of a model are stored: its folder name and 8 hex digits of
     its config and weight files (`is_model_file`: names, sizes, first and last MiB of each), computed without loading
     it; the name alone for a hub id that is not on this machine. A retrained organism is therefore a
     different model, and its predecessor's results are not read back. (Statistics, which depend on
     the weights actually in memory, are keyed by `model_identity(model)` instead.)"""
+    name = canonical_model_name(name)
     path = Path(resolve_model_path(name))
     if not path.is_dir():
         return model_slug(str(name))
@@ -213,6 +231,85 @@ def weights_fingerprint(model: nn.Module, samples_per_tensor: int = 4096) -> str
     return h.hexdigest()[:8]
 
 
+def editor_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Tensors an editor keeps beside the weights that change the model's outputs (LEMoE's experts and their
+    keys, `editors.lemoe.ExpertBypass`): those of every object attached to the model that offers
+    `identity_tensors()`. Not parameters, so `named_parameters` and `state_dict` do not see them."""
+    out: dict[str, torch.Tensor] = {}
+    for value in list(vars(model).values()):
+        tensors = getattr(value, "identity_tensors", None)
+        if callable(tensors):
+            out.update(tensors())
+    return out
+
+
+def _hash_tensors(h: "hashlib._Hash", tensors: dict[str, torch.Tensor]) -> None:
+    for name, tensor in sorted(tensors.items()):
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(flat.view(torch.uint8).numpy())
+
+
+def weights_digest(model: nn.Module) -> str:
+    """16 hex digits of the sha256 of every parameter's bytes (name, dtype and shape included) and of the
+    editors' tensors (`editor_tensors`): equal exactly when the weights in memory are bit-identical.
+    One pass over the weights, unlike `weights_fingerprint`'s sample, so that an edit of a few rows is seen."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        _hash_tensors(h, dict(model.named_parameters()))
+        _hash_tensors(h, {f"editor/{k}": v for k, v in editor_tensors(model).items()})
+    return h.hexdigest()[:16]
+
+
+_FILE_DIGESTS: dict[tuple[str, str], str] = {}
+
+
+def files_weights_digest(name: str | Path, dtype: torch.dtype) -> str | None:
+    """`weights_digest` of the model files `name` is keyed by, loaded on the CPU in `dtype`; None when `name`
+    is not a local model folder (a hub id, a test's made-up name: no files to compare with). Loaded once per
+    (model_key, dtype): kept in memory and in `<cache>/weights/`, so that later runs pay only the hash."""
+    path = Path(resolve_model_path(canonical_model_name(name)))
+    if not (path / "config.json").is_file():
+        return None
+    memo = (model_key(name), str(dtype).removeprefix("torch."))
+    if memo in _FILE_DIGESTS:
+        return _FILE_DIGESTS[memo]
+    cached = cache_dir("weights", f"{memo[0]}__{memo[1]}.json")
+    try:
+        digest = read_json(cached).get("weights_digest") if cached.is_file() else None
+    except (CorruptFileError, AttributeError):
+        digest = None
+    if not isinstance(digest, str):
+        model, _ = load_model(path, device="cpu", dtype=dtype)
+        digest = weights_digest(model)
+        del model
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cached, {"model_key": memo[0], "dtype": memo[1], "weights_digest": digest})
+    _FILE_DIGESTS[memo] = digest
+    return digest
+
+
+class WeightsMismatchError(ValueError):
+    """The weights in memory are not those of the model files a run is stored under."""
+
+
+def check_weights_match(model: nn.Module, name: str | Path) -> None:
+    """WeightsMismatchError when `model`'s weights (`weights_digest`) differ from those of the files of `name`
+    (the model the run is keyed by): a model edited before (e.g. by an earlier edit on the same object)
+    would otherwise store its numbers under the clean model's identity."""
+    dtype = next(model.parameters()).dtype
+    reference = files_weights_digest(name, dtype)
+    if reference is None:
+        return
+    actual = weights_digest(model)
+    if actual != reference:
+        raise WeightsMismatchError(
+            f"the weights of the model passed (digest {actual}) are not those of the files of {str(name)!r} "
+            f"({resolve_model_path(canonical_model_name(name))}, digest {reference} in {str(dtype).removeprefix('torch.')}), "
+            "under which the run would be stored: the model was edited or replaced after loading (an edit, a "
+            "LEMoE expert, another checkpoint). Pass a freshly loaded model: models.load_model(name)")
+
+
 def model_identity(model: PreTrainedModel) -> str:
     """Short stable string identifying the (unedited) model, used as a cache key.
 
@@ -220,14 +317,22 @@ def model_identity(model: PreTrainedModel) -> str:
     The config hash ignores entries that saving or loading change, and the weights fingerprint
     (`weights_fingerprint`) makes a retrained model a different model; a model and its
     saved-and-reloaded copy share the identity. Caches keyed by it (e.g. the second-moment
-    statistics) are meant for the unedited model: compute it before editing.
+    statistics) are meant for the unedited model: compute it before editing. Tensors an editor attached
+    beside the weights (LEMoE's experts: `editor_tensors`) add `-experts-<8 hex>`, so that two models with
+    different experts, which answer differently, never share an identity.
     """
     config = model.config.to_dict()
     for key in _VOLATILE_CONFIG_KEYS:
         config.pop(key, None)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
     basename = Path(str(getattr(model.config, "_name_or_path", "") or "")).name or model.config.model_type
-    return f"{basename}-{digest}-{weights_fingerprint(model)}-{count_parameters(model)}"
+    extra = editor_tensors(model)
+    experts = ""
+    if extra:
+        h = hashlib.sha256()
+        _hash_tensors(h, extra)
+        experts = f"-experts-{h.hexdigest()[:8]}"
+    return f"{basename}-{digest}-{weights_fingerprint(model)}-{count_parameters(model)}{experts}"
 
 
 def tune_threads(model: nn.Module, max_parameters: int = 50_000_000) -> int:

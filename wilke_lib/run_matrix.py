@@ -11,7 +11,10 @@ it back from `runs/<model>/` and recomputes nothing. Runs go one per process:
   clusters (`--slurm-partition`, `--timeout-min`); the local executor is what the tests use.
 
 Killed runs resume where they stopped (`lifelong.run_lifelong`); a run being written by another
-process is skipped with a note (the run's lock).
+process is skipped with a note (the run's lock), and an unfinished run computed with other code is
+refused with a note unless `--allow-code-change`. `--stale` lists the runs whose code differs from the
+current code (or is unknown) without computing anything; `--restamp N` checks each stale finished run's
+first N steps against the current code and records the current code where they agree (`lifelong.restamp`).
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ import submitit
 import torch
 from tqdm.auto import tqdm
 
-from wilke_lib import counterfact, experiments, lifelong, models
-from wilke_lib.lifelong.store import RESULT_FILE, STEPS_ARCHIVE, STEPS_FILE, RunLockedError, final_problem
+from wilke_lib import code_version, counterfact, experiments, lifelong, models
+from wilke_lib.lifelong.provenance import CodeChangedError
+from wilke_lib.lifelong.store import (CONFIG_FILE, RESULT_FILE, STEPS_ARCHIVE, STEPS_FILE, RunLockedError, final_problem,
+                                      recorded_code)
 from wilke_lib.profiles import Profile, get_profile
 from wilke_lib.results import CorruptFileError, read_json
 
@@ -111,18 +116,23 @@ def steps_done(rdir: Path, n_edits: int) -> int:
     return sum(1 for _ in path.open("rb")) if path.exists() else 0
 
 
-def run_one(spec: RunSpec, position: int = 0, threads: int = 1) -> dict[str, Any]:
-    """Compute (or read back) one run in this process; a row of the final table."""
+def run_one(spec: RunSpec, position: int = 0, threads: int = 1, allow_code_change: bool = False) -> dict[str, Any]:
+    """Compute (or read back) one run in this process; a row of the final table (a run locked by another
+    process, or computed so far with other code, is a row saying so: the other runs go on)."""
     torch.set_num_threads(threads)
     started = time.time()
     records = counterfact.load_counterfact(spec.records)
     config = spec.config()
     row = {"model": spec.model_name, "editor": spec.variant().label, "seed": spec.seed, "n_edits": spec.n_edits}
     try:
-        result = lifelong.run_many(models.load_model, records, [config])[0]
+        result = lifelong.run_many(models.load_model, records, [config], allow_code_change=allow_code_change)[0]
     except RunLockedError as err:
         return row | {"status": "skipped (another process is writing it)", "seconds": 0.0, "S": float("nan"),
                       "run": str(err).split(" is being")[0]}
+    except CodeChangedError as err:
+        print(err, flush=True)
+        return row | {"status": "refused (computed so far with other code; --allow-code-change continues it)",
+                      "seconds": 0.0, "S": float("nan"), "run": str(err).split(" was computed")[0]}
     return row | {"status": result.source, "seconds": round(time.time() - started, 1),
                   "S": 100 * result.final.get("S", float("nan")), "run": result.run_dir.name}
 
@@ -139,8 +149,10 @@ def _poll(bars: dict[RunSpec, tqdm], overall: tqdm, dirs: dict[RunSpec, Path]) -
 
 
 def run_matrix(specs: Sequence[RunSpec], *, jobs: int | None = None, executor: str = "processes",
-               folder: Path | None = None, slurm: dict | None = None, poll_seconds: float = 5.0) -> pd.DataFrame:
-    """Compute the runs of `specs` that are missing; a table of what was done (status, seconds, S)."""
+               folder: Path | None = None, slurm: dict | None = None, poll_seconds: float = 5.0,
+               allow_code_change: bool = False) -> pd.DataFrame:
+    """Compute the runs of `specs` that are missing; a table of what was done (status, seconds, S).
+    `allow_code_change`: continue unfinished runs computed with other code (`lifelong.run_lifelong`)."""
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
         raise ValueError(f"run_matrix: jobs must be a positive int (runs at once) or None for the CPU cores, got {jobs!r}")
     jobs = jobs or max(1, os.cpu_count() or 1)
@@ -151,9 +163,9 @@ def run_matrix(specs: Sequence[RunSpec], *, jobs: int | None = None, executor: s
              "status": "read back", "seconds": 0.0, "S": _final_s(dirs[s]), "run": dirs[s].name}
             for s in specs if s not in todo]
     if todo and executor == "processes":
-        rows += _run_processes(todo, jobs, dirs, poll_seconds)
+        rows += _run_processes(todo, jobs, dirs, poll_seconds, allow_code_change)
     elif todo:
-        rows += _run_submitit(todo, executor, folder or Path("runs") / ".submitit", slurm or {})
+        rows += _run_submitit(todo, executor, folder or Path("runs") / ".submitit", slurm or {}, allow_code_change)
     return pd.DataFrame(rows)
 
 
@@ -173,14 +185,15 @@ def _final_s(run_dir: Path) -> float:
     return 100 * float(read_json(run_dir / "result.json")["final"].get("S", float("nan")))
 
 
-def _run_processes(todo: Sequence[RunSpec], jobs: int, dirs: dict[RunSpec, Path], poll_seconds: float) -> list[dict]:
+def _run_processes(todo: Sequence[RunSpec], jobs: int, dirs: dict[RunSpec, Path], poll_seconds: float,
+                   allow_code_change: bool = False) -> list[dict]:
     total = sum(s.n_edits for s in todo)
     overall = tqdm(total=total, desc=f"{len(todo)} runs", unit="step", position=0)
     bars = {s: tqdm(total=s.n_edits, desc=f"{Path(s.model_name).name} {s.variant().label} seed {s.seed}",
                     unit="step", position=i + 1, leave=False) for i, s in enumerate(todo)}
     rows = []
     with ProcessPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(run_one, s, i + 1): s for i, s in enumerate(todo)}
+        futures = {pool.submit(run_one, s, i + 1, 1, allow_code_change): s for i, s in enumerate(todo)}
         pending = set(futures)
         while pending:
             finished = {f for f in pending if f.done()}
@@ -196,7 +209,8 @@ def _run_processes(todo: Sequence[RunSpec], jobs: int, dirs: dict[RunSpec, Path]
     return rows
 
 
-def _run_submitit(todo: Sequence[RunSpec], executor: str, folder: Path, slurm: dict) -> list[dict]:
+def _run_submitit(todo: Sequence[RunSpec], executor: str, folder: Path, slurm: dict,
+                  allow_code_change: bool = False) -> list[dict]:
     if executor == "submitit-local":
         ex = submitit.LocalExecutor(folder=str(folder))
         ex.update_parameters(timeout_min=slurm.get("timeout_min", 24 * 60))
@@ -205,8 +219,50 @@ def _run_submitit(todo: Sequence[RunSpec], executor: str, folder: Path, slurm: d
         ex.update_parameters(**{"timeout_min": 24 * 60, "cpus_per_task": 2, **slurm})
     else:
         raise ValueError(f"executor must be processes, submitit-local or slurm, got {executor!r}")
-    submitted = [ex.submit(run_one, spec) for spec in todo]
+    submitted = [ex.submit(run_one, spec, 0, 1, allow_code_change) for spec in todo]
     return [job.result() for job in tqdm(submitted, desc="jobs", unit="run")]
+
+
+def code_table(specs: Sequence[RunSpec]) -> pd.DataFrame:
+    """The code of every started run of `specs`, read from its config.json (nothing computed or loaded): model,
+    editor, seed, n_edits, finished, code (the recorded fingerprint or "unknown"), status ("current",
+    "differs", "unknown": `code_version.code_status`) and run folder."""
+    records = {s.records: counterfact.load_counterfact(s.records) for s in specs}
+    rows = []
+    for s in specs:
+        rdir = run_dir_of(s, records[s.records])
+        try:
+            code = recorded_code(read_json(rdir / CONFIG_FILE))
+        except (FileNotFoundError, CorruptFileError):
+            continue  # not started (or a config.json the run writes again when it runs)
+        rows.append({"model": s.model_name, "editor": s.variant().label, "seed": s.seed, "n_edits": s.n_edits,
+                     "finished": has_result(rdir), "code": code or "unknown",
+                     "status": code_version.code_status(code), "run": str(rdir)})
+    return pd.DataFrame(rows, columns=["model", "editor", "seed", "n_edits", "finished", "code", "status", "run"])
+
+
+def stale_runs(specs: Sequence[RunSpec]) -> pd.DataFrame:
+    """The started runs of `specs` whose code differs from the current code or is unknown (`code_table`)."""
+    table = code_table(specs)
+    return table[table["status"] != "current"].reset_index(drop=True)
+
+
+def restamp_runs(specs: Sequence[RunSpec], n_steps: int = 4) -> pd.DataFrame:
+    """`lifelong.restamp` on every stale finished run of `specs`: its first `n_steps` steps recomputed with the
+    current code (the model loaded fresh) and compared bit for bit; one row per run with the outcome."""
+    stale = stale_runs(specs)
+    finished = set(stale.loc[stale["finished"].astype(bool), "run"])
+    records = {s.records: counterfact.load_counterfact(s.records) for s in specs}
+    rows = []
+    for s in specs:
+        if str(run_dir_of(s, records[s.records])) not in finished:
+            continue
+        outcome = lifelong.restamp(records[s.records], s.config(), models.load_model, n_steps)
+        print(outcome.describe(), flush=True)
+        rows.append({"model": s.model_name, "editor": s.variant().label, "seed": s.seed, "status": outcome.status,
+                     "checked_steps": outcome.checked_steps, "difference": outcome.describe() if outcome.status ==
+                     "differs" else "", "run": outcome.run_dir.name})
+    return pd.DataFrame(rows, columns=["model", "editor", "seed", "status", "checked_steps", "difference", "run"])
 
 
 def positive_int(text: str) -> int:
@@ -240,6 +296,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scores", nargs="+", default=["eq10", "update_norm"], choices=["eq10", "update_norm"],
                         help="with --ablation: the layer scores whose variants run")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and what is missing")
+    parser.add_argument("--allow-code-change", action="store_true",
+                        help="continue unfinished runs computed so far with other code (recorded in their config.json)")
+    parser.add_argument("--stale", action="store_true",
+                        help="list the runs whose code differs from the current code (or is unknown); computes nothing")
+    parser.add_argument("--restamp", type=positive_int, nargs="?", const=4, default=None, metavar="N",
+                        help="recompute the first N (default 4) steps of each stale finished run with the current code "
+                             "and record the current code where they agree bit for bit")
     args = parser.parse_args(argv)
     if args.ablation and (args.editors or args.seeds):
         parser.error("--ablation runs WilKE's variants with the profile's first seed: drop --editors / --seeds")
@@ -249,6 +312,11 @@ def main(argv: list[str] | None = None) -> None:
     specs = (ablation_matrix(args.models, args.profile, args.records, args.scores) if args.ablation
              else layer_control_matrix(args.models, args.profile, args.records) if args.layer_controls
              else paper_matrix(args.models, args.profile, args.editors, args.records, args.seeds))
+    if args.stale or args.restamp is not None:
+        table = restamp_runs(specs, args.restamp) if args.restamp is not None else stale_runs(specs)
+        print(table.to_string(index=False) if len(table) else "no stale runs in this matrix "
+              f"(code {code_version.current_fingerprint()})")
+        return
     if args.dry_run:
         records = {s.records: counterfact.load_counterfact(s.records) for s in specs}
         for s in specs:
@@ -257,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{s.model_name:10s} {label:6s} seed {s.seed:3d}: {steps_done(d, s.n_edits):5d}/{s.n_edits} {d}")
         return
     slurm = {"timeout_min": args.timeout_min} | ({"slurm_partition": args.slurm_partition} if args.slurm_partition else {})
-    table = run_matrix(specs, jobs=args.jobs, executor=args.executor, slurm=slurm)
+    table = run_matrix(specs, jobs=args.jobs, executor=args.executor, slurm=slurm,
+                       allow_code_change=args.allow_code_change)
     print(table.to_string(index=False, float_format=lambda x: f"{x:.1f}"))
 
 

@@ -27,7 +27,8 @@ Where the paper is silent or its code is not public, the choices made here (each
   the edit prompts' queries, then batches cut from the clusters in turn.
 
 The experts and keys live in the `EditorState` ("lemoe/expert<i>/w1", ".../w2", ".../key"), saved and
-restored with the weights by the lifelong runner; the base weights never change.
+restored with the weights by the lifelong runner; the base weights never change, so the experts are
+hashed into the model's identity (`ExpertBypass.identity_tensors`, `models.model_identity`).
 """
 
 from __future__ import annotations
@@ -98,6 +99,11 @@ class ExpertBypass:
             for handle in bypass._handles:
                 handle.remove()
             delattr(model, _ATTRIBUTE)
+
+    def identity_tensors(self) -> dict[str, torch.Tensor]:
+        """The experts and keys (the state's "lemoe/..." tensors): they change the model's outputs without
+        being parameters, so `models.model_identity` and `models.weights_digest` hash them through this."""
+        return {k: v for k, v in self.state.tensors.items() if k.startswith("lemoe/")}
 
     def _capture(self, embed: nn.Module, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from wilke_lib.hparams import editor_of, load_hparams
-from wilke_lib.models import model_key
+from wilke_lib.models import canonical_model_name, model_key
 from wilke_lib.results import digest, plain
 
 FORMAT_VERSION = 2
@@ -135,10 +135,12 @@ def records_fingerprint(records: Sequence[dict]) -> str:
 def run_identity(config: LifelongConfig, records: Sequence[dict] | str, hparams: Any = None) -> dict[str, Any]:
     """What makes two runs the same run (the dict hashed into the run directory's name).
 
-    `records` is the record list or its `records_fingerprint`."""
+    `records` is the record list or its `records_fingerprint`. The code is not part of it (a refactor must
+    not orphan the committed runs): `provenance` records it beside the identity, in config.json."""
     hp = resolve_hparams(config) if hparams is None else hparams
     fp = records if isinstance(records, str) else records_fingerprint(records)
-    return {"model_name": config.model_name, "model_key": model_key(config.model_name),
+    name = canonical_model_name(config.model_name)  # an organism by its folder path is the organism
+    return {"model_name": name, "model_key": model_key(name),
             "editor": config.editor, "hparams_class": type(hp).__name__, "hparams": plain(hp),
             "seed": config.seed, "n_edits": config.n_edits, "records_fingerprint": fp,
             "filter_known": config.filter_known, "checkpoints": plain(config.checkpoints),

@@ -43,13 +43,13 @@ from tqdm.auto import tqdm
 from wilke_lib import counterfact, editing, models
 from wilke_lib.editors import BATCH_EDITORS
 from wilke_lib.editors.common import EditorState
-from wilke_lib.lifelong import store
+from wilke_lib.lifelong import provenance, store
 from wilke_lib.lifelong.config import records_fingerprint, slug
 from wilke_lib.hparams import hparams_from_dict, load_hparams
 from wilke_lib.lifelong.runner import (Backend, param_name, default_backend, known_cached, lifelong_dir,
                                        split_records)
 from wilke_lib.metrics import answers_true, fraction
-from wilke_lib.models import model_key
+from wilke_lib.models import canonical_model_name, model_key
 from wilke_lib.profiles import get_profile
 from wilke_lib.results import append_jsonl, digest, plain, read_jsonl, write_json_atomic
 from wilke_lib.tokens import target_str
@@ -95,7 +95,8 @@ class ConsecutiveConfig:
 
 
 def identity(config: ConsecutiveConfig, records_fp: str) -> dict[str, Any]:
-    return {"protocol": "consecutive", "model_name": config.model_name, "model_key": model_key(config.model_name),
+    name = canonical_model_name(config.model_name)
+    return {"protocol": "consecutive", "model_name": name, "model_key": model_key(name),
             "editor": config.editor, "hparams_class": type(config.hparams).__name__, "hparams": plain(config.hparams),
             "n_edits": config.n_edits, "batch_size": config.batch_size, "seed": config.seed,
             "filter_known": config.filter_known, "records_fingerprint": records_fp, "format_version": FORMAT_VERSION}
@@ -140,15 +141,18 @@ def measure(backend: Backend, model: nn.Module, tok: Any, records: Sequence[dict
 
 # --------------------------------------------------------------------------- the run
 def run_consecutive(model: nn.Module, tok: Any, records: Sequence[dict], config: ConsecutiveConfig, cache: Any = None,
-                    *, backend: Backend | None = None, on_batch: Any = None) -> store.RunResult:
+                    *, backend: Backend | None = None, on_batch: Any = None,
+                    allow_code_change: bool = False) -> store.RunResult:
     """Run (or resume, or read back) one consecutive-batch run on the ORIGINAL `model` (left edited).
-    `on_batch(j, row)` is called after batch j's row is written, before the state is saved (a test's kill)."""
+    `on_batch(j, row)` is called after batch j's row is written, before the state is saved (a test's kill).
+    An unfinished run computed with other code is refused unless `allow_code_change` (`provenance.stamp`)."""
     backend = backend or default_backend()
     fp = records_fingerprint(records)
     rdir, key = locate(fp, config)
     ends = config.batch_ends()
     if store.finished(rdir, key, metrics=FINAL_METRICS, allow_nan=True):
         return load(rdir)
+    provenance.refuse_code_change(rdir, key, allow_code_change, rows_file=BATCHES_FILE)
     P, Q = split_records(known_cached(model, tok, records, config, backend, fp), config.n_edits, config.seed)
     with store.writer_lock(rdir):
         _start(rdir, config, key)
@@ -159,6 +163,7 @@ def run_consecutive(model: nn.Module, tok: Any, records: Sequence[dict], config:
         touched = {n for n in saved if not n.startswith(store.EDITOR_STATE_PREFIX)}
         rows = store.truncate_rows(rdir / BATCHES_FILE, done)
         store.truncate_rows(rdir / store.CHECKPOINTS_FILE, ends[done - 1] if done else 0)
+        provenance.stamp(rdir, key, done, allow_code_change)
         edited_ok = [ok for row in rows for ok in [not row["failed"]] * row["n_requests"]]
         bar = tqdm(total=len(ends), initial=done, desc=f"{config.editor} b{config.batch_size} {config.model_name}",
                    unit="batch", leave=False)
@@ -210,13 +215,14 @@ def _start(rdir: Path, config: ConsecutiveConfig, key: str) -> None:
 
 def load(rdir: Path, source: str = "read back") -> store.RunResult:
     """A consecutive run's tables: `steps` one row per batch, `checkpoints` the retention measures."""
-    cfg = store.read_json(rdir / store.CONFIG_FILE, f"delete {rdir} to recompute the run")["config"]
+    record = store.read_json(rdir / store.CONFIG_FILE, f"delete {rdir} to recompute the run")
+    cfg = record["config"]
     final = store.read_final(rdir, FINAL_METRICS, allow_nan=True)
     hparams = {k: v for k, v in cfg["hparams"].items() if k != "__type__"}
     config = ConsecutiveConfig(**{**cfg, "hparams": hparams_from_dict(cfg["editor"], hparams, str(rdir))})
     return store.RunResult(config=config, steps=pd.DataFrame(read_jsonl(rdir / BATCHES_FILE)),
                            checkpoints=pd.DataFrame(read_jsonl(rdir / store.CHECKPOINTS_FILE)), final=final,
-                           run_dir=rdir, source=source)
+                           run_dir=rdir, source=source, code=store.recorded_code(record))
 
 
 # --------------------------------------------------------------------------- a matrix of runs
@@ -259,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=None)
     parser.add_argument("--n-edits", type=int, default=None)
     parser.add_argument("--records", default="toy-world", help="toy-world or the path of a CounterFact JSON")
+    parser.add_argument("--allow-code-change", action="store_true",
+                        help="continue unfinished runs computed with other code (recorded in their config.json)")
     args = parser.parse_args(argv)
     prof = get_profile(args.profile)
     configs = matrix(args.models, args.editors or prof.consecutive_editors,
@@ -270,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     for config in configs:
         started = time.time()
         model, tok = models.load_model(config.model_name)
-        run = run_consecutive(model, tok, records, config)
+        run = run_consecutive(model, tok, records, config, allow_code_change=args.allow_code_change)
         rows.append({"model": config.model_name, "editor": config.editor, "batch": config.batch_size,
                      **{k: 100 * v for k, v in run.final.items()}, "source": run.source,
                      "seconds": round(time.time() - started, 1)})

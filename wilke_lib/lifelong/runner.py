@@ -13,11 +13,13 @@
    ES, PS, NS at checkpoint i are averages over steps 1..i; S = harmonic mean of the five.
 
 The files of a run are described in `lifelong.store`; `run_lifelong` resumes a killed run and reads a
-finished one back.
+finished one back. The module is longer than 420 lines because the protocol, its resume and its guards
+(the code a run was computed with, the weights it starts from) are read best in one place.
 """
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import math
@@ -37,12 +39,12 @@ from wilke_lib import counterfact, editing, generation
 from wilke_lib.arch import ModelAdapter
 from wilke_lib.editors.cache import EditCache
 from wilke_lib.editors.common import EditorState
-from wilke_lib.lifelong import store
+from wilke_lib.lifelong import provenance, store
 from wilke_lib.lifelong.config import (LifelongConfig, checkpoint_steps, records_fingerprint, resolve_hparams, run_dir,
                                        run_identity)
 from wilke_lib.lifelong.toxicity import ToxicityMonitor, is_snapshot_step
 from wilke_lib.metrics import answers_true, evaluate_edit, fraction, score_S
-from wilke_lib.models import context_length, model_key
+from wilke_lib.models import canonical_model_name, check_weights_match, context_length, model_key
 from wilke_lib.results import CorruptFileError, append_jsonl, digest, read_json, runs_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -128,8 +130,9 @@ def known_cached(model: nn.Module, tok: Any, records: Sequence[dict], config: Li
     """`backend.known(...)` on the unedited model, cached as record indices under `<out_dir>/known/`."""
     if not config.filter_known:
         return list(records)
-    key = digest({"model": config.model_name, "model_key": model_key(config.model_name), "records": records_fp})
-    path = Path(config.out_dir) / "known" / f"{Path(config.model_name).name}__{key[:12]}.json"
+    name = canonical_model_name(config.model_name)  # an organism by its path shares its name's cache
+    key = digest({"model": name, "model_key": model_key(name), "records": records_fp})
+    path = Path(config.out_dir) / "known" / f"{Path(name).name}__{key[:12]}.json"
     if path.exists():
         try:
             data = read_json(path, rebuild="filtering again")
@@ -301,8 +304,8 @@ def _finish(st: _RunState) -> dict[str, float]:
 
 
 def run_lifelong(model: nn.Module, tok: Any, records: Sequence[dict], config: LifelongConfig, cache: Any = None, *,
-                 backend: Backend | None = None, on_step: Callable[[int, dict], None] | None = None
-                 ) -> store.RunResult:
+                 backend: Backend | None = None, on_step: Callable[[int, dict], None] | None = None,
+                 allow_code_change: bool = False, copy_model: bool = True) -> store.RunResult:
     """Run (or resume, or read back) the lifelong protocol of Appendix F on the original `model`.
 
     `records`: CounterFact records (filtered for known facts unless `config.filter_known` is False).
@@ -311,6 +314,12 @@ def run_lifelong(model: nn.Module, tok: Any, records: Sequence[dict], config: Li
     `on_step(step, row)`: called after each step's rows are appended, before the state is saved
     (an exception there behaves like a kill at the worst moment; the run resumes from the last
     saved state). Edits that raise `backend.edit_error` are recorded as failed steps.
+
+    The caller's `model` is never edited: the run works on a deep copy (`copy_model=False` hands the model
+    over, as `run_many` does with the fresh model it loaded). A model whose weights differ from the files of
+    `config.model_name` (the model the run is stored under) is refused (`models.WeightsMismatchError`).
+    An unfinished run computed with other code is refused (`provenance.CodeChangedError`) unless
+    `allow_code_change`, which records the continuation in its config.json.
     """
     if isinstance(records, (str, bytes, Path)) or not all(isinstance(r, dict) for r in records):
         raise TypeError(f"run_lifelong: records must be a list of CounterFact records (dicts), got "
@@ -324,6 +333,9 @@ def run_lifelong(model: nn.Module, tok: Any, records: Sequence[dict], config: Li
     if store.finished(rdir, key, measured):
         log.info("lifelong run already finished, reading %s", rdir)
         return store.load_run(rdir)
+    provenance.refuse_code_change(rdir, key, allow_code_change)  # before anything costly
+    check_weights_match(model, config.model_name)
+    model = copy.deepcopy(model) if copy_model else model
     backend = backend or default_backend()
     P, Q = split_records(known_cached(model, tok, records, config, backend, fp), config.n_edits, config.seed)
     place = {id(rec): i for i, rec in enumerate(records)}  # a record's number in the file, for the errors
@@ -343,6 +355,7 @@ def run_lifelong(model: nn.Module, tok: Any, records: Sequence[dict], config: Li
                        params=dict(model.named_parameters()), P=P, Q=Q, key=key, dir=rdir,
                        monitor=ToxicityMonitor(model, layers))
         start = _resume(st)
+        provenance.stamp(rdir, key, start, allow_code_change)
         _loop(st, start, on_step)
         final = _finish(st)
         store.archive_steps(rdir)
@@ -380,9 +393,12 @@ def _loop(st: _RunState, start: int, on_step: Callable[[int, dict], None] | None
 
 def run_many(model_loader: Callable[[str], tuple[nn.Module, Any]], records: Sequence[dict],
              configs: Sequence[LifelongConfig], *, backend: Backend | None = None,
-             cache_factory: Callable[[nn.Module, Any], Any] | None = None) -> list[store.RunResult]:
+             cache_factory: Callable[[nn.Module, Any], Any] | None = None,
+             allow_code_change: bool = False) -> list[store.RunResult]:
     """Run the configs one after another, each on a fresh original model from
-    `model_loader(config.model_name) -> (model, tok)`; finished runs are read back unloaded."""
+    `model_loader(config.model_name) -> (model, tok)` (handed to the run, not copied: the loader must
+    return a new model each call, as `models.load_model` does); finished runs are read back unloaded.
+    `allow_code_change`: see `run_lifelong`."""
     results = []
     fp = records_fingerprint(records)
     refuse_repeats(fp, configs)
@@ -393,7 +409,8 @@ def run_many(model_loader: Callable[[str], tuple[nn.Module, Any]], records: Sequ
             continue
         model, tok = model_loader(config.model_name)
         cache = cache_factory(model, tok) if cache_factory is not None else None
-        results.append(run_lifelong(model, tok, records, config, cache, backend=backend))
+        results.append(run_lifelong(model, tok, records, config, cache, backend=backend,
+                                    allow_code_change=allow_code_change, copy_model=False))
         del model, tok, cache
         gc.collect()
         if torch.cuda.is_available():

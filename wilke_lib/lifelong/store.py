@@ -2,7 +2,8 @@
 
 Under `config.run_dir(...)`:
 
-* `config.json`       the configuration, its identity and its hash key (written at the start);
+* `config.json`       the configuration, its identity and its hash key (written at the start), and under
+  "code" the code the rows were computed with (`provenance`: updated at every start and resume);
 * `steps.jsonl`       one JSON object per step (`runner.step_row`); gzip-compressed to
   `steps.jsonl.gz` when the run finishes, so that finished runs are small enough to commit;
 * `checkpoints.jsonl` one JSON object per checkpoint (`runner.checkpoint_row`);
@@ -42,6 +43,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from wilke_lib import code_version
 from wilke_lib.lifelong.config import (FORMAT_VERSION, LifelongConfig, checkpoint_steps, config_from_dict, config_to_dict,
                                        records_fingerprint, resolve_hparams, run_dir, run_identity)
 from wilke_lib.lifelong.schema import CHECKPOINT_ROW, FINAL_METRICS, STEP_ROW, config_problem, final_problem, row_problem
@@ -85,6 +87,19 @@ class RunResult:
     final: dict[str, float]
     run_dir: Path
     source: str = "read back"
+    code: str | None = None
+
+    @property
+    def code_status(self) -> str:
+        """"current", "differs" or "unknown" (`code_version.code_status`): whether the code fingerprint the run
+        recorded (`code`) is the code running now; "unknown" for runs written before fingerprints existed."""
+        return code_version.code_status(self.code)
+
+    @property
+    def stale(self) -> bool:
+        """True when the run's numbers may not be what the current code computes (its code differs or is
+        unknown); `lifelong.restamp` checks its first steps and records the current code when they agree."""
+        return self.code_status != "current"
 
 
 @contextmanager
@@ -137,7 +152,8 @@ def _config_record(config: LifelongConfig, hparams: Any, identity: dict, key: st
 def repair_config(rdir: Path, config: LifelongConfig, hparams: Any, identity: dict, key: str) -> None:
     """Rewrite this run's config.json when it carries the run's key but cannot be read back
     (`config_problem`, e.g. its "config" lost): the bad file is moved aside as config.json.corrupt and
-    the rows, state and result, which carry the key themselves, are kept. Anything else is left alone."""
+    the rows, state and result, which carry the key themselves, are kept, and so is the record of the code
+    that computed them ("code", `provenance`) when the bad file still holds it. Anything else is left alone."""
     path = rdir / CONFIG_FILE
     try:
         data = read_json(path) if path.is_file() else None
@@ -146,7 +162,8 @@ def repair_config(rdir: Path, config: LifelongConfig, hparams: Any, identity: di
     if not isinstance(data, dict) or data.get("key") != key or not config_problem(data):
         return
     set_aside(path, config_problem(data), "written again from the run's configuration")
-    write_json_atomic(path, _config_record(config, hparams, identity, key))
+    code = {"code": data["code"]} if isinstance(data.get("code"), dict) else {}
+    write_json_atomic(path, _config_record(config, hparams, identity, key) | code)
 
 
 def start_dir(rdir: Path, config: LifelongConfig, hparams: Any, identity: dict, key: str) -> None:
@@ -329,7 +346,15 @@ def load_run(path: str | Path, source: str = "read back") -> RunResult:
                                "writes it again)")
     return RunResult(config=config_from_dict(cfg["config"]), steps=pd.DataFrame(read_steps(rdir)),
                      checkpoints=pd.DataFrame(read_jsonl(rdir / CHECKPOINTS_FILE)), final=read_final(rdir), run_dir=rdir,
-                     source=source)
+                     source=source, code=recorded_code(cfg))
+
+
+def recorded_code(config_record: Any) -> str | None:
+    """The code fingerprint a run's config.json records (its "code" entry), None when it has none (a run
+    written before fingerprints existed, or a config.json written again by `repair_config`)."""
+    code = config_record.get("code") if isinstance(config_record, dict) else None
+    fingerprint = code.get("fingerprint") if isinstance(code, dict) else None
+    return fingerprint if isinstance(fingerprint, str) and fingerprint else None
 
 
 def read_final(rdir: Path, metrics: Sequence[str] = FINAL_METRICS, allow_nan: bool = False) -> dict[str, float]:
