@@ -20,10 +20,10 @@ TORCH_VERSION   ?= 2.13.0
 # pinned torch then comes from the configured indexes / local wheels.
 TORCH_CPU_INDEX ?=
 
-.PHONY: venv lock upgrade-check test book book-only check-site toc organisms organism-report runs ablation-runs consecutive-runs bench bench-success clean distclean help
+.PHONY: venv lock upgrade-check test book book-only check-site toc organisms organism-report ladder-organisms ladder runs ablation-runs consecutive-runs bench bench-success clean distclean help
 
 help:
-	@echo "targets: venv lock upgrade-check test book book-only check-site toc organisms organism-report runs ablation-runs consecutive-runs bench bench-success clean distclean"
+	@echo "targets: venv lock upgrade-check test book book-only check-site toc organisms organism-report ladder-organisms ladder runs ablation-runs consecutive-runs bench bench-success clean distclean"
 	@echo "variables: PROFILE=$(PROFILE) MODELS='$(MODELS)' NB_ARGS='$(NB_ARGS)'"
 
 $(PY):
@@ -104,6 +104,20 @@ organisms: venv
 	@pids=""; for name in toy-gpt2 toy-gptj; do \
 	  $(PY) -m wilke_lib.organisms train --name $$name --threads 1 & pids="$$pids $$!"; \
 	done; status=0; for pid in $$pids; do wait $$pid || status=$$?; done; exit $$status
+
+# The width ladder (wilke_lib/ladder.py): train its GPT-2 rungs side by side, one thread each, resumably
+# (LADDER_WIDTHS="96 192"), then `make ladder` computes each trained rung's ROME (x3 seeds) and FT runs,
+# resumably, and writes organisms/ladder.json with the rule's choice (LADDER_ARGS="--proxies" adds the
+# single-edit proxies).
+LADDER_WIDTHS ?= 96 192 384
+LADDER_ARGS ?=
+ladder-organisms: venv
+	@pids=""; for width in $(LADDER_WIDTHS); do \
+	  OMP_NUM_THREADS=1 $(PY) -m wilke_lib.organisms train --name toy-gpt2-w$$width --threads 1 & pids="$$pids $$!"; \
+	done; status=0; for pid in $$pids; do wait $$pid || status=$$?; done; exit $$status
+
+ladder: venv
+	OMP_NUM_THREADS=1 $(PY) -m wilke_lib.ladder --run $(LADDER_ARGS)
 
 # The paper's lifelong runs (1,024 edits x 3 seeds) that are missing from runs/, one per CPU core,
 # resumable; RUNS_ARGS="--dry-run" lists them, "--executor slurm" sends them to a cluster; "--stale" lists the runs

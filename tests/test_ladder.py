@@ -51,3 +51,17 @@ def test_relaxed_targets_only_relax_the_spread():
     assert not ladder.targets_met({**report, "causal_peak_top_share": 0.9}, relaxed=True)
     assert not ladder.targets_met({**report, "known_rate": 0.5}, relaxed=True)
     assert math.isclose(ladder.TARGET_STEP, 64)
+
+
+def test_power_law_recovers_a_slope_and_tests_slope_one():
+    widths = [48, 48, 96, 96, 192, 192, 384]
+    exact = ladder.power_law(widths, [0.1 * w for w in widths])
+    assert abs(exact["slope"] - 1) < 1e-9 and exact["slope_1_inside"]
+    noisy = ladder.power_law(widths, [w ** 2 * f for w, f in zip(widths, (1.1, 0.9, 1.2, 0.8, 1.0, 1.05, 0.95))])
+    assert 1.8 < noisy["slope"] < 2.2 and noisy["ci_low"] < noisy["slope"] < noisy["ci_high"]
+    assert noisy["slope_1_inside"] is False
+    assert math.isnan(ladder.power_law([48, 48, 48], [4, 8, 8])["slope"])
+    table = {"rungs": [rung(48, [8, 8, 4]), rung(96, [16, 0, 9]), untrained(192)]}
+    points = ladder.collapse_points(table)
+    assert [(p["d_mlp"], p["seed"], p["collapse step"]) for p in points] == [
+        (48, 9, 8), (48, 10, 8), (48, 11, 4), (96, 9, 16), (96, 11, 9)]

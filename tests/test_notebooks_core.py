@@ -11,7 +11,7 @@ import pytest
 from wilke_lib.models import ORGANISMS_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ["01_world_and_organism", "02_editors", "03_lifelong", "04_ablation"]
+NOTEBOOKS = ["01_world_and_organism", "02_editors", "03_lifelong", "04_ablation", "13_collapse_point"]
 
 pytestmark = pytest.mark.skipif(not (ORGANISMS_DIR / "toy-gpt2" / "model.safetensors").is_file(),
                                 reason="organism toy-gpt2 not built (run `make organisms`)")
@@ -40,8 +40,10 @@ def test_notebook_executes_with_quick_profile(name, tmp_path, monkeypatch):
     assert not errors
     if name == "03_lifelong":
         recorded = json.loads((tmp_path / "results" / "toy-gpt2" / "claims" / "03_lifelong.json").read_text())["claims"]
-        assert recorded["editors_fail_lifelong"]["note"] == "after 4 edits, 1 seed"
+        assert recorded["editors_fail_lifelong"]["n"] == "4 edits x 1 seed (9), the finished 4-edit runs"
         assert recorded["layer_per_fact"]["label"].endswith("layer-choices-scale")
+        for cell in recorded.values():  # every verdict says what it rests on; "not testable" says why
+            assert cell["n"] and (cell["verdict"] != "not testable here" or cell["precondition"])
 
 
 def test_consecutive_chapter_reads_the_runs_on_disk(tmp_path, monkeypatch):

@@ -243,6 +243,37 @@ def ladder_table(names: Sequence[str] | None = None, compute_proxies: bool = Fal
             "rungs": rows, **decision}
 
 
+PAPER_WIDTHS = {"gpt2-xl": 6400, "gpt-j-6b": 16384}
+"""The MLP widths of the paper's models, to set beside the ladder on the same axes."""
+
+
+def collapse_points(table: dict[str, Any]) -> list[dict[str, Any]]:
+    """One point per rung and seed whose ROME run collapsed: width and collapse step (ladder.json's rows)."""
+    return [{"name": row["name"], "d_mlp": row["d_mlp"], "seed": seed, "collapse step": step}
+            for row in table["rungs"] if row.get("trained")
+            for seed, step, collapsed in zip(SEEDS, row.get("rome_collapse_steps", []), row.get("rome_collapsed", []))
+            if collapsed]
+
+
+def power_law(widths: Sequence[float], steps: Sequence[float]) -> dict[str, float]:
+    """Least squares of log(step) on log(width): the slope (collapse step ~ width^slope), its 95% t-interval,
+    and whether slope 1 (lifespan proportional to width) lies inside it. NaN with fewer than three points
+    or a single width."""
+    from wilke_lib.metrics import t_quantile_975
+
+    x, y = [math.log(w) for w in widths], [math.log(s) for s in steps]
+    n = len(x)
+    if n < 3 or len(set(x)) < 2:
+        return {"slope": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": n, "slope_1_inside": None}
+    mx, my = statistics.fmean(x), statistics.fmean(y)
+    sxx = sum((a - mx) ** 2 for a in x)
+    slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx
+    residual = sum((b - my - slope * (a - mx)) ** 2 for a, b in zip(x, y)) / (n - 2)
+    half = t_quantile_975(n - 2) * math.sqrt(residual / sxx)
+    return {"slope": slope, "intercept": my - slope * mx, "ci_low": slope - half, "ci_high": slope + half, "n": n,
+            "slope_1_inside": slope - half <= 1.0 <= slope + half}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--names", nargs="+", default=None, help="rungs (default: every GPT-2 rung)")

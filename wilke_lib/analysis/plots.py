@@ -340,7 +340,8 @@ def lifelong_metrics_figure(df: pd.DataFrame, *, metrics: Sequence[str] = METRIC
 
 @_styled
 def beside_paper_figure(ours: pd.DataFrame, paper: pd.DataFrame, *, model_name: str, paper_model: str,
-                        editors: Sequence[str] = ("ROME", "MEMIT", "WilKE"), metric: str = "S") -> Figure:
+                        editors: Sequence[str] = ("ROME", "MEMIT", "WilKE", "WilKE (Eq. 10)"),
+                        metric: str = "S") -> Figure:
     """Fig. 43 side by side: `metric` (in %) over the editing steps for each editor, the paper's model
     (its authors' mean curve, `paper`) on the left and this model (mean over its seeds, range shaded,
     `ours`) on the right, on the same axes; a dotted line at step 64, where ROME collapses on both
@@ -353,8 +354,11 @@ def beside_paper_figure(ours: pd.DataFrame, paper: pd.DataFrame, *, model_name: 
         ax.axvline(64, color="0.6", ls=":", lw=0.9)
         ax.set(xlabel="editing step", ylabel=f"{metric} (%)", title=title, ylim=(0, 100))
         _log2_steps(ax)
-    handles, labels = axes[1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4))
+    legend = {}
+    for ax in axes:  # every editor drawn in either panel, once
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncols=min(len(legend), 4))
     return fig
 
 
@@ -370,8 +374,31 @@ def score_norm_figure(df: pd.DataFrame) -> Figure:
                             norm=mpl.colors.LogNorm(vmin=1, vmax=max(2, int(df["step"].max()))))
         ax.set(xscale="log", yscale="log", xlabel="||W_proj|| of the edited layer", ylabel="its layer score",
                title=editor)
+        ax.xaxis.set_minor_formatter(mpl.ticker.NullFormatter())  # minor labels collide on a short log range
     if editors:
         fig.colorbar(points, ax=axes, label="editing step", shrink=0.85)
+    return fig
+
+
+@_styled
+def ladder_figure(points: pd.DataFrame, fit: Mapping[str, float], paper_widths: Mapping[str, int],
+                  target: int = 64) -> Figure:
+    """Collapse step against MLP width on log-log axes: one point per rung and seed (`points`: d_mlp,
+    collapse step), the fitted power law when there is one, and the paper's models at their widths with
+    ROME's collapse there (`target`)."""
+    fig, axes = _grid(1, 1, (5.2, 3.6))
+    ax = axes[0]
+    if len(points):
+        ax.plot(points["d_mlp"], points["collapse step"], "o", color="C0", alpha=0.7, label="organisms (one per seed)")
+    if math.isfinite(fit.get("slope", math.nan)):
+        xs = np.geomspace(min(points["d_mlp"]), max(paper_widths.values()), 50)
+        ax.plot(xs, np.exp(fit["intercept"]) * xs ** fit["slope"], "-", color="C0", lw=1,
+                label=f"fit: slope {fit['slope']:.2f} [{fit['ci_low']:.2f}, {fit['ci_high']:.2f}]")
+    for i, (name, width) in enumerate(paper_widths.items()):
+        ax.plot([width], [target], "s", color=f"C{i + 1}", label=f"{name} (authors' curves)")
+    ax.axhline(target, color="0.6", ls=":", lw=0.9)
+    ax.set(xscale="log", yscale="log", xlabel="MLP width d_mlp", ylabel="ROME's collapse step")
+    ax.legend(fontsize="small")
     return fig
 
 
