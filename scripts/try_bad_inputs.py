@@ -435,6 +435,21 @@ def _(fx: Fixtures, tmp: Path) -> None:
     load_counterfact(tmp / "records.json")
 
 
+DEEP = "[" * 100_000 + "]" * 100_000
+"""JSON nested 100,000 deep: json's parser raises RecursionError after about 1,000 levels."""
+add("records file", "JSON nested 100,000 deep", _load_and_run(DEEP), "records.json", "nested too deeply")
+
+
+@case("records file", "a named pipe (FIFO) as the records file", "records.json", "not a regular file", "JSON file")
+def _(fx: Fixtures, tmp: Path) -> None:
+    os.mkfifo(tmp / "records.json")  # nobody writes to it: a loader that opened it would wait for ever
+    load_counterfact(tmp / "records.json")
+
+
+add("records file", "a character device (/dev/null, like /dev/stdin on a terminal) as the records file",
+    lambda fx, tmp: load_counterfact("/dev/null"), "/dev/null", "not a regular file", "JSON file")
+
+
 # ---------------------------------------------------------------------------------------- records vs. the model
 MODEL_LEVEL: list[tuple[str, Callable[[dict], Any], str]] = [
     ("prompt longer than the context", _rw(prompt=f"The {LONG} mother tongue of {{}} is"), f"{RW}.prompt"),
@@ -750,6 +765,19 @@ def _(fx: Fixtures, tmp: Path) -> str:
     return f"-> {path.relative_to(base.resolve())}"
 
 
+@case("model names", "a model folder with a 240-character name (run with the known-records filter)", expect="sanitise")
+def _(fx: Fixtures, tmp: Path) -> str:
+    folder = tmp / ("m" * 240)
+    fx.model().save_pretrained(folder)
+    fx.tok.save_pretrained(folder)
+    config = fx.run_config(tmp / "runs", model_name=str(folder), filter_known=True)
+    result = run_lifelong(fx.model(), fx.tok, fx.records, config, backend=fake_backend())
+    names = [p.name for p in tmp.rglob("*") if p != folder]
+    longest = max(names, key=lambda n: len(n.encode()))
+    return f"ran; run folder {result.run_dir.name[:24]}… ({len(result.run_dir.name)} bytes), longest file name " \
+           f"{len(longest.encode())} bytes (`bounded_name`: a prefix and a hash)"
+
+
 # ---------------------------------------------------------------------------------------- cache and state files
 STATS_FILE = "layer1_n40.safetensors"
 
@@ -907,6 +935,16 @@ add("cache and state files", "steps.jsonl.gz truncated (finished run)", _finishe
 add("cache and state files", "config.json garbage (finished run)", _finished(_garbage("config.json")), "config.json",
     "delete")
 
+add("cache and state files", "result.json nested 100,000 deep (finished run)",
+    _finished(lambda fx, tmp, rdir: (rdir / "result.json").write_text(DEEP)), "result.json", "nested too deeply",
+    expect="recover")
+add("cache and state files", "config.json nested 100,000 deep (unfinished run)",
+    _resumed(lambda fx, tmp, rdir: (rdir / "config.json").write_text(DEEP)), "config.json", "nested too deeply",
+    expect="recover")
+add("cache and state files", "steps.jsonl with a row nested 100,000 deep",
+    _resumed(lambda fx, tmp, rdir: (rdir / "steps.jsonl").open("a").write(DEEP + "\n")), "steps.jsonl",
+    expect="recover")
+
 
 def _known_case(content: str):
     """The known-record cache of a run's records, damaged, then a run of another seed that reads it."""
@@ -921,6 +959,11 @@ def _known_case(content: str):
 add("cache and state files", "known-records cache garbage", _known_case("{\"indices\": [0, 1"), "known", expect="recover")
 add("cache and state files", "known-records cache without its list", _known_case('{"indices": 5}'), "known",
     expect="recover")
+add("cache and state files", "known-records cache empty (0 bytes)", _known_case(""), "known", expect="recover")
+add("cache and state files", "known-records cache with an empty list", _known_case('{"indices": []}'), "known",
+    "filtering again", expect="recover")
+add("cache and state files", "known-records cache of fewer records", _known_case('{"indices": [0], "n_records": 3}'),
+    "known", "other records", expect="recover")
 
 
 @case("cache and state files", "cached analysis table garbage", "table.json", expect="recover")
@@ -1162,9 +1205,22 @@ Code, weights and names (issue 34, items 2, 3, 5 and 9), tested in `tests/test_r
 | a model with LEMoE experts | `models.model_identity` gains `-experts-<hash>` and `models.weights_digest` includes the experts: two models with different experts never share an identity |
 | the installed package versions | `requirements.lock` pins every package; `make venv` and environment.yml install from it, `make upgrade-check` tries the newest in `.venv-latest`, and each page's provenance names the lock file's sha256 |
 
-Not handled in this round (issue 34): deeply nested JSON, 240-character model folder names, `/dev/stdin` as
-the records file and an empty known-records cache; a local model folder other than an organism is still
-identified by its spelling (a relative and an absolute path are two runs).
+Files that are not what they look like (issue 34, the last clear-error cases), tested in `tests/test_odd_files.py`
+and in the table above:
+
+| case | answer now |
+|---|---|
+| a records file of JSON nested 100,000 deep (`[[[[...]]]]`, or objects) | RecordError naming the file: nested too deeply to be a records file (was a raw RecursionError) |
+| a run's result.json nested too deeply | moved aside as `result.json.corrupt` with a warning naming it, and the run finished again (same numbers); `read_progress` reads the run as unfinished |
+| a run's config.json nested too deeply | a warning naming it, and the run starts again (lifelong and consecutive runs) |
+| a steps / checkpoints row nested too deeply | dropped with a warning naming the file and line; the run goes on from its last good state |
+| a steps.jsonl.gz line nested too deeply (or not JSON) | CorruptFileError naming the archive and how to recompute |
+| a model folder with a 240-character name | runs: the model's part of each run folder, known-records cache, weights-digest cache and statistics folder name is kept when it has at most 120 bytes (every name in use: no folder moves, no run identity changes) and otherwise shortened to a prefix and 12 hex digits of its sha256 (`results.bounded_name`) |
+| `/dev/stdin`, a FIFO, a device or a folder as the records file | RecordError naming the path and what it is ("a pipe (FIFO)", "a character device", "a folder"): not a regular file, give the path of a JSON file; nothing is opened (a pipe could block) |
+| a known-records cache that is empty (0 bytes), lists no record, or was written for another number of records or other records | a warning naming the file, and the records filtered again (was "only 0 known records") |
+
+Still open: a local model folder other than an organism is identified by its spelling (a relative and an absolute
+path are two runs).
 """
 """Hand-written: the cases of issue 34, tested in tests/test_validation.py and tests/test_run_identity.py rather
 than in this catalogue."""

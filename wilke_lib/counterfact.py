@@ -10,6 +10,7 @@ Malformed input fails early with a `RecordError` that says where and what.
 from __future__ import annotations
 
 import json
+import stat
 import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -228,6 +229,27 @@ def _refuse_duplicate_keys(records: Any, found: list[tuple[dict, str, Any, Any]]
     raise RecordError(f"in {source}: the key {key!r} {problem}")
 
 
+def _what_is(path: Path) -> str:
+    """What a path that exists but is not a regular file is, in words, for `_refuse_non_file`."""
+    mode = path.stat().st_mode
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "neither a file nor a folder")
+
+
+def _refuse_non_file(path: Path) -> None:
+    """FileNotFoundError for a path that does not exist, RecordError saying what it is for one that is not a
+    regular file (`/dev/stdin`, a FIFO, a folder): such a path exists, so "not found" would mislead, and a
+    pipe cannot be read twice or fingerprinted as the run's records, so it is refused rather than read
+    (reading it could also block for ever on a pipe nobody writes to)."""
+    if path.is_file():
+        return
+    if not path.exists():
+        raise FileNotFoundError(f"CounterFact file not found: {path} (or pass {TOY_WORLD!r} for the synthetic world)")
+    raise RecordError(f"CounterFact records: {path} is {_what_is(path)}, not a regular file: give the path of a "
+                      f"JSON file (save piped records to a file first), or {TOY_WORLD!r} for the synthetic world")
+
+
 def load_counterfact(source: str | Path) -> list[dict]:
     """Load and validate CounterFact records.
 
@@ -237,8 +259,7 @@ def load_counterfact(source: str | Path) -> list[dict]:
     if str(source) == TOY_WORLD:
         return validate_records(counterfact_records(), TOY_WORLD)
     path = Path(source).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"CounterFact file not found: {path} (or pass {TOY_WORLD!r} for the synthetic world)")
+    _refuse_non_file(path)
     data = path.read_bytes()
     duplicates: list[tuple[dict, str, Any, Any]] = []
     try:
@@ -249,6 +270,9 @@ def load_counterfact(source: str | Path) -> list[dict]:
                           f"files are UTF-8 JSON: convert it, e.g. `iconv -f {encoding} -t utf-8`") from err
     except json.JSONDecodeError as err:
         raise RecordError(f"{path}: not valid JSON ({err})") from err
+    except RecursionError as err:  # json's parser gives up after about 1,000 levels, with a raw RecursionError
+        raise RecordError(f"{path}: JSON nested too deeply to be a records file (a CounterFact file is a list of "
+                          f"records nested a few levels; this one goes past Python's limit of about 1,000)") from err
     _refuse_duplicate_keys(records, duplicates, str(path))
     return validate_records(records, str(path))
 

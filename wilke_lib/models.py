@@ -22,7 +22,8 @@ from huggingface_hub import try_to_load_from_cache
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from wilke_lib.results import REPO_ROOT, CorruptFileError, cache_dir, model_slug, read_json, write_json_atomic
+from wilke_lib.results import (REPO_ROOT, CorruptFileError, bounded_name, cache_dir, model_slug, read_json,
+                               write_json_atomic)
 
 ORGANISMS: tuple[str, ...] = ("toy-gpt2", "toy-gptj")
 ORGANISMS_DIR: Path = REPO_ROOT / "organisms"
@@ -274,7 +275,7 @@ def files_weights_digest(name: str | Path, dtype: torch.dtype) -> str | None:
     memo = (model_key(name), str(dtype).removeprefix("torch."))
     if memo in _FILE_DIGESTS:
         return _FILE_DIGESTS[memo]
-    cached = cache_dir("weights", f"{memo[0]}__{memo[1]}.json")
+    cached = cache_dir("weights", f"{bounded_name(memo[0])}__{memo[1]}.json")  # a long name: ENAMETOOLONG
     try:
         digest = read_json(cached).get("weights_digest") if cached.is_file() else None
     except (CorruptFileError, AttributeError):

@@ -7,6 +7,8 @@
   `<repo>/.cache` (`WILKE_CACHE_DIR`).
 * `model_slug(name)`: a folder name that cannot escape its parent (`EleutherAI/gpt-j-6b` -> `gpt-j-6b`,
   `..` -> an error).
+* `bounded_name(name)`: a model's part of a file or folder name, kept under the file system's 255 bytes
+  (a long name becomes its first characters and a hash of the whole; short names unchanged).
 * `cache_key(...)`: 16 hex digits of the canonical JSON of what a result depends on.
 * Writes are atomic (a temporary file renamed over the target): a run killed mid-write leaves the old
   file or the new one, never half of one. Loaders never execute code from a file: JSON, JSON lines
@@ -54,6 +56,22 @@ def model_slug(model_name: str) -> str:
     if slug in ("", ".", ".."):
         raise ValueError(f"model name {model_name!r} gives no usable folder name")
     return slug
+
+
+NAME_LIMIT = 120
+"""Bytes of a model's part of a cache file or run folder name; longer names are shortened by `bounded_name`."""
+
+
+def bounded_name(name: str, limit: int = NAME_LIMIT) -> str:
+    """`name` unchanged when it has at most `limit` bytes (every name in use, so that no existing cache file or
+    run folder moves), else its first bytes, "~" and 12 hex digits of its sha256. A file name may have at most
+    255 bytes: a 240-character model folder name plus "__<editor>__n<n>__seed<seed>__<hash>" or ".tmp<pid>"
+    would fail with ENAMETOOLONG. The hash keeps two long names that share their start apart."""
+    data = name.encode("utf-8", errors="surrogatepass")
+    if len(data) <= limit:
+        return name
+    head = data[: limit - 13].decode("utf-8", errors="ignore")
+    return f"{head}~{hashlib.sha256(data).hexdigest()[:12]}"
 
 
 def results_dir(model_name: str, *parts: str, create: bool = True) -> Path:
@@ -128,6 +146,14 @@ def read_json(path: Path, rebuild: str = "delete it to recompute") -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CorruptFileError(f"{path} is not readable JSON ({err}); {rebuild}") from err
+    except RecursionError as err:
+        raise CorruptFileError(f"{path} {TOO_DEEP}; {rebuild}") from err
+
+
+TOO_DEEP = ("is JSON nested too deeply to be a run, cache or result file (Python's parser gives up after about "
+            "1,000 levels of [ or {; the library's files nest a few)")
+"""Why `read_json` refuses a file like `[[[[...]]]]` 100,000 deep (json raises RecursionError, which would
+otherwise pass up raw, and a run folder holding one would fail on every call instead of being recomputed)."""
 
 
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
@@ -153,8 +179,8 @@ def read_jsonl_numbered(path: Path) -> list[tuple[int, Any]]:
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         try:
             rows.append((number, json.loads(line)))
-        except json.JSONDecodeError:
-            log.warning("dropping unreadable line in %s", path)
+        except (json.JSONDecodeError, RecursionError):  # a line nested too deeply is no row either
+            log.warning("dropping unreadable line %d in %s", number, path)
     return rows
 
 

@@ -32,7 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 from wilke_lib.arch import ModelAdapter, hooks
 from wilke_lib.models import context_length, model_identity
-from wilke_lib.results import cache_dir
+from wilke_lib.results import bounded_name, cache_dir
 from wilke_lib.tokens import pad_id_of, right_pad
 from wilke_lib.organisms.world import load_corpus
 
@@ -73,7 +73,8 @@ def stats_path(model_key: str, corpus: str, layer: int, n_samples: int,
                cache_dir: str | Path | None = None) -> Path:
     """Where the statistics of (model, corpus, layer, n_samples) are cached."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return root / _sanitize(model_key) / corpus_key(corpus) / f"layer{layer}_n{n_samples}.safetensors"
+    folder = root / bounded_name(_sanitize(model_key)) / bounded_name(corpus_key(corpus))  # long names: ENAMETOOLONG
+    return folder / f"layer{layer}_n{n_samples}.safetensors"
 
 
 def default_cache_dir() -> Path:

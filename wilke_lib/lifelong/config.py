@@ -20,7 +20,7 @@ from typing import Any
 
 from wilke_lib.hparams import editor_of, load_hparams
 from wilke_lib.models import canonical_model_name, model_key
-from wilke_lib.results import digest, plain
+from wilke_lib.results import bounded_name, digest, plain
 
 FORMAT_VERSION = 2
 MAX_SEED = 2**63 - 1
@@ -155,7 +155,8 @@ def slug(text: str) -> str:
 def run_dir(base: str | Path, config: LifelongConfig, records: Sequence[dict] | str, hparams: Any = None) -> Path:
     """Directory of the run: `<base>/<model>__<editor>__n<n>__seed<seed>__<hash of identity>`."""
     key = digest(run_identity(config, records, hparams))
-    name = f"{slug(Path(config.model_name).name)}__{slug(config.editor)}__n{config.n_edits}__seed{config.seed}__{key[:12]}"
+    model = bounded_name(slug(Path(config.model_name).name))  # a long folder name would pass 255 bytes
+    name = f"{model}__{slug(config.editor)}__n{config.n_edits}__seed{config.seed}__{key[:12]}"
     return Path(base) / name
 
 

@@ -203,9 +203,22 @@ def _checkpoint(backend: Backend, model: nn.Module, tok: Any, edited: list[dict]
     return row
 
 
+def _holds_key(path: Path, key: str) -> bool:
+    """Whether config.json is this run's; an unreadable one (garbage, or JSON nested too deeply) is named in a
+    warning and counts as another run's, so that the folder starts again instead of failing on every call."""
+    if not path.exists():
+        return False
+    try:
+        data = store.read_json(path, rebuild="starting the run again")
+    except store.CorruptFileError as err:
+        log.warning("%s", err)
+        return False
+    return isinstance(data, dict) and data.get("key") == key
+
+
 def _start(rdir: Path, config: ConsecutiveConfig, key: str) -> None:
     path = rdir / store.CONFIG_FILE
-    if path.exists() and store.read_json(path, rebuild="starting the run again").get("key") == key:
+    if _holds_key(path, key):
         return
     for stale in (BATCHES_FILE, store.CHECKPOINTS_FILE, store.STATE_FILE, store.RESULT_FILE):
         (rdir / stale).unlink(missing_ok=True)

@@ -45,7 +45,8 @@ from wilke_lib.lifelong.config import (LifelongConfig, checkpoint_steps, records
 from wilke_lib.lifelong.toxicity import ToxicityMonitor, is_snapshot_step
 from wilke_lib.metrics import answers_true, evaluate_edit, fraction, score_S
 from wilke_lib.models import canonical_model_name, check_weights_match, context_length, model_key
-from wilke_lib.results import CorruptFileError, append_jsonl, digest, read_json, runs_dir, write_json_atomic
+from wilke_lib.results import (CorruptFileError, append_jsonl, bounded_name, digest, read_json, runs_dir,
+                               write_json_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,37 @@ def split_records(known: Sequence[dict], n_edits: int, seed: int) -> tuple[list[
     return pool[:n_edits], pool[n_edits:2 * n_edits]
 
 
+def _cached_known(path: Path, records: Sequence[dict], records_fp: str) -> list[dict] | None:
+    """The known records a cache file lists, or None (filter again) when it is missing, unreadable, lists no
+    record at all, or was written for other records. An empty list is not believed: a file emptied or cut
+    short would otherwise make every run of the model say "only 0 known records" (a model that truly knows
+    nothing is filtered again, which costs one pass and gives the same answer)."""
+    if not path.exists():
+        return None
+    try:
+        data = read_json(path, rebuild="filtering again")
+    except CorruptFileError as err:
+        log.warning("%s", err)
+        return None
+    problem = _known_problem(data, records, records_fp)
+    if problem:
+        log.warning("%s %s: filtering again", path, problem)
+        return None
+    return [records[i] for i in data["indices"]]
+
+
+def _known_problem(data: Any, records: Sequence[dict], records_fp: str) -> str:
+    """Why a known-records cache's content cannot be used ("" when it can)."""
+    indices = data.get("indices") if isinstance(data, dict) else None
+    if not isinstance(indices, list) or not all(isinstance(i, int) and 0 <= i < len(records) for i in indices):
+        return "does not list known records"
+    if not indices:
+        return "lists no known record (an empty cache is not trusted)"
+    if data.get("n_records", len(records)) != len(records) or data.get("records_fingerprint", records_fp) != records_fp:
+        return "was written for other records"
+    return ""
+
+
 def known_cached(model: nn.Module, tok: Any, records: Sequence[dict], config: LifelongConfig, backend: Backend,
                  records_fp: str) -> list[dict]:
     """`backend.known(...)` on the unedited model, cached as record indices under `<out_dir>/known/`."""
@@ -132,17 +164,10 @@ def known_cached(model: nn.Module, tok: Any, records: Sequence[dict], config: Li
         return list(records)
     name = canonical_model_name(config.model_name)  # an organism by its path shares its name's cache
     key = digest({"model": name, "model_key": model_key(name), "records": records_fp})
-    path = Path(config.out_dir) / "known" / f"{Path(name).name}__{key[:12]}.json"
-    if path.exists():
-        try:
-            data = read_json(path, rebuild="filtering again")
-        except CorruptFileError as err:
-            log.warning("%s", err)
-            data = None
-        indices = data.get("indices") if isinstance(data, dict) else None
-        if isinstance(indices, list) and all(isinstance(i, int) and 0 <= i < len(records) for i in indices):
-            return [records[i] for i in indices]
-        log.warning("%s does not list known records: filtering again", path)
+    path = Path(config.out_dir) / "known" / f"{bounded_name(Path(name).name)}__{key[:12]}.json"
+    cached = _cached_known(path, records, records_fp)
+    if cached is not None:
+        return cached
     log.info("filtering %d records for facts %s knows", len(records), config.model_name)
     known = {id(r) for r in backend.known(model, tok, list(records), batch_size=config.eval_batch_size)}
     indices = [i for i, rec in enumerate(records) if id(rec) in known]

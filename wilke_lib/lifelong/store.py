@@ -129,7 +129,7 @@ def finished(rdir: Path, key: str, checkpoints: list[int] | None = None, metrics
     try:
         result = read_json(path, rebuild="the run will be recomputed")
     except CorruptFileError as err:
-        log.warning("%s", err)
+        set_aside(path, f"cannot be read ({err})", "the run is finished again from its last good state")
         return False
     if not isinstance(result, dict) or result.get("key") != key:
         return False
@@ -328,9 +328,10 @@ def read_steps(rdir: Path) -> list[dict[str, Any]]:
     if archive.exists() and not (rdir / STEPS_FILE).exists():
         try:
             text = gzip.decompress(archive.read_bytes()).decode("utf-8")
-        except (OSError, EOFError, UnicodeDecodeError) as err:
-            raise CorruptFileError(f"{archive} is not readable ({err}); delete {rdir} to recompute the run") from err
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            why = "a line is nested too deeply" if isinstance(err, RecursionError) else err
+            raise CorruptFileError(f"{archive} is not readable ({why}); delete {rdir} to recompute the run") from err
     return read_jsonl(rdir / STEPS_FILE)
 
 
