@@ -92,9 +92,14 @@ def glance_markdown(book_dir: Path, models: list[str]) -> tuple[str, list[dict]]
     """The page (MyST Markdown) and its rows as flat records (for the CSV)."""
     rows = claims_lib.glance_rows(book_dir, models)
     paper_names = " / ".join(dict.fromkeys(PAPER_MODELS.get(m, m) for m in models)) or "GPT2-XL / GPT-J"
+    tally = {m: Counter(r["cells"][m]["verdict"] for r in rows) for m in models}
+    order = list(claims_lib.VERDICTS) + [claims_lib.NOT_RUN]
     out = [
         "# Results at a glance",
         "",
+        *([f"**{len(rows)} claims of the paper, tested on each organism:** " + "; ".join(
+            f"`{m}`: " + ", ".join(f"{tally[m][v]} {v}" for v in order if tally[m][v]) for m in models) + ".", ""]
+          if models else []),
         "Each row is a claim of the paper {cite}`hu2024wilke`, in its own words, with the section and the",
         "figure or table where the paper shows it. Each model's cell holds the verdict that the chapter",
         "testing the claim computed on that model, the number behind the verdict and a link to the figure",

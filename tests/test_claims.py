@@ -153,7 +153,7 @@ def flash_analysis(scored: pd.DataFrame) -> flash.FlashAnalysis:
 
 
 def test_toxicity_flash_needs_a_working_model_and_a_successful_edit():
-    n = 64
+    n = 128
     norms = [10 + 0.01 * i for i in range(n)]
     spike = norms[:40] + [norms[40] + 5] + [x + 5 for x in norms[41:]]
     working = [1.0] * n
@@ -166,7 +166,10 @@ def test_toxicity_flash_needs_a_working_model_and_a_successful_edit():
     # a model that collapsed at step 4: every rollback fails, nothing can be singled out
     collapsed = [1.0] * 3 + [0.0] * (n - 3)
     out = claims.toxicity_flash(flash_analysis(scored_run(working, collapsed, spike)))
-    assert out.verdict == "not testable here" and "at least 32 steps" in out.precondition
+    assert out.verdict == "not testable here" and "at least 94 steps" in out.precondition
+    # a model that works for 38 steps: at the paper's rate no flash is expected there, so none says nothing
+    short = [1.0] * 40 + [0.0] * (n - 40)
+    assert claims.toxicity_flash(flash_analysis(scored_run(working, short, spike))).verdict == "not testable here"
 
 
 def test_memit_outcomes_and_outcome_validation():

@@ -386,15 +386,21 @@ def ablation(s: Mapping[str, float], score: str = "eq10", layer_choices: pd.Data
     return Outcome(verdict_from_flags(flags), text, pre, n)
 
 
-def toxicity_flash(analysis, min_working_steps: int = 32) -> Outcome:
+PAPER_FLASH_RATE = 11 / 1024
+"""Flash records per edit in the paper (11 among GPT2-XL's 1,024 edits; 9 on GPT-J)."""
+
+
+def toxicity_flash(analysis, min_working_steps: int = math.ceil(1 / PAPER_FLASH_RATE)) -> Outcome:
     """Sec. 4.1, App. B: ROME's lifelong run has flash records by App. B's definition
     (`analysis.flash.app_b_flash`: the edit succeeded, its rollback failed, the norm jumped, and the model
     still worked in the window before). `analysis`: chapter 5's `flash.FlashAnalysis`. Precondition: the
-    model still works before at least `min_working_steps` steps (a collapsed model fails every rollback,
-    so a failed rollback there singles nothing out)."""
+    model still works before at least `min_working_steps` steps, enough for one flash at the paper's rate
+    (a collapsed model fails every rollback, so a failed rollback there singles nothing out, and over fewer
+    working steps finding none says nothing)."""
     steps = len(analysis.scored)
     n = f"{steps:,} edits x 1 seed, chapter 5's ROME run at layer {analysis.layer}"
-    pre = f"the model still works before at least {min_working_steps} steps: {analysis.working_steps:,}"
+    pre = (f"the model still works before at least {min_working_steps} steps (one flash at the paper's rate, 11 in "
+           f"1,024): {analysis.working_steps:,}")
     number = analysis.app_b_summary()
     if analysis.working_steps < min_working_steps:
         return Outcome("not testable here", number, pre, n)

@@ -376,6 +376,7 @@ def table(grouped: dict[str, list[lifelong.RunResult]], model_name: str) -> pd.D
 def run_sources(grouped: dict[str, list[lifelong.RunResult]]) -> pd.DataFrame:
     """Which runs this page read back from `runs/` and which it computed, with their folders."""
     rows = [{"editor": label, "seed": run.config.seed, "edits": run.config.n_edits, "source": run.source,
+             "code": getattr(run, "code_status", "unknown"),
              "run": str(run.run_dir.relative_to(run.run_dir.parents[1]))}
             for label, runs in grouped.items() for run in runs]
     return pd.DataFrame(rows)
