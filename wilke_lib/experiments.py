@@ -350,12 +350,16 @@ def layer_controls(layers: list[int]) -> list[EditorVariant]:
     return [EditorVariant(f"ROME @ layer {l}", "rome", {"layer": int(l)}) for l in layers]
 
 
-def top_layers(grouped: dict[str, list[lifelong.RunResult]], label: str = "WilKE", k: int = 2) -> list[int]:
-    """The `k` layers `label`'s runs (finished or not) edited most."""
-    if label not in grouped:
-        return []
-    counts = layer_choices({label: grouped[label]}).loc[label]
-    return [int(l) for l in counts[counts > 0].sort_values(ascending=False).index[:k]]
+def top_layers(grouped: dict[str, list[lifelong.RunResult]], labels: tuple[str, ...] = ("WilKE", "WilKE (Eq. 10)"),
+               k: int = 2) -> list[int]:
+    """The `k` layers each of `labels`' runs (finished or not) edited most, together (ROME fixed at each is the
+    control of both of WilKE's layer rules; ROME at its own layer is the ROME run itself)."""
+    layers: list[int] = []
+    for label in labels:
+        if label in grouped:
+            counts = layer_choices({label: grouped[label]}).loc[label]
+            layers += [int(l) for l in counts[counts > 0].sort_values(ascending=False).index[:k]]
+    return sorted(set(layers))
 
 
 def layer_control_progress(model_name: str, records: list[dict], profile: Profile, layers: list[int]

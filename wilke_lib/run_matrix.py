@@ -90,13 +90,13 @@ def ablation_matrix(model_names: Sequence[str], profile_name: str = "paper", rec
 
 def layer_control_matrix(model_names: Sequence[str], profile_name: str = "paper", records: str = "toy-world",
                          k: int = 2) -> list[RunSpec]:
-    """ROME fixed at each of the `k` layers WilKE's runs of the profile chose most (as far as they have got),
+    """ROME fixed at each of the `k` layers WilKE's runs of the profile (either rule) chose most (as far as they have got),
     with every seed of the profile: the control of `claims.layer_per_fact` (chapter 3 reads them back)."""
     profile = get_profile(profile_name)
     facts = counterfact.load_counterfact(records)
     specs = []
     for m in model_names:
-        wilke_runs, _ = experiments.matrix_progress(m, facts, profile, ("wilke",))
+        wilke_runs, _ = experiments.matrix_progress(m, facts, profile, ("wilke", "wilke-eq10"))
         for variant in experiments.layer_controls(experiments.top_layers(wilke_runs, k=k)):
             specs += [RunSpec(m, "rome", seed, profile.n_edits, profile_name, records, label=variant.label,
                               overrides=tuple(sorted(variant.overrides.items()))) for seed in profile.seeds]
