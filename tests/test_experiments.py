@@ -83,3 +83,19 @@ def test_an_editor_keeps_its_colour_in_every_panel_of_the_consecutive_figure():
             colours.setdefault(line.get_label(), set()).add(line.get_color())
     assert set(colours) == {"ROME", "MEMIT", "WilKE"} and all(len(c) == 1 for c in colours.values())
     assert len({next(iter(c)) for c in colours.values()}) == 3
+
+
+def test_top_layers_unites_both_wilke_rules_and_collapse_beside_paper_is_per_seed():
+    from types import SimpleNamespace
+
+    def run(layers):
+        return SimpleNamespace(steps=pd.DataFrame({"edit_layers": [[l] for l in layers]}))
+
+    grouped = {"WilKE": [run([3, 3, 2, 5])], "WilKE (Eq. 10)": [run([2, 2, 5, 5, 5, 4])], "ROME": [run([2] * 9)]}
+    assert experiments.top_layers(grouped) == [2, 3, 5]
+    assert experiments.top_layers({"ROME": grouped["ROME"]}) == []
+    curves = pd.DataFrame({"editor": "ROME", "seed": [9] * 4 + [10] * 4, "step": [1, 2, 4, 8] * 2,
+                           "S": [0.9, 0.8, 0.3, 0.1, 0.9, 0.9, 0.8, 0.2]})
+    table = experiments.collapse_beside_paper(curves, "toy-gpt2").set_index("editor")
+    assert table.loc["ROME", "paper (gpt2-xl)"] == "64" and table.loc["ROME", "toy-gpt2, per seed"] == "4 / 8"
+    assert table.loc["WilKE", "paper (gpt2-xl)"] == "512" and table.loc["WilKE", "toy-gpt2, per seed"] == "–"
