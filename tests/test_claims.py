@@ -219,3 +219,9 @@ def test_a_lifelong_rome_run_is_screened_by_app_b():
                                                           for i in range(n)]})
     scored = flash.scored_lifelong_run(type("Run", (), {"steps": steps})())
     assert list(flash.app_b_flash(scored)["case_id"]) == [30]
+
+
+def test_n_names_each_editors_seeds_when_they_differ():
+    ev = evidence({("ROME", 9): 1.0, ("ROME", 10): 1.0, ("WilKE", 9): 1.0})
+    assert ev.n("ROME", "WilKE") == "1,024 edits; seeds: ROME 9 / 10, WilKE 9, test runs"
+    assert ev.n("ROME") == "1,024 edits x 2 seeds (9, 10), test runs"

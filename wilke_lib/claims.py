@@ -169,8 +169,12 @@ class LifelongEvidence:
         return sorted(set(self.finals.loc[self.finals["editor"] == editor, "seed"]))
 
     def n(self, *editors: str) -> str:
-        seeds = sorted(set().union(*(self.seeds(e) for e in editors))) if editors else []
-        return f"{_n(self.n_edits, seeds)}, {self.source}"
+        """What a verdict on `editors` rests on: the edits, the seeds (each editor's when they differ), the runs."""
+        per = {e: self.seeds(e) for e in editors}
+        if len({tuple(v) for v in per.values()}) > 1:
+            seeds = "; seeds: " + ", ".join(f"{e} {' / '.join(map(str, s)) or 'none'}" for e, s in per.items())
+            return f"{self.n_edits:,} edits{seeds}, {self.source}"
+        return f"{_n(self.n_edits, next(iter(per.values()), []))}, {self.source}"
 
 
 def wilke_beats_sota(ev: LifelongEvidence, baselines: Sequence[str] = ("KN", "ROME", "MEMIT"),
