@@ -386,7 +386,9 @@ def saved_or_small_run(model_name: str, profile: str, use_saved: bool = True, de
     dev = torch.device(device) if device else (next(loaded[0].parameters()).device if loaded else torch.device("cpu"))
     saved = load_saved(model_name, dev) if use_saved else None
     if saved is not None and saved[1] is not None:
-        return saved[0], saved[1], f"saved by benchmarks/bench_editors.py ({results_dir(dev)})"
+        where = results_dir(dev)
+        shown = where.relative_to(REPO_ROOT) if where.is_relative_to(REPO_ROOT) else where.name  # no local path on a page
+        return saved[0], saved[1], f"saved by benchmarks/bench_editors.py ({shown})"
     settings = NOTEBOOK_SETTINGS.get(profile, NOTEBOOK_SETTINGS["default"])
     main = benchmark_editors(model_name, n_edits=settings["n_edits"], warmup=settings["warmup"],
                              variants=settings["variants"], flops=settings["flops"], memory=settings["memory"],
