@@ -42,7 +42,7 @@ from wilke_lib import claims, counterfact, editing, lifelong, models
 from wilke_lib.generation import greedy_matches
 from wilke_lib.hparams import load_hparams
 from wilke_lib.lifelong import CheckpointPolicy
-from wilke_lib.organisms.report import REPORT_FILE, TARGETS
+from wilke_lib.organisms.report import REPORT_FILE, TARGETS, recipe_name
 from wilke_lib.organisms.train import LADDER, ORGANISM_DIR
 from wilke_lib.results import REPO_ROOT, read_json, write_json_atomic
 
@@ -76,8 +76,7 @@ def rung_folder(name: str) -> str:
 def rung_hparams(editor: str, name: str) -> Any:
     """The editor's settings for a rung: those of the book's organism of the same architecture (the rungs share
     its recipe; the calibrated pair get their own sweeps afterwards)."""
-    arch = name.removeprefix("toy-").split("-w")[0]
-    return load_hparams(editor, f"toy-{arch}")
+    return load_hparams(editor, recipe_name(name))
 
 
 def run_configs(name: str) -> list[lifelong.LifelongConfig]:

@@ -46,7 +46,7 @@ from wilke_lib.editors.delta import add_delta_hook, optimize_delta
 from wilke_lib.experiments import edit_and_rollback, evenly_spaced
 from wilke_lib.generation import greedy_matches
 from wilke_lib.hparams import load_hparams
-from wilke_lib.models import ORGANISMS_DIR, load_model
+from wilke_lib.models import LADDER_NAME, ORGANISMS_DIR, load_model
 from wilke_lib.results import read_json
 from wilke_lib.organisms.train import training_summary
 from wilke_lib.organisms.world import build_world
@@ -212,7 +212,7 @@ def organism_report(model_name: str, *, n_traced: int = 120, n_edits: int = 100,
     noise_std = subject_noise_std(model, tok, (r["requested_rewrite"]["subject"] for r in known))
     rows = trace_records(model, tok, stratified(known, n_traced, lambda r: kind[r["case_id"]]), pool=known,
                          noise_std=noise_std, progress=progress)
-    rome = load_hparams("rome", model_name)
+    rome = load_hparams("rome", recipe_name(model_name))
     cache = EditCache.for_model(model)
     edits = [edit_and_rollback(model, tok, r, rome, cache)
              for r in tqdm(evenly_spaced(known, n_edits), desc="ROME single edits", disable=not progress)]
@@ -242,6 +242,13 @@ def organism_report(model_name: str, *, n_traced: int = 120, n_edits: int = 100,
         "rome_rollback_restored": sum(e["rollback_restored"] for e in edits) / len(edits),
         "last_token_recall": sum(flips) / len(flips),
     }
+
+
+def recipe_name(model_name: str) -> str:
+    """The organism whose editor settings a model uses: a rung of the width ladder ("toy-gpt2-w192") shares
+    its architecture's organism's ("toy-gpt2"), as it shares its recipe; any other model its own."""
+    found = LADDER_NAME.fullmatch(str(model_name))
+    return f"toy-{found.group(1)}" if found else model_name
 
 
 REPORT_FILE = "report.json"
