@@ -1,4 +1,4 @@
-"""The batched WilKE layer search (wilke_lib.batched_search) against the one-layer-at-a-time search.
+"""The batched WilKE layer search (`delta.optimize_deltas`, one row per layer) against the one-layer-at-a-time search.
 
 `batched_layer_scores` must return what `wilke.layer_scores` returns: the same keys, and delta norms,
 v*, losses and scores equal within rtol 1e-4 (float32; the batched run does the same arithmetic in
@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from tiny import make_tiny_model
-from wilke_lib.editors import batched_delta as bd
-from wilke_lib.editors import prefix_cache as pc
+from wilke_lib.editors import delta as dl
+from wilke_lib.editors import runners as pc
 from wilke_lib.editors import wilke as wk
 from wilke_lib.arch import ModelAdapter, hooks
 from wilke_lib.editing import EditCache, EditError, edit
@@ -80,7 +80,7 @@ def assert_same(sequential: dict, batched: dict, rtol: float = RTOL) -> None:
         scale = float(s.v_star.norm())
         torch.testing.assert_close(b.v_star, s.v_star, rtol=rtol, atol=rtol * scale)
         assert b.info["steps"] == s.info["steps"], l
-        assert set(bd.INFO_KEYS) <= set(b.info) and set(s.info) <= set(b.info)
+        assert set(dl.INFO_KEYS) <= set(b.info) and set(s.info) <= set(b.info)
         for key in ("loss", "nll", "kl", "weight_decay", "target_prob", "v0_norm", "nll_init"):
             assert b.info[key] == pytest.approx(s.info[key], rel=rtol, abs=1e-6), (l, key)
         assert b.info["loss_history"] == pytest.approx(s.info["loss_history"], rel=rtol, abs=1e-6)
@@ -102,9 +102,10 @@ def test_matches_sequential_search(arch, which, tiny_tokenizer):
     before = digest(model)
     request = REQUESTS[which]
     sequential = layer_scores(model, tiny_tokenizer, request, hparams, cache)
-    batched = wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache)
+    batched = wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, runner="prefix-cache")
     assert_same(sequential, batched)
-    assert {c.info["batched_mode"] for c in batched.values()} == {"staircase"}  # the fast path ran
+    assert {c.info["delta_runner"] for c in batched.values()} == {"block"}  # the fast path ran
+    assert not any("delta_runner_fallback" in c.info for c in batched.values())
     assert digest(model) == before  # the search changes no weight
     assert all(p.requires_grad for p in model.parameters())  # restored after the search
 
@@ -124,21 +125,22 @@ def test_rome_and_memit_on_the_prefix_cache_make_the_same_edit(arch, tiny_tokeni
             result = edit(model, tiny_tokenizer, request, dataclasses.replace(hparams, delta_runner=runner), copy=True,
                           cache=cache)
             deltas[runner] = result.weight_deltas
-            assert result.info.get("batched_mode", "staircase" if runner == "prefix-cache" else None) in (
-                None, "staircase")
+            expected = "block" if runner == "prefix-cache" else "full"
+            runners = {i.get("delta_runner") for i in [result.info] + list(result.info.get("per_request", []))}
+            assert expected in runners or runners == {None}
         assert deltas["full"].keys() == deltas["prefix-cache"].keys()
         for name, full in deltas["full"].items():
             torch.testing.assert_close(deltas["prefix-cache"][name], full, rtol=RTOL, atol=RTOL * float(full.abs().max()))
 
 
-@pytest.mark.parametrize("mode", ["model", "full"])
-def test_other_modes_match(mode, tiny_tokenizer):
+@pytest.mark.parametrize("mode", ["prefix-kv", "full"])
+def test_other_runners_match(mode, tiny_tokenizer):
     model, hparams, cache = setup("gpt2", tiny_tokenizer)
     request = REQUESTS["suffix"]
     sequential = layer_scores(model, tiny_tokenizer, request, hparams, cache)
-    batched = wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, mode=mode)
+    batched = wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, runner=mode)
     assert_same(sequential, batched)
-    assert {c.info["batched_mode"] for c in batched.values()} == {mode}
+    assert {c.info["delta_runner"] for c in batched.values()} == {mode}
 
 
 @pytest.mark.parametrize("layers,chunk_size", [([2, 0], None), ([1], None), ([1, 0, 2], 1), (None, 2)])
@@ -147,7 +149,7 @@ def test_candidate_subsets_and_chunks(layers, chunk_size, tiny_tokenizer):
     request = REQUESTS["suffix"]
     sequential = layer_scores(model, tiny_tokenizer, request, hparams, cache, layers=layers)
     batched = wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, layers=layers,
-                                      chunk_size=chunk_size)
+                                      chunk_size=chunk_size, runner="prefix-cache")
     assert_same(sequential, batched)
     # the candidate layers of the settings are honoured
     model, hparams, cache = setup("gpt2", tiny_tokenizer, candidate_layers=[1, 2])
@@ -162,7 +164,7 @@ def test_score_kinds_and_ablations(overrides, tiny_tokenizer):
     model, hparams, cache = setup("gpt2", tiny_tokenizer, **overrides)
     request = REQUESTS["suffix"]
     sequential = layer_scores(model, tiny_tokenizer, request, hparams, cache)
-    batched = wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache)
+    batched = wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, runner="prefix-cache")
     assert_same(sequential, batched)
 
 
@@ -185,8 +187,8 @@ def test_early_stopping_freezes_each_row_at_its_step(arch, tiny_tokenizer):
     sequential = layer_scores(model, tiny_tokenizer, request, hparams, cache)
     steps = {l: c.info["steps"] for l, c in sequential.items()}
     assert len(set(steps.values())) >= 2 and min(steps.values()) < 12
-    for mode in ("staircase", "model"):
-        batched = wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, mode=mode)
+    for mode in ("block", "prefix-kv"):
+        batched = wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, runner=mode)
         assert_same(sequential, batched)
 
 
@@ -212,7 +214,7 @@ def test_editor_makes_the_same_edit(tiny_tokenizer):
         assert out.info[key] == pytest.approx(reference.info[key], rel=RTOL)
 
 
-def test_fallback_when_the_block_runner_is_unsupported(monkeypatch, tiny_tokenizer):
+def test_fallback_when_the_block_runner_is_unsupported(monkeypatch, caplog, tiny_tokenizer):
     def refuse(self, prompts, hidden):
         raise pc.Unsupported("refused by the test")
 
@@ -220,12 +222,17 @@ def test_fallback_when_the_block_runner_is_unsupported(monkeypatch, tiny_tokeniz
     model, hparams, cache = setup("llama", tiny_tokenizer)
     request = REQUESTS["suffix"]
     sequential = layer_scores(model, tiny_tokenizer, request, hparams, cache)
-    batched = wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache)
-    assert {c.info["batched_mode"] for c in batched.values()} == {"model"}
+    with caplog.at_level("WARNING"):
+        batched = wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, runner="prefix-cache")
+    assert {c.info["delta_runner"] for c in batched.values()} == {"prefix-kv"}
+    assert all("refused by the test" in c.info["delta_runner_fallback"] for c in batched.values())
+    assert "refused by the test" in caplog.text  # a deliberate fallback is logged at WARNING
     assert_same(sequential, batched)
+    with pytest.raises(pc.Unsupported, match="refused by the test"):  # asked for by name: no fallback
+        wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, runner="block")
 
 
-@pytest.mark.parametrize("site", bd.SITES)
+@pytest.mark.parametrize("site", dl.SITES)
 def test_a_copy_joins_after_its_own_block(site, tiny_tokenizer):
     """The block that holds the delta runs in the unpatched passes only (prefix, recording, the
     runner's checked pass), as the block before it, never in an optimisation step: its output there
@@ -238,9 +245,9 @@ def test_a_copy_joins_after_its_own_block(site, tiny_tokenizer):
         return lambda _module, _inputs: calls.update([j])
 
     with hooks(pre=[(adapter.layer(j), count(j)) for j in range(adapter.n_layers)]):
-        out = bd.optimize_deltas_batched(model, tiny_tokenizer, REQUESTS["suffix"], [1], hparams, PREFIXES,
-                                         site=site)[1]
-    assert out.info["batched_mode"] == "staircase"
+        out = dl.optimize_deltas(model, tiny_tokenizer, REQUESTS["suffix"], [1], hparams, PREFIXES,
+                                 runner="block", site=site)[1]
+    assert out.info["delta_runner"] == "block"
     forwards = len(out.info["loss_history"])
     assert forwards > 1
     assert calls[1] == calls[0] == 3
@@ -256,8 +263,8 @@ def test_profile_and_errors(tiny_tokenizer):
     assert all(v >= 0 for v in profile.values())
     with pytest.raises(ValueError, match="repeated"):
         wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, layers=[1, 1])
-    with pytest.raises(ValueError, match="mode"):
-        wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, mode="fast")
+    with pytest.raises(ValueError, match="runner"):
+        wk.batched_layer_scores(model, tiny_tokenizer, request, hparams, cache, runner="fast")
     with pytest.raises(EditError):
         wk.batched_layer_scores(model, tiny_tokenizer, {**request, "target_new": {"str": " "}}, hparams, cache)
 

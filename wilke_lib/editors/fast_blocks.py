@@ -1,4 +1,4 @@
-"""GPT-2's and GPT-J's blocks in fewer operations, for the block runner (`prefix_cache.BlockRunner`).
+"""GPT-2's and GPT-J's blocks in fewer operations, for the block runner (`runners.BlockRunner`).
 
 The runner calls every block above the edited layer twice per optimisation step (forward and
 backward) on a few dozen tokens, where a block's cost is the number of operations it launches more
@@ -8,7 +8,9 @@ the rotated query and key of its rotary embedding out of one matrix product (the
 its rows are folded into the stacked weights), the residual sums in one expression; GPT-2's
 projections straight from its `Conv1D` weights. Attention is PyTorch's `scaled_dot_product_attention`
 with the mask, scale, rotary sin / cos and prefix keys / values the model passes the block (recorded
-by the runner), as transformers' own "sdpa" attention.
+by the runner), as transformers' own "sdpa" attention; on a CPU the same softmax written out in three
+operations is faster at these sizes (`_attend_explicitly`). `attention` picks the kernel: "auto" (explicit
+on a CPU, sdpa elsewhere), "explicit" or "sdpa"; `tests/test_runners.py` runs both.
 
 `fast_block` returns None, and the runner calls the module, for any block it does not know exactly:
 another class, a training-mode block, a hook on any of its modules (an editor's hook layer must
@@ -29,6 +31,7 @@ from torch import nn
 from wilke_lib.arch import is_kv_cache
 
 BlockFn = Callable[..., torch.Tensor]
+ATTENTION_KERNELS = ("auto", "explicit", "sdpa")
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -54,14 +57,15 @@ def _attend_explicitly(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     return torch.softmax(scores, dim=-1) @ v
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kwargs: dict[str, Any], attn: nn.Module) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kwargs: dict[str, Any], attn: nn.Module,
+            kernel: str) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v over the cached prefix keys / values and the new ones;
     (n, heads, s, head_dim) in, (n, s, heads * head_dim) out."""
     cache = kwargs.get("cache")
     if cache is not None:
         k, v = cache.update(k, v, attn.layer_idx)
     mask = kwargs["attention_mask"][..., :k.shape[-2]]
-    if q.device.type == "cpu":
+    if kernel == "explicit" or (kernel == "auto" and q.device.type == "cpu"):
         out = _attend_explicitly(q, k, v, mask, attn.scaling)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
@@ -69,13 +73,13 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kwargs: dict[str,
     return out.transpose(1, 2).reshape(n, s, heads * head_dim)
 
 
-def _gpt2(block: nn.Module, hidden: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+def _gpt2(block: nn.Module, kernel: str, hidden: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     attn, mlp = block.attn, block.mlp
     n, s, d = hidden.shape
     a = _layer_norm(block.ln_1, hidden).reshape(n * s, d)
     qkv = torch.addmm(attn.c_attn.bias, a, attn.c_attn.weight).view(n, s, 3, attn.num_heads, attn.head_dim)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    o = _attend(q, k, v, kwargs, attn).reshape(n * s, d)
+    o = _attend(q, k, v, kwargs, attn, kernel).reshape(n * s, d)
     x = hidden + torch.addmm(attn.c_proj.bias, o, attn.c_proj.weight).view(n, s, d)
     m = mlp.act(torch.addmm(mlp.c_fc.bias, _layer_norm(block.ln_2, x).reshape(n * s, d), mlp.c_fc.weight))
     return x + torch.addmm(mlp.c_proj.bias, m, mlp.c_proj.weight).view(n, s, d)
@@ -93,7 +97,7 @@ def _rotation_rows(weight: torch.Tensor, heads: int, rotary_dim: int) -> torch.T
     return rows.reshape(d_out, d_in)
 
 
-def _gptj_forward(heads: int, rotary_dim: int) -> Callable[..., torch.Tensor]:
+def _gptj_forward(heads: int, rotary_dim: int, kernel: str) -> Callable[..., torch.Tensor]:
     """GPT-J's block, x + attn(ln_1 x) + mlp(ln_1 x), with the rotary embedding
     q * cos + rotate_every_two(q) * sin (HF's apply_rotary_pos_emb) on the first rotary_dim dimensions
     of each head, the rotated q and k coming out of the same matrix product as q, k and v."""
@@ -117,7 +121,7 @@ def _gptj_forward(heads: int, rotary_dim: int) -> Callable[..., torch.Tensor]:
         full_cos, full_sin = cos_sin(sin, cos, head_dim)  # (n, s, 1, head_dim)
         q = q * full_cos + q_rotated * full_sin
         k = k * full_cos + k_rotated * full_sin
-        o = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kwargs, attn)
+        o = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kwargs, attn, kernel)
         return F.linear(o, attn.out_proj.weight) + mlp.fc_out(mlp.act(mlp.fc_in(h))) + hidden
     return forward
 
@@ -149,9 +153,13 @@ def _by_name(block: nn.Module, fn: Callable[..., torch.Tensor], cache_name: str 
     return call
 
 
-def fast_block(block: nn.Module, recorded_args: tuple, recorded_kwargs: dict[str, Any]) -> BlockFn | None:
+def fast_block(block: nn.Module, recorded_args: tuple, recorded_kwargs: dict[str, Any],
+               attention: str = "auto") -> BlockFn | None:
     """`block(hidden, *args, **kwargs)` in fewer operations (module docstring), or None: call the module.
-    `recorded_args` / `recorded_kwargs`: what the model passed the block after its hidden states."""
+    `recorded_args` / `recorded_kwargs`: what the model passed the block after its hidden states;
+    `attention`: one of ATTENTION_KERNELS."""
+    if attention not in ATTENTION_KERNELS:
+        raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
     from transformers.models.gpt2.modeling_gpt2 import GPT2Block
     from transformers.models.gptj.modeling_gptj import GPTJBlock
 
@@ -168,7 +176,7 @@ def fast_block(block: nn.Module, recorded_args: tuple, recorded_kwargs: dict[str
         if getattr(attn, "is_cross_attention", False) or getattr(attn, "reorder_and_upcast_attn", False) \
                 or hasattr(block, "crossattention"):
             return None
-        return _by_name(block, lambda hidden, **kwargs: _gpt2(block, hidden, **kwargs), cache_name)
+        return _by_name(block, lambda hidden, **kwargs: _gpt2(block, attention, hidden, **kwargs), cache_name)
     if type(block) is GPTJBlock:
         sincos = named.get("position_embeddings")
         if not (isinstance(sincos, tuple) and len(sincos) == 2):
@@ -181,6 +189,6 @@ def fast_block(block: nn.Module, recorded_args: tuple, recorded_kwargs: dict[str
         q_w, k_w = attn.q_proj.weight.detach(), attn.k_proj.weight.detach()
         weight = torch.cat([q_w, k_w, attn.v_proj.weight.detach(),
                             _rotation_rows(q_w, heads, rotary_dim), _rotation_rows(k_w, heads, rotary_dim)])
-        forward = _gptj_forward(heads, rotary_dim)
+        forward = _gptj_forward(heads, rotary_dim, attention)
         return _by_name(block, lambda hidden, **kwargs: forward(block, weight, hidden, **kwargs), cache_name)
     return None

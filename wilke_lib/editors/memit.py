@@ -24,7 +24,6 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from wilke_lib.arch import ModelAdapter, frozen, hidden_of, hooks, model_device
-from wilke_lib.editors.batched_delta import optimize_deltas_batched
 from wilke_lib.editors.cache import EditCache
 from wilke_lib.editors.common import EditorOutput, EditorState, WeightJournal
 from wilke_lib.editors.delta import compute_ks, optimize_delta
@@ -36,10 +35,7 @@ from wilke_lib.tokens import encode_prompt, fact_token_index, pad_id_of, prepare
 def compute_z(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, layer: int, hparams: MEMITHParams,
               prefixes: Sequence[str]) -> tuple[torch.Tensor, dict[str, Any]]:
     """Target hidden state z = h^L + delta at the output of block `layer` (MEMIT Eq. 16), float32."""
-    if hparams.delta_runner == "prefix-cache":
-        result = optimize_deltas_batched(model, tok, request, [layer], hparams, prefixes, site="block")[layer]
-    else:
-        result = optimize_delta(model, tok, request, ModelAdapter(model).layer(layer), hparams, prefixes)
+    result = optimize_delta(model, tok, request, layer, hparams, prefixes, site="block")
     return result.v0 + result.delta, result.info
 
 

@@ -30,7 +30,6 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from wilke_lib.arch import ModelAdapter
-from wilke_lib.editors.batched_delta import optimize_deltas_batched
 from wilke_lib.editors.cache import EditCache
 from wilke_lib.editors.common import EditorOutput, EditorState, WeightJournal, single_layer
 from wilke_lib.editors.delta import LayerKeys, compute_keys, optimize_delta
@@ -54,10 +53,7 @@ def compute_v(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, lay
     """(v*, k_t, delta, info) at layer `layer`: delta optimised at the output of `mlp_out(layer)`
     (ROME Eq. 4 / WilKE Eq. 9) and the target of `hparams.update_form` (`rome_target`)."""
     adapter = ModelAdapter(model)
-    if hparams.delta_runner == "prefix-cache":
-        result = optimize_deltas_batched(model, tok, request, [layer], hparams, prefixes)[layer]
-    else:
-        result = optimize_delta(model, tok, request, adapter.mlp_out(layer), hparams, prefixes)
+    result = optimize_delta(model, tok, request, layer, hparams, prefixes)
     v_star, k_target = rome_target(adapter.out_weight(layer), keys, result.delta, hparams.update_form)
     return v_star, k_target, result.delta, result.info
 

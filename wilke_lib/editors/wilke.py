@@ -15,8 +15,8 @@ How to edit (Section 5.2, Eq. 11): ROME's rank-one update (ROME Eq. 2) at l*, wi
 found during the search. A rollback passes layers=[l*] and edits there without searching.
 
 Two searches give the same candidates: `layer_scores` (one ROME optimisation per layer, as the
-released code) and `batched_layer_scores` (every layer's delta optimised in one batch,
-`editors.batched_delta`); `WilKEHParams.search` picks one.
+released code) and `batched_layer_scores` (every layer's delta optimised together, one row each, in
+`delta.optimize_deltas`); `WilKEHParams.search` picks one.
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from wilke_lib.arch import ModelAdapter, model_device
-from wilke_lib.editors.batched_delta import optimize_deltas_batched, timed
 from wilke_lib.editors.cache import EditCache
 from wilke_lib.editors.common import EditorOutput, EditorState, WeightJournal
-from wilke_lib.editors.delta import LayerKeys, compute_keys
+from wilke_lib.editors.delta import LayerKeys, compute_keys, optimize_deltas, timed
 from wilke_lib.editors.rome import RomeOutcome, apply_rank_one, compute_v, rank_one_update, rome_target
 from wilke_lib.hparams import WilKEHParams
 from wilke_lib.tokens import prepare_request
@@ -153,20 +152,21 @@ def layer_scores(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, 
 
 def batched_layer_scores(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, hparams: WilKEHParams,
                          cache: EditCache, layers: list[int] | None = None, *, chunk_size: int | None = None,
-                         mode: str = "staircase", profile: dict[str, float] | None = None) -> dict[int, LayerCandidate]:
+                         runner: str | None = None, profile: dict[str, float] | None = None) -> dict[int, LayerCandidate]:
     """`layer_scores` with the deltas of all candidate layers optimised together (changes no weight).
 
     chunk_size: at most this many layers per batched optimisation (None = all at once), contiguous in
     layer order: bounds memory on large models; the results do not depend on it (beyond rounding).
-    mode: see `editors.batched_delta`. profile: a dict that accumulates seconds per phase.
+    runner: `delta.optimize_deltas`' runner (default: `hparams.delta_runner`). profile: a dict that
+    accumulates seconds per phase.
     """
     layers, prefixes, keys = _search_inputs(model, tok, request, hparams, cache, layers, profile)
     ordered = sorted(layers)
     size = len(ordered) if not chunk_size else max(1, int(chunk_size))
     deltas = {}
     for start in range(0, len(ordered), size):
-        deltas.update(optimize_deltas_batched(model, tok, request, ordered[start:start + size], hparams, prefixes,
-                                              mode=mode, profile=profile))
+        deltas.update(optimize_deltas(model, tok, request, ordered[start:start + size], hparams, prefixes,
+                                      runner=runner or hparams.delta_runner, profile=profile))
     return {layer: score_candidate(model, tok, layer, keys[layer], deltas[layer].delta, deltas[layer].info, hparams,
                                    cache, profile)
             for layer in layers}

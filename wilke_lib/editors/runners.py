@@ -1,19 +1,30 @@
-"""The prefix key-value cache and the block runner: running only what a delta at the fact token changes.
+"""The runners of the delta optimisation: what maps the deltas, layer by layer, to the final hidden states.
 
-A delta added at the fact token (the subject's last token) changes no position before it (causality),
-so the keys / values of those positions are computed once per edit (one no-grad pass of the prompts
-cut before their fact token, the model's own KV cache) and every optimisation step runs only the
-tokens from the fact token on (about a third of the tokens of a CounterFact prompt; one token for the
-essence prompt, whose KL term reads only the fact token).
+`delta.optimize_deltas` (ROME Eq. 4 = MEMIT Eq. 16 = WilKE Eq. 9) adds delta_i to the output of a
+module at the fact token of every prompt, for several copies of the prompts at once (one copy per
+layer of WilKE's search; one copy for ROME and MEMIT), and asks a runner for the final hidden states
+of every copy. Three runners compute the same function, side by side:
 
-`BlockRunner` goes further (ROME, MEMIT, and WilKE's batched search over several layers): the
-unpatched suffix states entering every block are recorded once, and copy i, whose delta is added to
-the output of block l_i (a module's output that the block adds to the residual stream unchanged),
-joins the batch after block l_i with that delta added, so that block j runs only the copies with
-l_i < j, block l_i never runs again, and the backward of copy i stops there. The blocks are called
-with the arguments the model itself passes them (recorded by a pre-hook during the unpatched pass and
-tiled over the copies), the cached keys / values through a minimal cache object;
-`BlockRunner.check` compares it with the model's own forward.
+* `FullForward` ("full"): the model's own forward over the whole prompts, the deltas added by hooks.
+  The reference: the slowest and the simplest.
+* `PrefixKV` ("prefix-kv"): the model's own forward over the tokens from the fact token on, on top of
+  a KV cache of the tokens before it. A delta at the fact token changes no earlier position
+  (causality), so the cache is computed once per edit and every step runs about a third of the tokens
+  (one token for the essence prompt, whose KL term reads only the fact token).
+* `BlockRunner` ("block"): the blocks themselves, on the same suffix tokens and KV cache, each copy
+  joining after its own layer. A delta at the output of block l's MLP (ROME, WilKE) or of block l
+  (MEMIT's z) is added to the residual stream unchanged, so copy i enters at block l_i + 1 with the
+  recorded unpatched output of block l_i plus its delta: block j runs only the copies with l_i < j,
+  and the backward of copy i stops at its layer. The blocks are called with the arguments the model
+  itself passes them (recorded by a pre-hook and tiled over the copies); with `fast`, GPT-2's and
+  GPT-J's blocks run as `fast_blocks` plain-PyTorch forwards. `BlockRunner.check` compares its
+  unpatched pass with the model's own forward.
+
+`make_runner` builds one by name. A runner that cannot serve a model raises `Unsupported` when it is
+built; `delta_runner: prefix-cache` (the editors' default) asks for the block runner and falls back,
+deliberately, to `PrefixKV`, logging a WARNING and recording the reason in the edit's info.
+`tests/test_runners.py` checks every runner against `FullForward`, values and gradients, on GPT-2 and
+GPT-J blocks, with both attention kernels of `fast_blocks`.
 """
 
 from __future__ import annotations
@@ -27,21 +38,41 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from wilke_lib.arch import ModelAdapter, hidden_of, hooks, is_kv_cache
-from wilke_lib.editors.delta import essence_row, rewrite_rows
-from wilke_lib.editors.fast_blocks import fast_block
+from wilke_lib.arch import ModelAdapter, hidden_of, hooks, is_kv_cache, with_hidden
+from wilke_lib.editors.fast_blocks import ATTENTION_KERNELS, fast_block
 from wilke_lib.errors import EditError
-from wilke_lib.tokens import pad_id_of, prepare_request
+from wilke_lib.tokens import (Request, encode_prompt, fact_token_index, fill, pad_id_of, prepare_request)
 
 
-# ---- the prompts, split at the fact token ------------------------------------------------------------
+# ---- the prompts of Eq. 4, split at the fact token ----------------------------------------------------
+
+def rewrite_rows(tok: PreTrainedTokenizerBase, prepared: Request, hparams: Any,
+                 prefixes: Sequence[str]) -> tuple[list[list[int]], list[int], list[list[int]]]:
+    """The rows of the NLL term of ROME Eq. 4: for each prefix c_j, the token ids of c_j + p followed
+    by target_new but its last token (teacher forcing), the fact-token column, and the positions
+    whose next-token logits score the target tokens."""
+    seqs, cols, positions = [], [], []
+    for prefix in prefixes:
+        prompt_ids = encode_prompt(tok, prefix + prepared.prompt)
+        seqs.append(prompt_ids + prepared.target_new_ids[:-1])
+        cols.append(fact_token_index(tok, prepared.template, prepared.subject, prefix, hparams.fact_token))
+        positions.append([len(prompt_ids) - 1 + t for t in range(len(prepared.target_new_ids))])
+    return seqs, cols, positions
+
+
+def essence_row(tok: PreTrainedTokenizerBase, prepared: Request, hparams: Any) -> tuple[list[int], int]:
+    """The ids of the essence prompt p' (the KL term of Eq. 4) and its fact-token column."""
+    essence = hparams.essence_template
+    return (encode_prompt(tok, fill(essence, prepared.subject)),
+            fact_token_index(tok, essence, prepared.subject, "", hparams.fact_token))
+
 
 class BatchedPrompts:
-    """The N rows of `delta.optimize_delta` (n_rewrite rewriting prompts c_j + p + target[:-1], then the
+    """The N rows of Eq. 4 (n_rewrite rewriting prompts c_j + p + target[:-1], then the
     essence prompt p' up to its fact token), each split into a prefix (the tokens before the fact
     token) and a suffix (the fact token and everything after it).
 
-    prefix_ids: (N, P) right-padded, P = the longest prefix (0: no prefix, e.g. mode "full");
+    prefix_ids: (N, P) right-padded, P = the longest prefix (0: no prefix, as for `FullForward`);
     prefix_mask: (N, P), 1 on real prefix tokens; suffix_ids / suffix_mask / suffix_pos: (N, S)
     right-padded suffixes and their absolute positions; loss_cols: (n_rewrite, n_tgt) suffix indices
     whose logits predict the target tokens. The fact token is suffix index 0 of every row.
@@ -85,7 +116,8 @@ class BatchedPrompts:
 
 def build_prompts(tok: PreTrainedTokenizerBase, request: dict, hparams: Any, prefixes: Sequence[str],
                   device: torch.device, split: bool = True) -> BatchedPrompts:
-    """The rows of `delta.optimize_delta` (same prompts, fact tokens and target positions), split."""
+    """The rows of Eq. 4 (`rewrite_rows`, then the essence prompt up to its fact token), split at the
+    fact token (split=False: no prefix, the whole prompts are the suffixes)."""
     prepared = prepare_request(tok, request)
     target = prepared.target_new_ids
     seqs, cols, positions = rewrite_rows(tok, prepared, hparams, prefixes)
@@ -201,7 +233,7 @@ def model_suffix_pass(model: nn.Module, prompts: BatchedPrompts, cache: Any, rep
     return out.last_hidden_state
 
 
-# ---- the block runner of mode "staircase" ----------------------------------------------------------
+# ---- the block runner --------------------------------------------------------------------------------
 
 class FixedPrefixKV:
     """The minimal cache a block's attention needs: `update(k, v, layer_idx)` returns the fixed prefix
@@ -283,8 +315,11 @@ class BlockRunner:
     as its plain-PyTorch forwards (the same function in fewer operations).
     """
 
+    name = "block"
+    row_order = "copy-major"
+
     def __init__(self, model: nn.Module, prompts: BatchedPrompts, cache: Any, max_copies: int = 2,
-                 fast: bool = True) -> None:
+                 fast: bool = True, attention: str = "auto") -> None:
         self.adapter = ModelAdapter(model)
         self.N = prompts.n_rows
         n_layers = self.adapter.n_layers
@@ -299,7 +334,7 @@ class BlockRunner:
             self.templates[j] = (_template(tuple(args1), tuple(args2), self.N), _template(kwargs1, kwargs2, self.N))
         # plain-PyTorch forwards of the blocks `fast_blocks` knows (None: call the module)
         # (decided now: a hook placed later is not seen; `run(modules=True)` calls the modules)
-        fast_fns = {j: fast_block(self.adapter.layer(j), rec1[j][1], rec1[j][2]) if fast else None
+        fast_fns = {j: fast_block(self.adapter.layer(j), rec1[j][1], rec1[j][2], attention) if fast else None
                     for j in range(n_layers)}
         self.fast_layers = [j for j, fn in fast_fns.items() if fn is not None]
         self.blocks = {j: fast_fns[j] or self.adapter.layer(j) for j in range(n_layers)}
@@ -308,6 +343,7 @@ class BlockRunner:
         self.max_copies = max_copies
         self.fact_cols = prompts.fact_cols_t
         self.reference = hidden1  # the model's own final hidden states of the N rows
+        self.prompts = prompts
 
     def _record(self, model: nn.Module, prompts: BatchedPrompts, cache: Any, repeats: int):
         recorded: dict[int, tuple] = {}
@@ -385,3 +421,81 @@ class BlockRunner:
         err = (hidden[mask].float() - ref).abs().max().item()
         if not err <= 1e-3 * max(1.0, ref.abs().max().item()):
             raise Unsupported(f"block runner differs from the model's forward by {err:.3g}")
+
+    # -- the runner interface of `delta.optimize_deltas`
+
+    def unpatched(self) -> torch.Tensor:
+        """The final hidden states of the N rows without delta, every block called as its module (so that
+        the caller's hooks on the edited modules see it), checked against the model's own forward."""
+        hidden = self.run({0: self.zero_delta()}, modules=True)
+        self.check(self.prompts, hidden)
+        if self.fast_layers:
+            self.check(self.prompts, self.run({0: self.zero_delta()}))
+        return hidden
+
+    def patched(self, delta: torch.Tensor, active: list[int], layers: list[int]) -> torch.Tensor:
+        """Final hidden states of the `active` copies (copy-major, in the order of `active`): copy i joins
+        after block layers[i] with delta[i] added at the fact token."""
+        joining: dict[int, list[int]] = {}
+        for i in active:
+            joining.setdefault(layers[i] + 1, []).append(i)
+        return self.run({j: delta[ids] for j, ids in joining.items()})
+
+
+class PrefixKV:
+    """The model's own forward over the suffixes, on the prefix KV cache repeated for the copies; delta i is
+    added by a hook on `modules[i]` to rows r * L + i (prompt-major: the cache repeats rows interleaved).
+    Every copy runs at every step; the loop picks the active ones."""
+
+    name = "prefix-kv"
+    row_order = "prompt-major"
+
+    def __init__(self, model: nn.Module, prompts: BatchedPrompts, cache: Any, modules: Sequence[nn.Module]) -> None:
+        self.model, self.prompts, self.cache, self.modules = model, prompts, cache, list(modules)
+        self.repeated = repeat_cache(model, prompts, cache, len(self.modules))
+
+    def unpatched(self) -> torch.Tensor:
+        return model_suffix_pass(self.model, self.prompts, self.cache, 1)
+
+    def _add(self, delta: torch.Tensor, i: int):
+        n, copies = self.prompts.n_rows, len(self.modules)
+        rows = torch.arange(n, device=delta.device) * copies + i
+        cols = self.prompts.fact_cols_t
+
+        def hook(_module, _inputs, output):
+            h = hidden_of(output)
+            values = delta[i].to(h.dtype).unsqueeze(0).expand(n, -1)
+            return with_hidden(output, h.index_put((rows, cols), values, accumulate=True))
+        return hook
+
+    def patched(self, delta: torch.Tensor, active: list[int], layers: list[int]) -> torch.Tensor:
+        with hooks(forward=[(m, self._add(delta, i)) for i, m in enumerate(self.modules)]):
+            return model_suffix_pass(self.model, self.prompts, self.repeated, len(self.modules))
+
+
+class FullForward(PrefixKV):
+    """`PrefixKV` without a cache: the whole prompts (`build_prompts(..., split=False)`), the reference."""
+
+    name = "full"
+
+    def __init__(self, model: nn.Module, prompts: BatchedPrompts, modules: Sequence[nn.Module]) -> None:
+        if prompts.P:
+            raise ValueError("FullForward runs whole prompts: build them with split=False")
+        super().__init__(model, prompts, None, modules)
+
+
+RUNNERS = ("full", "prefix-kv", "block")
+"""The runners by name; `delta_runner: prefix-cache` is "block" with a deliberate fallback to "prefix-kv"."""
+
+
+def make_runner(name: str, model: nn.Module, prompts: BatchedPrompts, cache: Any, modules: Sequence[nn.Module],
+                attention: str = "auto") -> BlockRunner | PrefixKV:
+    """The runner `name` for these prompts (split for "prefix-kv" and "block") and modules; `Unsupported`
+    when the block runner cannot run this model's blocks."""
+    if name == "full":
+        return FullForward(model, prompts, modules)
+    if name == "prefix-kv":
+        return PrefixKV(model, prompts, cache, modules)
+    if name == "block":
+        return BlockRunner(model, prompts, cache, max_copies=len(modules), attention=attention)
+    raise ValueError(f"unknown delta runner {name!r}; supported: {RUNNERS}")
