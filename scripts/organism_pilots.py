@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
+from wilke_lib.analysis import organism_report as report
 from wilke_lib.analysis.causal_trace import subject_token_range
 from wilke_lib.arch import ModelAdapter, hooks
 from wilke_lib.counterfact import known_records, rewrite_prompt
 from wilke_lib.models import default_device, load_model
-from wilke_lib.organisms import report, world
+from wilke_lib.organisms import world
 from wilke_lib.organisms.records import counterfact_records
 from wilke_lib.organisms.interventions import planted_layer
 from wilke_lib.organisms.train import OrganismConfig, train

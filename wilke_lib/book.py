@@ -1,4 +1,5 @@
-"""Helpers for the book's notebooks: provenance cell, figure export, the paper's Table 1."""
+"""Helpers for the book's notebooks: provenance cell, figure export, the paper's Table 1 and curves (from
+`wilke_lib.reported`)."""
 from __future__ import annotations
 
 import io
@@ -8,11 +9,10 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-import pandas as pd
-
+from wilke_lib.reported import paper_curves, paper_table1
 from wilke_lib.results import REPO_ROOT, figures_dir
 
-__all__ = ["git_commit", "versions", "provenance", "show_provenance", "save_figure", "paper_table1"]
+__all__ = ["git_commit", "versions", "provenance", "show_provenance", "save_figure", "paper_table1", "paper_curves"]
 
 
 def _git(*args: str) -> str:
@@ -86,18 +86,6 @@ def save_figure(fig, model_name: str, name: str) -> Path:
     path = figures_dir(model_name) / f"{name}.png"
     fig.savefig(path, dpi=150, bbox_inches="tight")
     return path
-
-
-def paper_table1() -> pd.DataFrame:
-    """Table 1 of Hu et al. (2024) as reported (%, 95% CI in ``*_ci``), as a pandas DataFrame."""
-    return pd.read_csv(Path(__file__).parent / "data" / "table1_reported.csv")
-
-
-def paper_curves() -> pd.DataFrame:
-    """The authors' curves behind Table 1 and Fig. 43 (from their released summary notebooks): one row per
-    model, editor, checkpoint (1, 2, 4, ..., 1024) and metric, with the mean and np.std over their three
-    runs, as fractions."""
-    return pd.read_csv(Path(__file__).parent / "data" / "curves_reported.csv")
 
 
 def _figure_png(fig) -> bytes:

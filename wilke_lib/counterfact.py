@@ -19,12 +19,12 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from wilke_lib.organisms.records import counterfact_records
+from wilke_lib import sources
 from wilke_lib.errors import RecordError
 from wilke_lib.generation import greedy_matches
 from wilke_lib.tokens import encode_prompt, encode_target, rewrite_prompt
 
-TOY_WORLD = "toy-world"
+TOY_WORLD = sources.TOY_WORLD
 
 _REQUIRED_PROMPT_LISTS = ("paraphrase_prompts", "neighborhood_prompts")
 _OPTIONAL_PROMPT_LISTS = ("attribute_prompts", "generation_prompts")
@@ -253,11 +253,12 @@ def _refuse_non_file(path: Path) -> None:
 def load_counterfact(source: str | Path) -> list[dict]:
     """Load and validate CounterFact records.
 
-    `source` is a path to a CounterFact JSON file (a list of records) or
-    "toy-world", the synthetic world's records (`wilke_lib.organisms.records.counterfact_records()`).
+    `source` is a path to a CounterFact JSON file (a list of records) or the name of a record source
+    (`wilke_lib.sources`): "toy-world", the synthetic world's records
+    (`wilke_lib.organisms.records.counterfact_records()`).
     """
-    if str(source) == TOY_WORLD:
-        return validate_records(counterfact_records(), TOY_WORLD)
+    if str(source) in sources.record_sources():
+        return validate_records(sources.named_records(str(source)), str(source))
     path = Path(source).expanduser()
     _refuse_non_file(path)
     data = path.read_bytes()

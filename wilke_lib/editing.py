@@ -1,10 +1,12 @@
 """The editing interface shared by every editor: `edit`, `rollback`, `EditResult`.
 
-`edit(model, tok, request, hparams)` dispatches on the type of `hparams` (ROMEHParams -> ROME,
-MEMITHParams -> MEMIT, WilKEHParams -> WilKE, FTHParams -> FT-L, KNHParams -> KN) through the
-registry `wilke_lib.editors.EDITORS`. Every weight change goes through a `WeightJournal`: an
-impossible edit raises `EditError` and leaves every weight bit-identical; the deltas actually added
-are recorded as CPU tensors.
+`edit(model, tok, request, hparams)` dispatches on the type of `hparams` (`hparams.editor_of`) through
+`wilke_lib.editors.EDITORS`, built from the registry `wilke_lib.registry`: FTHParams -> FT (FT-L),
+KEHParams -> KE, KNHParams -> KN, MENDHParams -> MEND, ROMEHParams -> ROME (and r-ROME, its `update_form`),
+MEMITHParams -> MEMIT, AlphaEditHParams -> AlphaEdit, COMEBAHKHParams -> COMEBA-HK, LEMoEHParams -> LEMoE,
+WilKEHParams -> WilKE (as released, and WilKE (Eq. 10), its `score`). Every weight change goes through
+a `WeightJournal`: an impossible edit raises `EditError` and leaves every weight bit-identical; the deltas
+actually added are recorded as CPU tensors.
 
 `rollback` is the paper's rollback step (Appendix F): the same editor with target_new and
 target_true swapped, at the layer(s) the edit used (WilKE does not search again).
@@ -79,7 +81,7 @@ def edit(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, hparams:
 def edit_batch(model: nn.Module, tok: PreTrainedTokenizerBase, requests: Sequence[dict], hparams: Any, *,
                cache: EditCache | None = None, keep_deltas: bool = True, state: EditorState | None = None) -> EditResult:
     """Apply a batch of edits as one: at once for the batch editors (`editors.BATCH_EDITORS`: MEMIT,
-    AlphaEdit, COMEBA-HK), one request after another for the others (ROME, WilKE, FT, KN). Either the
+    AlphaEdit, COMEBA-HK, LEMoE), one request after another for the others (FT, KE, KN, MEND, ROME, WilKE). Either the
     whole batch lands or, on EditError, nothing does (weights and `state` bit-identical)."""
     requests = [as_request(r) for r in requests]
     if not requests:

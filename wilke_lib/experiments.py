@@ -16,33 +16,32 @@ from pathlib import Path
 
 import pandas as pd
 
-from wilke_lib import book, counterfact, editing, generation, lifelong, metrics, models
+from wilke_lib import counterfact, editing, generation, lifelong, metrics, models, registry
 from wilke_lib import hparams as hparams_lib
 from wilke_lib.editors import wilke
 from wilke_lib.errors import EditError
 from wilke_lib.lifelong import consecutive
 from wilke_lib.profiles import Profile
+from wilke_lib.reported import paper_curves as reported_curves, paper_table1 as reported_table1
 
 # The paper's model each organism stands in for.
 PAPER_MODEL = {"toy-gpt2": "gpt2-xl", "toy-gptj": "gpt-j-6b", "gpt2-xl": "gpt2-xl",
                "gpt-j-6b": "gpt-j-6b", "EleutherAI/gpt-j-6b": "gpt-j-6b"}
-EDITOR_LABELS = {"ft": "FT", "kn": "KN", "rome": "ROME", "memit": "MEMIT", "wilke": "WilKE", "r-rome": "r-ROME",
-                 "alphaedit": "AlphaEdit", "comeba_hk": "COMEBA-HK", "lemoe": "LEMoE", "mend": "MEND", "ke": "KE",
-                 "wilke-eq10": "WilKE (Eq. 10)"}
+EDITOR_LABELS: dict[str, str] = {spec.name: spec.label for spec in registry.SPECS}
+"""The tables' editor names -> their labels (`wilke_lib.registry`)."""
 # editor names of the tables that are another editor with other settings: name -> (editor, overrides).
 # "wilke" is WilKE as released, whose layer rule gave the paper's Table 1 and Fig. 43: the candidate layer
-# with the smallest ||dW|| / ||W|| of ROME's update; "wilke-eq10" is the rule the paper's text writes (Eq. 10).
-DERIVED_EDITORS = {"r-rome": ("rome", {"update_form": "r-rome"}),  # Gupta et al. 2024, "Rebuilding ROME"
-                   "wilke": ("wilke", {"score": "update_norm"}),
-                   "wilke-eq10": ("wilke", {"score": "eq10"})}
+# with the smallest ||dW|| / ||W|| of ROME's update; "wilke-eq10" is the rule the paper's text writes (Eq. 10);
+# "r-rome" is ROME with the update of Gupta et al. 2024, "Rebuilding ROME".
+DERIVED_EDITORS: dict[str, tuple[str, dict]] = {spec.name: (spec.editor, spec.settings())
+                                                for spec in registry.SPECS if spec.overrides}
 
 
 def editor_label(editor: str, hparams=None) -> str:
-    """The table label of a run of `editor` with `hparams`: WilKE's Eq. 10 rule is "WilKE (Eq. 10)", the
-    released rule "WilKE"."""
-    if editor == "wilke" and getattr(hparams, "score", "update_norm") == "eq10":
-        return EDITOR_LABELS["wilke-eq10"]
-    return EDITOR_LABELS.get(editor, editor)
+    """The table label of a run of `editor` with `hparams` (`registry.table_name`): WilKE's Eq. 10 rule is
+    "WilKE (Eq. 10)", the released rule "WilKE"."""
+    name = registry.table_name(editor, hparams)
+    return EDITOR_LABELS.get(name, name)
 
 
 @dataclass(frozen=True)
@@ -279,7 +278,7 @@ def finals(grouped: dict[str, list[lifelong.RunResult]]) -> pd.DataFrame:
 def paper_curves(model_name: str, metric: str = "S") -> pd.DataFrame:
     """The authors' curve of `metric` for the paper's model that `model_name` stands in for, in the long
     format of `curves` (editor, seed, step, metric as a fraction; seed "paper": the mean of their runs)."""
-    reported = book.paper_curves()
+    reported = reported_curves()
     rows = reported[(reported["model"] == PAPER_MODEL.get(model_name, model_name)) & (reported["metric"] == metric)]
     return pd.DataFrame({"editor": rows["editor"].to_numpy(), "seed": "paper", "step": rows["step"].to_numpy(),
                          metric: rows["mean"].to_numpy()})
@@ -399,7 +398,7 @@ def curves(grouped: dict[str, list[lifelong.RunResult]]) -> pd.DataFrame:
 
 def paper_rows(model_name: str) -> pd.DataFrame:
     """The paper's Table 1 rows for the model this one stands in for (empty if none)."""
-    reported = book.paper_table1()
+    reported = reported_table1()
     return reported[reported["model"] == PAPER_MODEL.get(model_name, model_name)]
 
 

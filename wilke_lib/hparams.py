@@ -2,8 +2,8 @@
 
 One dataclass per editor (this module is longer than 420 lines because every editor's settings, with
 their documentation and checks, live together). The files live in
-`wilke_lib/hparams/<editor>/<model>.yaml` (editors: rome, memit, wilke, alphaedit, comeba_hk, lemoe, ft, kn, mend, ke;
-models: the organisms toy-gpt2 / toy-gptj and the paper's gpt2-xl / gpt-j-6b). `load_hparams("rome", "toy-gpt2")` reads one of them;
+`wilke_lib/hparams/<editor>/<model>.yaml` (editors: the implementations of `wilke_lib.registry`, ft, ke, kn,
+mend, rome, memit, alphaedit, comeba_hk, lemoe, wilke; models: the organisms toy-gpt2 / toy-gptj and the paper's gpt2-xl / gpt-j-6b). `load_hparams("rome", "toy-gpt2")` reads one of them;
 `hparams_from_file(path)` reads any JSON or YAML file. Unknown keys are an error that names
 the key and lists the valid ones, so a typo never silently falls back to a default.
 
@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
+
+from wilke_lib.registry import implemented
 
 HPARAMS_DIR: Path = Path(__file__).resolve().parent / "hparams"
 
@@ -472,18 +474,18 @@ class KEHParams(_HypernetHParams):
 HParams = (ROMEHParams | WilKEHParams | MEMITHParams | AlphaEditHParams | COMEBAHKHParams | LEMoEHParams | FTHParams
            | KNHParams | MENDHParams | KEHParams)
 
-HPARAMS_CLASSES: dict[str, type] = {
-    "rome": ROMEHParams,
-    "memit": MEMITHParams,
-    "alphaedit": AlphaEditHParams,
-    "comeba_hk": COMEBAHKHParams,
-    "lemoe": LEMoEHParams,
-    "wilke": WilKEHParams,
-    "ft": FTHParams,
-    "kn": KNHParams,
-    "mend": MENDHParams,
-    "ke": KEHParams,
-}
+def _settings_classes() -> dict[str, type]:
+    """editor -> its settings class, for the editors of the registry (`wilke_lib.registry`), in its order."""
+    classes = {}
+    for spec in implemented():
+        cls = globals()[spec.hparams_class]
+        if cls.editor != spec.editor:
+            raise ImportError(f"registry: {cls.__name__}.editor is {cls.editor!r}, registered as {spec.editor!r}")
+        classes[spec.editor] = cls
+    return classes
+
+
+HPARAMS_CLASSES: dict[str, type] = _settings_classes()
 
 
 def editor_of(hparams: Any) -> str:

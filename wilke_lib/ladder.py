@@ -2,7 +2,7 @@
 MEMIT run on them, that picks the one whose ROME collapses where the paper's models do.
 
 On both of the paper's models ROME's lifelong S falls below half its best at step 64 (the authors'
-curves, `book.paper_curves`), and everything the paper is about (the staircase, flashes in a working
+curves, `reported.paper_curves`), and everything the paper is about (the staircase, flashes in a working
 model, WilKE delaying the collapse) happens before and around that step. The third-generation
 organisms (MLP width 48) collapse after 4-16 edits. Width buys lifespan (pilots in docs/organisms.md),
 so the ladder trains the third generation's recipe at widths 48, 96, 192, 384 (768 if needed)
@@ -39,10 +39,10 @@ from typing import Any
 import torch
 
 from wilke_lib import claims, counterfact, editing, lifelong, models
+from wilke_lib.analysis.organism_report import REPORT_FILE, TARGETS, recipe_name
 from wilke_lib.generation import greedy_matches
 from wilke_lib.hparams import load_hparams
 from wilke_lib.lifelong import CheckpointPolicy
-from wilke_lib.organisms.report import REPORT_FILE, TARGETS, recipe_name
 from wilke_lib.organisms.train import LADDER, ORGANISM_DIR
 from wilke_lib.results import REPO_ROOT, read_json, write_json_atomic
 

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from wilke_lib import claims as claims_lib
+from wilke_lib import registry as editor_registry
 from wilke_lib.results import model_slug, plain, results_dir, write_text_atomic
 
 BOOK_DIR_VARIABLE = "WILKE_BOOK_DIR"
@@ -51,8 +52,9 @@ class SavedFile(type(Path())):
 DPI = 150
 WIDE_INCHES = 7.0  # figures wider than this are shown at the column width, a click opens the full size
 TABLE1_METRICS = ("S", "ES", "PS", "NS", "ERS", "ORS")
-EDITOR_ORDER = ("FT", "KE", "KN", "MEND", "ROME", "r-ROME", "MEMIT", "AlphaEdit", "COMEBA-HK", "LEMoE", "WilKE (Eq. 10)",
-                "WilKE")
+EDITOR_ORDER: tuple[str, ...] = (tuple(s.label for s in editor_registry.SPECS if s.name != "wilke")
+                                 + (editor_registry.spec("wilke").label,))
+"""The rows of Table 1: the registry's labels in its order, WilKE as released last, as the paper prints it."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 VERDICT_BADGES = {"reproduced": "bdg-success", "partly": "bdg-warning", "not reproduced": "bdg-danger",
                   "not testable here": "bdg-secondary", claims_lib.NOT_RUN: "bdg-dark-line"}

@@ -4,18 +4,21 @@
 * "default": the size the book is built with (the numbers are tuned by the project lead);
 * "paper": the sizes of Hu et al. (2024): 1024 lifelong edits (Table 1), seeds 9, 10, 11
   (three runs; the released code used seed 9), 200 traced records.
+
+Import-light (no torch): a table of sizes reads the editor registry and the checkpoint schedule only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from wilke_lib.lifelong import CheckpointPolicy
+from wilke_lib import registry
+from wilke_lib.schedule import CheckpointPolicy
 
-ALL_EDITORS: tuple[str, ...] = ("ft", "ke", "kn", "mend", "rome", "r-rome", "memit", "alphaedit", "comeba_hk", "lemoe",
-                                "wilke", "wilke-eq10")
-"""The editors of the lifelong tables (`experiments.editor_variant`: "r-rome" is ROME with the update
-of Gupta et al. 2024; "wilke" is WilKE as released, "wilke-eq10" WilKE with the paper's Eq. 10)."""
+ALL_EDITORS: tuple[str, ...] = registry.names()
+"""The editors of the lifelong tables, every editor of the registry in its order (`wilke_lib.registry`:
+"r-rome" is ROME with the update of Gupta et al. 2024; "wilke" is WilKE as released, "wilke-eq10" WilKE
+with the paper's Eq. 10)."""
 
 TABLE1_EDITORS: tuple[str, ...] = ("rome", "memit", "wilke", "wilke-eq10")
 """The editors whose Table 1 rows the paper gives with three seeds (the others: one seed here), and

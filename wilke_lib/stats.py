@@ -20,7 +20,7 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -33,10 +33,13 @@ from transformers import PreTrainedTokenizerBase
 from wilke_lib.arch import ModelAdapter, hooks
 from wilke_lib.models import context_length, model_identity
 from wilke_lib.results import bounded_name, cache_dir
+from wilke_lib.sources import load_corpus
 from wilke_lib.tokens import pad_id_of, right_pad
-from wilke_lib.organisms.world import load_corpus
 
 log = logging.getLogger(__name__)
+
+CorpusLoader = Callable[[str], Sequence[str]]
+"""corpus name or path -> its texts (default `sources.load_corpus`: a registered name or a text file)."""
 
 FORMAT_VERSION = "2"
 
@@ -81,8 +84,8 @@ def default_cache_dir() -> Path:
     return cache_dir("stats")
 
 
-def _load_texts(corpus: str, n_samples: int) -> list[str]:
-    texts = load_corpus(corpus)
+def _load_texts(corpus: str, n_samples: int, corpus_loader: CorpusLoader | None = None) -> list[str]:
+    texts = list((corpus_loader or load_corpus)(corpus))
     if len(texts) < n_samples:
         log.warning("corpus %r has %d texts, fewer than the %d requested; using all", corpus, len(texts), n_samples)
     return texts[:n_samples]
@@ -159,12 +162,14 @@ def _read_cached(path: Path, expected: dict[str, str], shape: tuple[int, int]) -
 def second_moments(model: nn.Module, tok: PreTrainedTokenizerBase, layers: Sequence[int], corpus: str,
                    n_samples: int, batch_size: int = 64, dtype: torch.dtype | str = torch.float32, *,
                    model_key: str | None = None, max_length: int = 256, cache_dir: str | Path | None = None,
-                   progress: bool = True) -> dict[int, torch.Tensor]:
+                   progress: bool = True, corpus_loader: CorpusLoader | None = None) -> dict[int, torch.Tensor]:
     """C^l = E[k k^T] (d_mlp, d_mlp) for every layer in `layers`, on the model's device, in `dtype`.
 
     Layers already cached on disk are loaded; the others are computed together in one pass over
     the corpus (hooks on every missing layer) and saved. `model_key` names the ORIGINAL model
     (default: `model_identity(model)`); pass it explicitly once the model has been edited.
+    `corpus_loader(corpus)` gives the texts (default `sources.load_corpus`: a registered name such as
+    "toy-world", or a text file); the files on disk are keyed by the corpus's name (`corpus_key`).
     """
     layers = list(dict.fromkeys(int(l) for l in layers))
     key = model_key if model_key is not None else model_identity(model)
@@ -183,7 +188,7 @@ def second_moments(model: nn.Module, tok: PreTrainedTokenizerBase, layers: Seque
             continue
         missing.append(l)
     if missing:
-        texts = _load_texts(corpus, n_samples)
+        texts = _load_texts(corpus, n_samples, corpus_loader)
         if not texts:
             raise ValueError(f"corpus {corpus!r} has no texts")
         sums, count = _accumulate(model, tok, missing, texts, batch_size, max_length, progress)
@@ -206,7 +211,9 @@ def second_moments(model: nn.Module, tok: PreTrainedTokenizerBase, layers: Seque
 
 def second_moment(model: nn.Module, tok: PreTrainedTokenizerBase, layer: int, corpus: str, n_samples: int,
                   batch_size: int = 64, dtype: torch.dtype | str = torch.float32, *, model_key: str | None = None,
-                  max_length: int = 256, cache_dir: str | Path | None = None, progress: bool = True) -> torch.Tensor:
+                  max_length: int = 256, cache_dir: str | Path | None = None, progress: bool = True,
+                  corpus_loader: CorpusLoader | None = None) -> torch.Tensor:
     """C = E[k k^T] (d_mlp, d_mlp) of layer `layer`; see `second_moments`."""
     return second_moments(model, tok, [layer], corpus, n_samples, batch_size, dtype, model_key=model_key,
-                          max_length=max_length, cache_dir=cache_dir, progress=progress)[layer]
+                          max_length=max_length, cache_dir=cache_dir, progress=progress,
+                          corpus_loader=corpus_loader)[layer]

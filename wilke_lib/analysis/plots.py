@@ -2,9 +2,10 @@
 
 Every function returns a `matplotlib.figure.Figure` built without pyplot, so a notebook shows it
 once (`wilke_lib.present.Page.figure` saves and captions it). Presentation rules of the book:
-fonts legible at the page's width (`STYLE`), integer ticks on layer axes, and curves that cannot
+fonts legible at the page's width (`STYLE`), integer ticks on layer axes, curves that cannot
 hide one another (each curve its own marker and line style, hollow markers of decreasing size; a
-curve equal to an earlier one says so in the legend). `*_data` functions return the numbers a
+curve equal to an earlier one says so in the legend), and one colour per editor in every figure, its
+colour in the editor registry (`wilke_lib.registry`; other curves beside editors take `SPARE_COLOURS`). `*_data` functions return the numbers a
 figure shows as a tidy table, for the CSV beside it.
 
 This module is longer than the project's 420 lines: every figure of the book is drawn here, with one style (`_styled`)
@@ -23,6 +24,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from wilke_lib import registry
+
 TRACE_CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 TRACE_TITLES = {"hidden": "single restored layer", "mlp": "restored MLP window", "attn": "restored attention window"}
 METRIC_ORDER = ("ES", "PS", "NS", "ERS", "ORS", "S")
@@ -30,6 +33,9 @@ STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fo
          "xtick.labelsize": 9, "ytick.labelsize": 9, "figure.titlesize": 12, "lines.linewidth": 1.4}
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
 LINESTYLES = ("-", "--", "-.", ":")
+SPARE_COLOURS = ("#7F7F7F", "#9467BD", "#BCBD22", "#E377C2", "#2CA02C")
+"""Colours of curves that are not an editor of the registry (ROME fixed at a layer) drawn beside editors:
+none of them is an editor's."""
 
 
 def _styled(function):
@@ -215,7 +221,7 @@ def aie_data(aies: Mapping[str, object] | Sequence[object]) -> pd.DataFrame:
 
 @_styled
 def storage_depth_figure(traced: pd.DataFrame, n_layers: int, *, title: str | None = None) -> Figure:
-    """Where an organism keeps its facts (`organisms.report.traced_frame`): left, the share of the
+    """Where an organism keeps its facts (`analysis.organism_report.traced_frame`): left, the share of the
     clean-vs-corrupted gap recovered by restoring the last subject token's hidden state at its best
     layer; middle, the layer whose MLP at that token recovers most, per subject kind; right (when the
     frame has it), the layer where the subject's own MLP value recovers most beyond a same-token
@@ -290,14 +296,27 @@ def strength_data(flash: Mapping, normal: Mapping | None = None, *, value: str =
 
 
 # --------------------------------------------------------------------------- lifelong curves
+def _curve_colours(names: Sequence, order: Sequence[str] | None) -> dict:
+    """{group: colour} of the curves of one axes: an editor of the registry (by its label) has its colour;
+    beside editors, the other groups take `SPARE_COLOURS` in turn; with no editor among them, `C<i>` of
+    their place in `order` (None without `order`: matplotlib's cycle)."""
+    everyone = list(order) if order is not None else list(names)
+    if not any(registry.colour_of(str(name)) for name in everyone):
+        return {name: f"C{everyone.index(name) % 10}" if order is not None else None for name in names}
+    others = [name for name in everyone if not registry.colour_of(str(name))]
+    return {name: registry.colour_of(str(name)) or SPARE_COLOURS[others.index(name) % len(SPARE_COLOURS)]
+            for name in names}
+
+
 def _curves(ax, df: pd.DataFrame, y: str, group: str, x: str = "step", order: Sequence[str] | None = None) -> None:
     """Mean over seeds of `y` vs `x` per `group`, with a min-max band when there are several seeds.
-    Each group has its own marker and line style; a curve equal to an earlier one is named so. With
-    `order` (every group of the figure), a group keeps its colour and marker on every axes that shows
-    it, whichever groups an axes lacks."""
+    Each group has its own marker and line style; a curve equal to an earlier one is named so; an editor
+    has its colour of the registry (`_curve_colours`). With `order` (every group of the figure), a group
+    keeps its colour and marker on every axes that shows it, whichever groups an axes lacks."""
     groups = list(df.groupby(group, sort=False))
     if order is not None:
         groups.sort(key=lambda item: list(order).index(item[0]))
+    colours = _curve_colours([name for name, _ in groups], order)
     drawn: list[tuple[str, pd.DataFrame]] = []
     for k, (name, sub) in enumerate(groups):
         i, n = (list(order).index(name), len(order)) if order is not None else (k, len(groups))
@@ -306,7 +325,7 @@ def _curves(ax, df: pd.DataFrame, y: str, group: str, x: str = "step", order: Se
             s["mean"].to_numpy(), stats["mean"].to_numpy(), rtol=0, atol=1e-9) and (s[x].to_numpy() == stats[x].to_numpy()).all()),
             None)
         label = f"{name} (= {same})" if same else str(name)
-        colour = {"color": f"C{i % 10}"} if order is not None else {}
+        colour = {"color": colours[name]} if colours[name] is not None else {}
         line, = ax.plot(stats[x], stats["mean"], label=label, **_series_style(i, n), **colour)
         if (stats["max"] > stats["min"]).any():
             ax.fill_between(stats[x], stats["min"], stats["max"], color=line.get_color(), alpha=0.15)

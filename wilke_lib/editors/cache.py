@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from wilke_lib.arch import frozen, model_device
 from wilke_lib.errors import EditError
 from wilke_lib.models import model_identity
-from wilke_lib.stats import second_moments
+from wilke_lib.stats import CorpusLoader, second_moments
 
 
 @torch.no_grad()
@@ -87,6 +87,8 @@ class EditCache:
 
     model_key: identity of the ORIGINAL (unedited) model; statistics on disk are stored under it.
     stats_dir: root of the on-disk statistics cache (default `<repo>/.cache/stats`).
+    corpus_loader: the texts of a settings' `mom2_corpus` (default `sources.load_corpus`: a registered
+    name such as "toy-world", or a text file); the editors reach a corpus only through it.
     Spectral norms are not cached: they change as the weights are edited.
     """
 
@@ -97,11 +99,14 @@ class EditCache:
     mom2_inv: dict[tuple, torch.Tensor] = field(default_factory=dict)
     projectors: dict[tuple, torch.Tensor] = field(default_factory=dict)
     progress: bool = False
+    corpus_loader: CorpusLoader | None = None
 
     @classmethod
-    def for_model(cls, model: nn.Module, stats_dir: str | Path | None = None) -> "EditCache":
+    def for_model(cls, model: nn.Module, stats_dir: str | Path | None = None,
+                  corpus_loader: CorpusLoader | None = None) -> "EditCache":
         """A cache keyed by `model`'s identity; create it from the ORIGINAL model."""
-        return cls(model_key=model_identity(model), stats_dir=Path(stats_dir) if stats_dir else None)
+        return cls(model_key=model_identity(model), stats_dir=Path(stats_dir) if stats_dir else None,
+                   corpus_loader=corpus_loader)
 
     def get_prefixes(self, model: nn.Module, tok: PreTrainedTokenizerBase, hparams: Any) -> list[str]:
         """The context prefixes c_j of ROME Eq. 4 / WilKE Eq. 9 ("" = the bare prompt first)."""
@@ -123,7 +128,7 @@ class EditCache:
             found = second_moments(model, tok, missing, hparams.mom2_corpus, hparams.mom2_n_samples,
                                    hparams.mom2_batch_size, hparams.mom2_dtype, model_key=self.model_key,
                                    max_length=hparams.mom2_max_length, cache_dir=self.stats_dir,
-                                   progress=self.progress)
+                                   progress=self.progress, corpus_loader=self.corpus_loader)
             for l, mom2 in found.items():
                 self.mom2[self._stats_key(hparams, l)] = mom2
         return {l: self.mom2[self._stats_key(hparams, l)] for l in layers}

@@ -242,7 +242,7 @@ def load(rdir: Path, source: str = "read back") -> store.RunResult:
 def matrix(model_names: Sequence[str], editors: Sequence[str], batch_sizes: Sequence[int], n_edits: int,
            seed: int = 9) -> list[ConsecutiveConfig]:
     """Every (model, editor, batch size) run, the smallest batches first. An editor that writes one
-    request at a time (not in `editors.BATCH_EDITORS`: ROME, WilKE, FT, KN) makes the same edits in
+    request at a time (no batch function in the registry: FT, KE, KN, MEND, ROME, WilKE) makes the same edits in
     the same order whatever the batch size, so it runs once, with the smallest batch size (measured
     after every batch of it); `one_at_a_time` tells which editors these are."""
     smallest = min(batch_sizes)

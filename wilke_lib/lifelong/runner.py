@@ -35,10 +35,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from wilke_lib import counterfact, editing, generation
+from wilke_lib import counterfact, editing, generation, registry
 from wilke_lib.arch import ModelAdapter
 from wilke_lib.editors.cache import EditCache
 from wilke_lib.editors.common import EditorState
+from wilke_lib.hparams import editor_of
 from wilke_lib.lifelong import provenance, store
 from wilke_lib.lifelong.config import (LifelongConfig, checkpoint_steps, records_fingerprint, resolve_hparams, run_dir,
                                        run_identity)
@@ -74,14 +75,20 @@ class Backend:
 
 
 def predefined_layers(hparams: Any) -> list[int]:
-    """The layer(s) an editor edits unless told otherwise (ROME/FT `layer`, MEMIT/KN `layers`); []
-    for WilKE, which chooses per edit."""
-    if getattr(hparams, "editor", "") == "wilke":
+    """The layer(s) an editor edits unless told otherwise, by its layer rule in the registry
+    (`registry.EditorSpec.layers`): the setting `layer` (ROME, FT, LEMoE) or `layers` (MEMIT, KN, ...);
+    [] for WilKE, which chooses per edit, and for KN's None (every layer). Settings of a class outside the
+    registry (a custom backend's) by their `layers`, else their `layer`."""
+    try:
+        rule = registry.spec(editor_of(hparams)).layers
+    except TypeError:
+        rule = None
+    if rule == "chosen":
         return []
-    layers = getattr(hparams, "layers", None)
+    layers = getattr(hparams, "layers", None) if rule in (None, "layers") else None
     if layers:
         return [int(l) for l in layers]
-    layer = getattr(hparams, "layer", None)
+    layer = getattr(hparams, "layer", None) if rule in (None, "layer") else None
     return [int(layer)] if isinstance(layer, int) else []
 
 

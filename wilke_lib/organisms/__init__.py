@@ -3,7 +3,10 @@
 * `world`: the synthetic world in CounterFact format (facts, training documents, records);
 * `train`: tokenizer and model training (`python -m wilke_lib.organisms --all` = `make organisms`);
 * `interventions`: training interventions that shape where facts are kept (off by default);
-* `report`: where an organism keeps its facts (`make organism-report`).
+* `records`: the world's facts as CounterFact records (the record source "toy-world", `wilke_lib.sources`).
+
+Where an organism keeps its facts (`make organism-report`) is an analysis: `wilke_lib.analysis.organism_report`.
+The organisms sit above the editors and the lifelong protocol and below the analyses (docs/design.md).
 """
 
 from wilke_lib.organisms.interventions import (NameFinder, PlantedDepth, knockout_mask, mlp_drop_hooks, planted_layer,

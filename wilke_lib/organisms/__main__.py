@@ -1,4 +1,6 @@
-"""Train the model organisms, or measure where they keep their facts.
+"""Train the model organisms, or measure where they keep their facts (`analysis.organism_report`).
+
+A command, at the top of the layers (docs/design.md): it drives the organisms and their report, an analysis.
 
     python -m wilke_lib.organisms train --all                 # = make organisms
     python -m wilke_lib.organisms train --name toy-gpt2 --epochs 5 --out /tmp/quick
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from wilke_lib.organisms.report import REPORT_FILE, organism_report, target_table
+from wilke_lib.analysis.organism_report import REPORT_FILE, organism_report, target_table
 from wilke_lib.organisms.train import ORGANISM_DIR, ORGANISMS, train
 from wilke_lib.results import write_json_atomic
 
