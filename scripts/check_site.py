@@ -15,10 +15,22 @@ Failures, counted per kind:
 * ``traceback``: an output cell that shows a Python traceback (an error output);
 * ``progress bar``: a progress bar (tqdm) or a "Warning:" line with a local path in an output cell;
 * ``uncaptioned figure``: a figure without a caption, or an image in an output cell that is not in
-  a captioned figure.
+  a captioned figure;
+* ``faint caption``: a figure or table caption set in a font weight below 400 (the theme's default is 300);
+* ``overflowing table``: a table wider than the column that holds it at the checked width (1,400 px:
+  the reader scrolls it sideways);
+* ``small-text image``: a figure's image shown at less than half its natural width (a PNG of 1,967 px
+  shown 600 px wide): text drawn at 10 pt and 150 dpi then reaches the reader below 9 px;
+* ``long cell``: a cell of the glance table (``table.wilke-glance``) that runs to more than 40 lines
+  when the page is 600 px wide (details belong behind a dropdown or a link).
+
+Warnings, counted and listed but not failing the check (``--strict`` makes them errors):
+
+* ``tall page``: a page taller than ``--max-height`` (6,000 px) at 1,400 px wide as it loads, with its
+  code cells folded (the book folds them behind a toggle).
 
 Prints the counts (pages, links, images, figures, tables, formulas, and the errors of each kind)
-and exits 1 when there is any error. Needs Debian's ``chromium`` and ``chromium-driver`` (the
+and exits 1 when there is any error. Each page's height is printed with ``--heights``. Needs Debian's ``chromium`` and ``chromium-driver`` (the
 driver is used from its system path, nothing is downloaded) and the Python package ``selenium``.
 
     python scripts/check_site.py                        # book/_build/html
@@ -27,10 +39,12 @@ driver is used from its system path, nothing is downloaded) and the Python packa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import http.server
 import json
 import shutil
+import statistics
 import sys
 import threading
 import time
@@ -40,7 +54,14 @@ from urllib.parse import unquote, urldefrag, urljoin, urlparse
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("broken link", "broken image", "console error", "raw LaTeX", "raw markup", "traceback", "progress bar",
-         "uncaptioned figure")
+         "uncaptioned figure", "faint caption", "overflowing table", "small-text image", "long cell")
+WARNING_KINDS = ("tall page",)
+WIDTH = 1400           # px, the window the pages are checked at
+NARROW_WIDTH = 600     # px, the window the glance table's cells are measured at
+MAX_HEIGHT = 6000      # px, the height above which a page is "tall" (with its code folded)
+MAX_IMAGE_RATIO = 2.0  # natural / displayed width above which a figure's text is too small to read
+MAX_CELL_LINES = 40    # lines of a glance-table cell at NARROW_WIDTH
+NO_HEIGHT_PAGES = ("genindex.html", "search.html")  # generated lists, long by nature
 SKIPPED_DIRS = ("_static", "_sources", "_images", "_downloads", "glance_files")
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 DRIVER_NAMES = ("chromedriver",)
@@ -52,7 +73,7 @@ const latex = /\\\(|\\\[|\\begin\{|\\end\{|\$[^$\n]{0,200}\\[A-Za-z|{][^$\n]{0,2
 const article = document.querySelector('main') || document.body;
 const rawLatex = [];
 // MyST or Markdown that reached the reader as text: a fence, a directive, its options, a link, a lost placeholder
-const rawMarkup = /```|\{(table|figure|list-table|note|admonition)\}|^\s*:(name|class|alt|width):|\]\(|runs\/\/|\/(work|home|tmp)\/[\w.-]+\//m;
+const rawMarkup = /```|\{(table|figure|list-table|note|admonition|dropdown)\}|\{(numref|doc|ref|cite|bdg-[a-z-]+)\}`|^\s*:(name|class|alt|width|open):|\]\(|runs\/\/|\/(work|home|tmp)\/[\w.-]+\//m;
 const rawMarkup_ = [];
 const walker = document.createTreeWalker(article, NodeFilter.SHOW_TEXT);
 while (walker.nextNode()) {
@@ -81,16 +102,74 @@ const uncaptioned = figures.filter(f => { const c = f.querySelector('figcaption'
 for (const img of document.querySelectorAll('.cell_output img')) {
   if (!img.closest('figure')) uncaptioned.push(img.getAttribute('src').slice(0, 120));
 }
+// Layout at the window's width: tables wider than their column, figures shown far below their natural width,
+// the page's height as it loads (code cells folded behind their toggles).
+const column = document.querySelector('main .bd-article, main article, main') || document.body;
+const columnWidth = column.clientWidth;
+const tableWidths = [];
+for (const table of document.querySelectorAll('main table')) {
+  const width = table.getBoundingClientRect().width;
+  if (!width) continue;  // inside a closed dropdown
+  const holder = table.closest('.pst-scrollable-table-container, .table-wrapper') || table.parentElement;
+  const available = Math.min(holder.clientWidth || columnWidth, columnWidth);
+  const caption = table.querySelector('caption');
+  tableWidths.push({name: table.id || (caption ? caption.textContent.trim().slice(0, 60) : 'table'),
+                    width: Math.round(width), available: available});
+}
+const imageWidths = [];
+for (const img of document.querySelectorAll('main img')) {
+  const shown = img.getBoundingClientRect().width;
+  if (!shown || !img.naturalWidth || /\.svg($|\?)/.test(img.currentSrc || img.src)) continue;
+  imageWidths.push({src: (img.getAttribute('src') || '').slice(0, 120), natural: img.naturalWidth, shown: Math.round(shown)});
+}
+const faint = [];
+for (const caption of document.querySelectorAll('main figcaption, main table > caption')) {
+  const weight = parseInt(getComputedStyle(caption).fontWeight, 10);
+  const text = caption.querySelector('.caption-text') || caption;
+  const textWeight = parseInt(getComputedStyle(text).fontWeight, 10);
+  if (Math.min(weight, textWeight) < 400 && caption.textContent.trim())
+    faint.push(`weight ${Math.min(weight, textWeight)}: ${caption.textContent.trim().slice(0, 60)}`);
+}
 return {
   title: document.title,
+  height: Math.max(document.documentElement.scrollHeight, document.body.scrollHeight),
+  tableWidths, imageWidths, glanceTable: !!document.querySelector('table.wilke-glance'),
   links: Array.from(document.querySelectorAll('a[href]')).map(a => a.getAttribute('href')),
   images: Array.from(document.images).map(i => ({src: i.currentSrc || i.src, ok: i.complete && i.naturalWidth > 0})),
   ids: Array.from(document.querySelectorAll('[id], a[name]')).map(e => e.id || e.getAttribute('name')),
   figures: figures.length,
   tables: document.querySelectorAll('main table').length,
   math: document.querySelectorAll('mjx-container').length,
-  rawLatex, rawMarkup: rawMarkup_, tracebacks, progress, uncaptioned,
+  rawLatex, rawMarkup: rawMarkup_, tracebacks, progress, uncaptioned, faint,
 };
+"""
+
+# The lines of each cell of the glance table (run at NARROW_WIDTH).
+CELL_SCRIPT = r"""
+const out = [];
+for (const table of document.querySelectorAll('table.wilke-glance')) {
+  table.querySelectorAll('tr').forEach((tr, row) => tr.querySelectorAll('td, th').forEach((cell, col) => {
+    const style = getComputedStyle(cell);
+    let line = parseFloat(style.lineHeight);
+    if (!line) line = 1.5 * parseFloat(style.fontSize);
+    // the cell's content as shown (not the row's height it is stretched to, nor a closed dropdown's body)
+    let top = Infinity, bottom = -Infinity;
+    for (const child of cell.children) {
+      const box = child.getBoundingClientRect();
+      if (box.height > 0) { top = Math.min(top, box.top); bottom = Math.max(bottom, box.bottom); }
+    }
+    if (!cell.children.length) {
+      const range = document.createRange();
+      range.selectNodeContents(cell);
+      const box = range.getBoundingClientRect();
+      top = box.top; bottom = box.bottom;
+    }
+    const height = bottom > top ? bottom - top : 0;
+    out.push({row: row, col: col, height: Math.round(height), line: line,
+              text: cell.textContent.trim().replace(/\s+/g, ' ').slice(0, 60)});
+  }));
+}
+return out;
 """
 
 # Waits for MathJax 3 (when the page loads it) to finish typesetting.
@@ -107,6 +186,32 @@ const start = Date.now();
 """
 
 
+def overflowing_tables(widths: list[dict], tolerance: float = 1.0) -> list[str]:
+    """The tables wider than the column that holds them (`widths`: name, width, available, in px)."""
+    return [f"{t['name']}: {t['width']} px in a column of {t['available']} px" for t in widths
+            if t["width"] > t["available"] + tolerance]
+
+
+def small_text_images(widths: list[dict], max_ratio: float = MAX_IMAGE_RATIO) -> list[str]:
+    """The images shown at less than 1/`max_ratio` of their natural width (`widths`: src, natural, shown, px):
+    their text reaches the reader that many times smaller than it was drawn."""
+    return [f"{i['src']}: {i['natural']} px shown {i['shown']} px wide (x{i['natural'] / i['shown']:.1f})"
+            for i in widths if i["shown"] > 0 and i["natural"] / i["shown"] > max_ratio]
+
+
+def long_cells(cells: list[dict], max_lines: int = MAX_CELL_LINES) -> list[str]:
+    """The table cells that run to more than `max_lines` lines (`cells`: row, col, height and line height in
+    px, the start of the text)."""
+    return [f"row {c['row']}, column {c['col']}: {c['height'] / c['line']:.0f} lines ({c['text']!r})" for c in cells
+            if c["line"] > 0 and c["height"] / c["line"] > max_lines]
+
+
+def is_tall(page: str, height: float, max_height: float = MAX_HEIGHT) -> bool:
+    """Whether `page` (site-relative) is taller than `max_height` px; the generated lists (index, search) are not
+    held to it."""
+    return page not in NO_HEIGHT_PAGES and height > max_height
+
+
 @dataclass
 class Report:
     pages: int = 0
@@ -116,20 +221,36 @@ class Report:
     figures: int = 0
     tables: int = 0
     formulas: int = 0
+    heights: dict[str, int] = field(default_factory=dict)
     errors: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    warnings: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in WARNING_KINDS})
 
     def add(self, kind: str, page: str, detail: str) -> None:
-        self.errors[kind].append(f"{page}: {detail}")
+        (self.warnings if kind in WARNING_KINDS else self.errors)[kind].append(f"{page}: {detail}")
 
     @property
     def n_errors(self) -> int:
         return sum(len(v) for v in self.errors.values())
 
+    @property
+    def n_warnings(self) -> int:
+        return sum(len(v) for v in self.warnings.values())
+
+    def strict(self) -> "Report":
+        """The same report with every warning counted as an error."""
+        errors = {**{k: list(v) for k, v in self.errors.items()}, **{k: list(v) for k, v in self.warnings.items()}}
+        return dataclasses.replace(self, errors=errors, warnings={k: [] for k in WARNING_KINDS})
+
     def summary(self) -> str:
         lines = [f"pages: {self.pages}", f"internal links: {self.links} (external, not followed: {self.external_links})",
                  f"images: {self.images}", f"figures: {self.figures}", f"tables: {self.tables}",
                  f"formulas typeset: {self.formulas}"]
-        lines += [f"{kind}s: {len(self.errors[kind])}" for kind in KINDS]
+        if self.heights:
+            tallest = max(self.heights, key=self.heights.get)
+            lines.append(f"page height at {WIDTH} px, code folded: median {statistics.median(self.heights.values()):,.0f} px, "
+                         f"tallest {self.heights[tallest]:,} px ({tallest})")
+        lines += [f"{kind}s: {len(self.errors[kind])}" for kind in self.errors]
+        lines += [f"{kind}s (warning): {len(self.warnings[kind])}" for kind in self.warnings]
         return "\n".join(lines)
 
 
@@ -162,7 +283,7 @@ def find_browser(chromium: str | None = None, driver: str | None = None) -> tupl
     return (chromium, driver) if chromium and driver else None
 
 
-def start_browser(chromium: str, driver: str, width: int = 1280, height: int = 900):
+def start_browser(chromium: str, driver: str, width: int = WIDTH, height: int = 900):
     """Headless Chromium driven through the system chromedriver (no driver download)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -209,22 +330,39 @@ def load_page(driver, url: str, attempts: int = 2) -> str:
     return "timeout (the browser's script timeout, page loaded twice)"
 
 
+def page_info(driver, attempts: int = 5) -> dict:
+    """PAGE_SCRIPT's result on the loaded page. A page that is still being replaced (a redirect such as index.html
+    -> glance.html, caught between the two documents: no body yet) is read again a moment later."""
+    from selenium.common.exceptions import JavascriptException
+
+    for attempt in range(attempts):
+        try:
+            return driver.execute_script(PAGE_SCRIPT)
+        except JavascriptException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.3)
+    raise AssertionError("unreachable")
+
+
 def check_site(html_dir: Path, browser_paths: tuple[str, str], *, screenshots: list[str] = (),
-               screenshot_dir: Path | None = None, verbose: bool = False) -> Report:
-    """Load every page of the site in headless Chromium and collect the counts and the errors."""
+               screenshot_dir: Path | None = None, verbose: bool = False, max_height: float = MAX_HEIGHT) -> Report:
+    """Load every page of the site in headless Chromium (WIDTH px wide) and collect the counts, the errors and
+    the warnings; the pages with a glance table are measured again NARROW_WIDTH px wide."""
     html_dir = Path(html_dir)
     report = Report()
     server, base, failed_requests = serve(html_dir)
     driver = start_browser(*browser_paths)
     ids: dict[str, set[str]] = {}
     links: list[tuple[str, str, str]] = []
+    narrow: list[str] = []
     try:
         for page in site_pages(html_dir):
             url = base + page
             before = len(failed_requests)
             state = load_page(driver, url)
             time.sleep(0.05)
-            info = driver.execute_script(PAGE_SCRIPT)
+            info = page_info(driver)
             report.pages += 1
             if verbose:
                 print(f"{page}: {info['title']} (MathJax: {state})", flush=True)
@@ -239,6 +377,8 @@ def check_site(html_dir: Path, browser_paths: tuple[str, str], *, screenshots: l
                 if not request.endswith("/favicon.ico"):  # asked by the browser, not by the page
                     report.add("broken image", page, f"request failed: {request}")
             ids[page] = set(info["ids"])
+            if driver.current_url.split("#")[0] != url:
+                continue  # a redirect (index.html -> the root page): its target is checked, and counted, as itself
             for href in info["links"]:
                 target = _target(html_dir, base, url, href)
                 if target is None:
@@ -254,15 +394,32 @@ def check_site(html_dir: Path, browser_paths: tuple[str, str], *, screenshots: l
             report.tables += info["tables"]
             report.formulas += info["math"]
             for kind, key in (("raw LaTeX", "rawLatex"), ("raw markup", "rawMarkup"), ("traceback", "tracebacks"),
-                              ("progress bar", "progress"), ("uncaptioned figure", "uncaptioned")):
+                              ("progress bar", "progress"), ("uncaptioned figure", "uncaptioned"),
+                              ("faint caption", "faint")):
                 for detail in info[key]:
                     report.add(kind, page, detail)
+            for detail in overflowing_tables(info["tableWidths"]):
+                report.add("overflowing table", page, detail)
+            for detail in small_text_images(info["imageWidths"]):
+                report.add("small-text image", page, detail)
+            report.heights[page] = int(info["height"])
+            if is_tall(page, info["height"], max_height):
+                report.add("tall page", page, f"{int(info['height']):,} px")
+            if info["glanceTable"]:
+                narrow.append(page)
             if page in screenshots and screenshot_dir is not None:
                 screenshot_dir.mkdir(parents=True, exist_ok=True)
                 height = driver.execute_script("return document.body.scrollHeight")
-                driver.set_window_size(1280, min(int(height) + 100, 6000))
+                driver.set_window_size(WIDTH, min(int(height) + 100, 6000))
                 driver.save_screenshot(str(screenshot_dir / (page.replace("/", "__") + ".png")))
-                driver.set_window_size(1280, 900)
+                driver.set_window_size(WIDTH, 900)
+        if narrow:
+            driver.set_window_size(NARROW_WIDTH, 900)
+            for page in narrow:
+                load_page(driver, base + page)
+                for detail in long_cells(driver.execute_script(CELL_SCRIPT)):
+                    report.add("long cell", page, f"at {NARROW_WIDTH} px, {detail}")
+            driver.set_window_size(WIDTH, 900)
     finally:
         driver.quit()
         server.shutdown()
@@ -285,6 +442,10 @@ def main(argv=None) -> int:
     ap.add_argument("--screenshot-dir", type=Path, default=REPO / "book" / "_build" / "screenshots")
     ap.add_argument("--max-listed", type=int, default=20, help="errors listed per kind (all are counted)")
     ap.add_argument("--json", type=Path, default=None, help="also write the counts and errors as JSON")
+    ap.add_argument("--max-height", type=float, default=MAX_HEIGHT,
+                    help=f"px above which a page is tall at {WIDTH} px wide (default {MAX_HEIGHT})")
+    ap.add_argument("--strict", action="store_true", help="count the warnings (tall pages) as errors")
+    ap.add_argument("--heights", action="store_true", help="print every page's height, tallest first")
     ap.add_argument("-v", "--verbose", action="store_true", help="print each page as it is checked")
     args = ap.parse_args(argv)
     if not (args.html_dir / "index.html").is_file():
@@ -302,18 +463,25 @@ def main(argv=None) -> int:
         return 2
     t0 = time.perf_counter()
     report = check_site(args.html_dir, browser, screenshots=args.screenshot, screenshot_dir=args.screenshot_dir,
-                        verbose=args.verbose)
-    for kind in KINDS:
-        for line in report.errors[kind][: args.max_listed]:
-            print(f"{kind}: {line}")
-        if len(report.errors[kind]) > args.max_listed:
-            print(f"{kind}: ... and {len(report.errors[kind]) - args.max_listed} more")
+                        verbose=args.verbose, max_height=args.max_height)
+    if args.strict:
+        report = report.strict()
+    if args.heights:
+        for page, height in sorted(report.heights.items(), key=lambda kv: -kv[1]):
+            print(f"height: {height:>7,} px  {page}")
+    for found, label in ((report.warnings, "warning: "), (report.errors, "")):
+        for kind, lines in found.items():
+            for line in lines[: args.max_listed]:
+                print(f"{label}{kind}: {line}")
+            if len(lines) > args.max_listed:
+                print(f"{label}{kind}: ... and {len(lines) - args.max_listed} more")
     print(report.summary())
     print(f"check-site: {'FAILED' if report.n_errors else 'passed'} ({report.n_errors} errors, "
-          f"{time.perf_counter() - t0:.0f} s)")
+          f"{report.n_warnings} warnings, {time.perf_counter() - t0:.0f} s)")
     if args.json:
-        args.json.write_text(json.dumps({"counts": {k: v for k, v in vars(report).items() if k != "errors"},
-                                         "errors": report.errors}, indent=1))
+        args.json.write_text(json.dumps({"counts": {k: v for k, v in vars(report).items()
+                                                    if k not in ("errors", "warnings")},
+                                         "errors": report.errors, "warnings": report.warnings}, indent=1))
     return 1 if report.n_errors else 0
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 nbformat = pytest.importorskip("nbformat")
@@ -19,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
 
 
-from scripts import check_site  # noqa: E402
-from test_book import papermill_notebook  # noqa: E402
+from helpers import papermill_notebook  # noqa: E402
+from scripts import check_site, make_glance  # noqa: E402
+from wilke_lib import claims, headline  # noqa: E402
 
 
 def _browser():
@@ -56,17 +58,31 @@ def _static_site(root: Path) -> Path:
            '<pre>rome toy seed 9:  50%|█████     | 8/16 [00:34&lt;00:32,  4.03s/edit]</pre>'
            '<img src="_images/ok.png" alt="plain output image"></div>'
            '<script>console.error("planted console error")</script>'
-           '<p>````{table} A caption with `code` :name: toy-gpt2-03-x</p><p>read from runs//</p>')
+           '<p>````{table} A caption with `code` :name: toy-gpt2-03-x</p><p>read from runs//</p>'
+           # layout: a table wider than the column, a figure shown at a fifth of its width, a faint caption, a
+           # glance-table cell of hundreds of lines at 600 px, and a page far taller than 6,000 px
+           '<table id="wide"><tr><td><div style="width:3000px">wide</div></td></tr></table>'
+           '<figure><img src="_images/wide.png" style="width:40px" alt="dense"><figcaption>Fig. 1.2 Dense.</figcaption>'
+           '</figure><figure><img src="_images/ok.png" alt="y"><figcaption style="font-weight:300">Fig. 1.3 Faint.'
+           '</figcaption></figure><table class="wilke-glance"><tr><td><p>' + "word " * 3000 + '</p></td></tr></table>'
+           '<div style="height:7000px"></div>')
+    _png(html / "_images" / "wide.png", 200, 10)
     (html / "index.html").write_text(PAGE.format(title="Good", body=good))
     (html / "bad.html").write_text(PAGE.format(title="Faults", body=bad))
     return html
+
+
+def _png(path: Path, width: int, height: int) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (width, height), "white").save(path)
 
 
 def test_checker_finds_each_planted_fault_and_passes_a_clean_page(tmp_path):
     browser = _browser()
     html = _static_site(tmp_path)
     report = check_site.check_site(html, browser)
-    assert report.pages == 2 and report.images == 4 and report.figures == 2
+    assert report.pages == 2 and report.images == 6 and report.figures == 4
     errors = {kind: [e for e in found if e.startswith("bad.html")] for kind, found in report.errors.items()}
     assert not any(e.startswith("index.html") for found in report.errors.values() for e in found), report.errors
     assert len(errors["broken link"]) == 2  # a missing page and a missing anchor
@@ -76,7 +92,153 @@ def test_checker_finds_each_planted_fault_and_passes_a_clean_page(tmp_path):
     assert len(errors["traceback"]) == 1 and len(errors["progress bar"]) == 1
     assert len(errors["raw markup"]) == 2  # the fence of a table that did not render, a swallowed placeholder
     assert len(errors["uncaptioned figure"]) == 2  # a figure without caption, an output image outside a figure
-    assert report.external_links == 1 and "pages: 2" in report.summary()
+    assert len(errors["overflowing table"]) == 1 and errors["overflowing table"][0].startswith("bad.html: wide: ")
+    assert len(errors["small-text image"]) == 1 and "wide.png: 200 px shown 40 px wide (x5.0)" in errors["small-text image"][0]
+    assert len(errors["faint caption"]) == 1 and "weight 300" in errors["faint caption"][0]
+    assert len(errors["long cell"]) == 1 and "at 600 px, row 0, column 0" in errors["long cell"][0]
+    assert [w.split(":")[0] for w in report.warnings["tall page"]] == ["bad.html"]
+    assert report.heights["index.html"] < check_site.MAX_HEIGHT < report.heights["bad.html"]
+    assert report.external_links == 1 and "pages: 2" in report.summary() and "tall pages (warning): 1" in report.summary()
+    assert report.strict().n_errors == report.n_errors + 1 and report.strict().n_warnings == 0
+
+
+# ------------------------------------------------------------------------- the checker's rules, without a browser
+def test_layout_rules_flag_wide_tables_dense_images_long_cells_and_tall_pages():
+    tables = [{"name": "t1", "width": 900, "available": 772}, {"name": "t2", "width": 772, "available": 772},
+              {"name": "t3", "width": 773, "available": 772}]  # one pixel of rounding is not an overflow
+    assert check_site.overflowing_tables(tables) == ["t1: 900 px in a column of 772 px"]
+    images = [{"src": "a.png", "natural": 1967, "shown": 600}, {"src": "b.png", "natural": 1350, "shown": 756},
+              {"src": "c.png", "natural": 1512, "shown": 756}, {"src": "hidden.png", "natural": 900, "shown": 0}]
+    assert check_site.small_text_images(images) == ["a.png: 1967 px shown 600 px wide (x3.3)"]  # ratio 2 passes
+    cells = [{"row": 3, "col": 1, "height": 26.4 * 41, "line": 26.4, "text": "long"},
+             {"row": 3, "col": 2, "height": 26.4 * 40, "line": 26.4, "text": "forty"},
+             {"row": 0, "col": 0, "height": 500, "line": 0, "text": "no line height"}]
+    assert check_site.long_cells(cells) == ["row 3, column 1: 41 lines ('long')"]
+    assert check_site.is_tall("toy-gpt2/03_lifelong.html", 15423) and not check_site.is_tall("intro.html", 5085)
+    assert not check_site.is_tall("genindex.html", 9000) and check_site.is_tall("intro.html", 5085, max_height=5000)
+
+
+def test_report_keeps_warnings_apart_and_strict_counts_them():
+    report = check_site.Report()
+    report.add("tall page", "a.html", "7,000 px")
+    report.add("overflowing table", "a.html", "t: 900 px in a column of 772 px")
+    report.heights.update({"a.html": 7000, "b.html": 3000})
+    assert report.n_errors == 1 and report.n_warnings == 1
+    summary = report.summary()
+    assert "overflowing tables: 1" in summary and "tall pages (warning): 1" in summary
+    assert "median 5,000 px, tallest 7,000 px (a.html)" in summary
+    strict = report.strict()
+    assert strict.n_errors == 2 and strict.n_warnings == 0 and strict.errors["tall page"] == ["a.html: 7,000 px"]
+    assert report.n_warnings == 1  # the report itself is unchanged
+
+
+# ------------------------------------------------------------------------- the glance page's headline
+def _curve(editor: str, seed, steps, values) -> pd.DataFrame:
+    return pd.DataFrame({"editor": editor, "seed": seed, "step": steps, "S": values})
+
+
+def _panels() -> list:
+    """Two made-up panels: ROME with three finished seeds, WilKE unfinished on one model, the paper's curves."""
+    steps = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+    panels = []
+    for model, paper_model in (("toy-gpt2", "gpt2-xl"), ("toy-gptj", "gpt-j-6b")):
+        per_seed = pd.concat([_curve("ROME", seed, steps, [90 - 8 * i - seed for i in range(11)]) for seed in (9, 10, 11)]
+                             + [_curve("MEMIT", 9, steps, [95 - 5 * i for i in range(11)])], ignore_index=True)
+        ours = headline.mean_over_seeds(per_seed.assign(S=per_seed["S"] / 100))
+        unfinished = _curve("WilKE", 9, steps[:5], [97, 90, 80, 60, 30]) if model == "toy-gptj" else _curve("WilKE", 9, [], [])
+        paper = pd.concat([_curve(e, "paper", steps, [88 - k * i for i in range(11)]).drop(columns="seed")
+                           for e, k in (("ROME", 8), ("MEMIT", 4), ("WilKE", 3))], ignore_index=True)
+        panels.append(headline.Panel(model=model, paper_model=paper_model, ours=ours, unfinished=unfinished,
+                                     paper=paper, per_seed=per_seed, seeds={"ROME": [9, 10, 11], "MEMIT": [9]},
+                                     pending={"WilKE": "seed 9 at 16 of 1,024 edits"} if model == "toy-gptj" else {},
+                                     sources=[f"{model}/{model}__rome__n1024__seed9__x"]))
+    return panels
+
+
+def test_mean_over_seeds_keeps_the_steps_every_seed_measured():
+    curves = pd.concat([_curve("ROME", 9, [1, 2, 4], [0.9, 0.5, 0.1]), _curve("ROME", 10, [1, 2], [0.7, 0.3])])
+    mean = headline.mean_over_seeds(curves)
+    assert mean["step"].tolist() == [1, 2] and mean["S"].round(6).tolist() == [80.0, 40.0]
+    assert set(mean["seeds"]) == {2}
+
+
+def test_headline_figure_is_legible_at_the_column_width_and_its_data_is_tidy(tmp_path):
+    from PIL import Image
+
+    panels = _panels()
+    fig = headline.headline_figure(panels)
+    assert len(fig.axes) == 2 and [ax.get_xscale() for ax in fig.axes] == ["log", "log"]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels[:3] == ["ROME", "MEMIT", "WilKE"] and "organism: unfinished run" in labels
+    assert "paper (authors' curves)" in labels
+    fig.savefig(tmp_path / "h.png", dpi=headline.DPI, bbox_inches="tight")
+    width = Image.open(tmp_path / "h.png").width
+    column = 756  # px, the book's column at a 1,400 px window (make check-site)
+    assert column <= width <= check_site.MAX_IMAGE_RATIO * column  # filled, and its 9.5-pt text shown >= 9 px
+    assert 9.5 * headline.DPI / 72 / (width / column) >= 9
+    frame = headline.headline_frame(panels)
+    assert list(frame.columns) == ["model", "curve", "editor", "seeds", "step", "S"]
+    assert set(frame["model"]) == {"toy-gpt2", "toy-gptj", "GPT2-XL", "GPT-J"}
+    assert (frame.loc[frame["curve"].str.contains("unfinished"), "model"] == "toy-gptj").all()
+    collapse = headline.collapse_summary(panels)
+    assert set(collapse) == {"toy-gpt2", "toy-gptj"} and collapse["toy-gpt2"][1] == 64.0  # 88 - 8i: below 44 at the 7th checkpoint
+    assert len(collapse["toy-gpt2"][0]) == 3  # one collapse step per finished seed
+    assert headline.colour("ROME").startswith("#") and headline.colour("made-up editor") == "#7F7F7F"
+
+
+# ------------------------------------------------------------------------- the glance page's text
+def _rows(verdicts: dict[str, list[tuple[str, str]]]) -> list[dict]:
+    """Glance rows with made-up cells: {model: [(verdict, precondition), ...]} over the registry's first claims."""
+    registry = list(claims.registry().values())
+    n = len(next(iter(verdicts.values())))
+    return [{"claim": registry[i], "cells": {m: {"verdict": v[i][0], "precondition": v[i][1], "number": "", "n": ""}
+                                             for m, v in verdicts.items()}} for i in range(n)]
+
+
+def test_verdict_sentence_and_tally_say_what_the_counts_and_collapse_steps_say():
+    gpt2 = [("reproduced", ""), ("not reproduced", ""), ("not testable here", "some variant's S at least 5: 1.1"),
+            ("not testable here", "a flash record of one run edited in another: 0"),
+            ("not testable here", "finished runs of WilKE (missing: WilKE)")]
+    rows = _rows({"toy-gpt2": gpt2})
+    text = make_glance.verdict_sentence(rows, ["toy-gpt2"], {"toy-gpt2": ([8.0, 8.0, 4.0], 64.0)})
+    assert text.startswith("**Verdict.** On these small organisms the paper is reproduced only in part: of its 5 claims")
+    assert "1 are reproduced, 1 contradicted, and most of the rest are *not testable here*" in text
+    assert "mainly because the editors collapse far sooner" in text and "8 / 8 / 4 edits on `toy-gpt2`" in text
+    assert "against 64 on GPT2-XL" in text
+    tally = make_glance.tally_markdown(rows, "toy-gpt2")
+    assert "{bdg-success}`1 reproduced`" in tally and "{bdg-secondary}`3 not testable here`" in tally
+    assert "1× runs missing or unfinished" in tally and "1× no flash record" in tally and "1× no working model" in tally
+    without_runs = make_glance.verdict_sentence(rows, ["toy-gpt2"], None)
+    assert "collapse" not in without_runs
+
+
+def test_claims_table_cells_show_the_badge_and_n_and_hide_the_rest(tmp_path):
+    cell = {"verdict": "not testable here", "number": "S: WilKE 0.4 vs MEMIT 2.4", "note": "",
+            "precondition": "S of WilKE or MEMIT at least 5", "n": "1,024 edits x 3 seeds", "page": None, "label": None}
+    lines = make_glance.compact_cell(tmp_path, cell)
+    assert lines[0] == "  - {bdg-secondary}`not testable here`" and "    *n:* 1,024 edits x 3 seeds" in lines
+    body = "\n".join(lines)
+    assert ":::{dropdown} details" in body and "*Precondition:* S of WilKE or MEMIT at least 5" in body
+    assert body.index("*n:*") < body.index(":::{dropdown}") < body.index("S: WilKE 0.4")
+    staircase = claims.registry()["staircase"]
+    rule = make_glance.rule_markdown(staircase)
+    assert "The rows that decide it: “step-like shape”, “norm hundreds of times the original”" in rule
+
+
+def test_glance_page_embeds_the_headline_with_a_numbered_caption(tmp_path, monkeypatch):
+    monkeypatch.setenv("WILKE_RESULTS_DIR", str(tmp_path / "results"))
+    (tmp_path / "toy-gpt2").mkdir()
+    (tmp_path / "toy-gpt2" / "03_lifelong.ipynb").write_text("{}")
+    path = make_glance.write_glance(tmp_path, panels=_panels())
+    text = path.read_text()
+    assert (tmp_path / "glance_files" / "headline.png").is_file() and (tmp_path / "glance_files" / "headline.csv").is_file()
+    head = text[: text.index("## The paper's claims")]
+    assert head.index("**Verdict.**") < head.index("- `toy-gpt2`:") < head.index("```{figure} glance_files/headline.png")
+    assert ":name: glance-headline" in head and ":alt: " in head
+    assert "`toy-gpt2`: ROME 3 (9, 10, 11), MEMIT 1 (9)" in head  # the seeds behind each mean
+    assert "Dotted: an editor with no finished run" in head and "WilKE on `toy-gptj`, seed 9 at 16 of 1,024 edits" in head
+    assert "`runs/toy-gpt2/`" in head and "`wilke_lib/data/curves_reported.csv`" in head
+    assert "[headline.csv](glance_files/headline.csv)" in head
 
 
 # ------------------------------------------------------------------------- a small book with the real config
@@ -133,7 +295,14 @@ def built_book(tmp_path_factory):
     finally:
         env.undo()
     subprocess.run([sys.executable, str(ROOT / "scripts" / "make_toc.py"), "--book-dir", str(book)], check=True,
-                   capture_output=True, env={**os.environ, "WILKE_RESULTS_DIR": str(root / "results")})
+                   capture_output=True, env={**os.environ, "WILKE_RESULTS_DIR": str(root / "results"),
+                                             make_glance.HEADLINE_VARIABLE: "off"})
+    env.setenv(present.BOOK_DIR_VARIABLE, str(book))
+    env.setenv("WILKE_RESULTS_DIR", str(root / "results"))
+    try:  # the glance page again, with a headline figure drawn from made-up curves (not the committed runs)
+        make_glance.write_glance(book, panels=_panels())
+    finally:
+        env.undo()
     proc = subprocess.run([str(exe), "build", str(book)], cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return book / "_build" / "html"
@@ -155,6 +324,8 @@ def test_built_pages_name_their_model_number_figures_and_serve_mathjax(built_boo
     glance = (html / "glance.html").read_text()
     assert "Results at a glance" in glance and "reproduced" in glance and "not run" in glance
     assert 'href="toy-gpt2/03_lifelong.html#toy-gpt2-03-lifelong-table1"' in glance
+    assert 'id="glance-headline"' in glance and "Fig. 1 " in glance and "headline.png" in glance
+    assert glance.count("wilke-details") >= len(claims.registry())  # words and test of each claim behind a click
     sidebar = (html / "intro.html").read_text()
     assert ">toy-gpt2</a>" in sidebar and ">toy-gptj</a>" in sidebar
 
@@ -163,5 +334,6 @@ def test_built_book_passes_the_browser_check(built_book, tmp_path):
     browser = _browser()
     report = check_site.check_site(built_book, browser, screenshots=["glance.html"], screenshot_dir=tmp_path)
     assert report.n_errors == 0, report.errors
-    assert report.pages >= 5 and report.figures == 2 and report.formulas >= 4  # MathJax ran, offline
+    assert report.pages >= 5 and report.figures == 3 and report.formulas >= 4  # MathJax ran, offline
+    assert report.n_warnings == 0  # no page taller than 6,000 px
     assert (tmp_path / "glance.html.png").is_file()
