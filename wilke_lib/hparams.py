@@ -31,7 +31,7 @@ from wilke_lib.registry import implemented
 HPARAMS_DIR: Path = Path(__file__).resolve().parent / "hparams"
 
 FACT_TOKENS = ("subject_last", "last")
-DELTA_RUNNERS = ("prefix-cache", "full")
+DELTA_RUNNERS = ("prefix-cache", "full", "prefix-kv", "block")
 WILKE_SCORES = ("eq10", "update_norm")
 
 
@@ -185,10 +185,11 @@ class _DeltaOptimHParams:
     mom2_dtype: str = "float32"  # dtype of the linear algebra with C (statistics are accumulated in float64)
     # Ridge added to C as mom2_ridge * mean(diag C) * I before inverting. 0 = the published methods.
     mom2_ridge: float = 0.0
-    # How the delta optimisation runs: "prefix-cache" (the tokens before the fact token computed once
-    # per edit, each step running from the edited layer up: `editors.batched_delta`) or "full" (the
-    # whole prompts through the whole model every step, as the released code). The same delta up to
-    # float rounding.
+    # The runner of the delta optimisation (`editors.runners`): "prefix-cache" (the block runner over a
+    # KV cache of the tokens before the fact token, each step running from the edited layer up; where it
+    # cannot serve the model, the model's own forward on that cache, with a WARNING), "full" (the whole
+    # prompts through the whole model every step, as the released code), or "block" / "prefix-kv"
+    # explicitly (an error where they cannot serve the model). The same delta up to float rounding.
     delta_runner: str = "prefix-cache"
 
     editor: ClassVar[str] = ""
