@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from wilke_lib import registry
+
 EDITORS = ("ROME", "MEMIT", "WilKE", "WilKE (Eq. 10)")
 """The curves of the figure, by the tables' label: WilKE as released (the rule behind the paper's curves) and
 WilKE with the paper's Eq. 10."""
 PAPER_NAMES = {"gpt2-xl": "GPT2-XL", "gpt-j-6b": "GPT-J"}
-FALLBACK_COLOURS = {"ROME": "#0072B2", "MEMIT": "#44AA99", "WilKE": "#D55E00", "WilKE (Eq. 10)": "#D62728"}
-"""The registry's colours when it cannot be read (`wilke_lib.registry`)."""
 MARKERS = {"ROME": "o", "MEMIT": "s", "WilKE": "^", "WilKE (Eq. 10)": "v"}
 FIG_WIDTH = 9.0    # inches; shown at the book's column width (about 760 px at a 1,400 px window)
 FIG_HEIGHT = 3.9
@@ -37,14 +37,8 @@ STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fo
 
 
 def colour(editor: str) -> str:
-    """The editor's colour in every figure of the book (the registry's; a fixed fallback when it is missing)."""
-    try:
-        from wilke_lib import registry
-
-        found = registry.colour_of(editor)
-    except Exception:  # noqa: BLE001 - the registry is optional here: the figure must still draw
-        found = None
-    return found or FALLBACK_COLOURS.get(editor, "#7F7F7F")
+    """The editor's colour in every figure of the book (`registry.colour_of`; grey for anything unregistered)."""
+    return registry.colour_of(editor) or "#7F7F7F"
 
 
 @dataclass

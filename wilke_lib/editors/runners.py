@@ -25,6 +25,9 @@ built; `delta_runner: prefix-cache` (the editors' default) asks for the block ru
 deliberately, to `PrefixKV`, logging a WARNING and recording the reason in the edit's info.
 `tests/test_runners.py` checks every runner against `FullForward`, values and gradients, on GPT-2 and
 GPT-J blocks, with both attention kernels of `fast_blocks`.
+
+The module is longer than 400 lines on purpose: the three runners and the prompts and KV cache they
+share are one idea, read side by side (the block runner is most of it).
 """
 
 from __future__ import annotations
