@@ -93,3 +93,27 @@ def test_unknown_runner_and_kernel_are_refused(tiny_tokenizer):
         rn.make_runner("full", model, prompts, None, modules)
     with frozen(model), pytest.raises(ValueError, match="attention"):
         rn.make_runner("block", model, prompts, rn.prefix_cache(model, prompts), modules, attention="flash")
+
+
+def test_a_fallback_reaches_the_edit_and_the_run_record(tiny_tokenizer, monkeypatch, caplog):
+    """`delta_runner: prefix-cache` falls back from the block runner only on `Unsupported`, with a WARNING; the
+    reason is in the edit's info and `lifelong.runner.runner_fallbacks` finds it there for the step's row."""
+    from wilke_lib.editing import EditCache, edit
+    from wilke_lib.lifelong.runner import runner_fallbacks
+
+    def refuse(self, prompts, hidden):
+        raise rn.Unsupported("refused by the test")
+
+    model = make_tiny_model("gpt2", len(tiny_tokenizer), eos_token_id=tiny_tokenizer.eos_token_id,
+                            pad_token_id=tiny_tokenizer.pad_token_id)
+    hparams = ROMEHParams(layer=1, context_prefixes=PREFIXES, v_num_grad_steps=3)
+    cache = EditCache(model_key="tiny-gpt2")
+    cache.mom2[EditCache._stats_key(hparams, 1)] = torch.eye(ModelAdapter(model).d_mlp)
+    monkeypatch.setattr(rn.BlockRunner, "check", refuse)
+    with caplog.at_level("WARNING"):
+        result = edit(model, tiny_tokenizer, REQUEST, hparams, copy=True, cache=cache)
+    assert result.info["delta_runner"] == "prefix-kv"
+    assert runner_fallbacks(result.info) == ["block runner unavailable (refused by the test); using 'prefix-kv'"]
+    assert "refused by the test" in caplog.text
+    assert runner_fallbacks({"per_request": [{"a": 1}, {"delta_runner_fallback": "x"}]}) == ["x"]
+    assert runner_fallbacks({"delta_runner": "block"}) == []

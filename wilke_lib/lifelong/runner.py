@@ -235,6 +235,19 @@ def _touch(st: _RunState, result: Any) -> list[str]:
     return names
 
 
+def runner_fallbacks(info: Any, depth: int = 0) -> list[str]:
+    """The reasons an edit's delta optimisation left the runner it was asked for (`delta.optimize_deltas`
+    records them as info["delta_runner_fallback"], in nested per-request or per-layer infos too)."""
+    if depth > 4:
+        return []
+    if isinstance(info, dict):
+        found = [info["delta_runner_fallback"]] if "delta_runner_fallback" in info else []
+        return found + [r for k, v in info.items() if k != "delta_runner_fallback" for r in runner_fallbacks(v, depth + 1)]
+    if isinstance(info, (list, tuple)):
+        return [r for v in info for r in runner_fallbacks(v, depth + 1)]
+    return []
+
+
 def step_row(st: _RunState, step: int) -> dict[str, Any]:
     """Edit record `step` of P, measure ES/PS/NS, roll back, measure the rollback; the row written
     to steps.jsonl. An edit that raises `backend.edit_error` is a failed step (weights unchanged)."""
@@ -256,6 +269,9 @@ def step_row(st: _RunState, step: int) -> dict[str, Any]:
         names = []
     else:
         names = _touch(st, res)
+        fallbacks = sorted(set(runner_fallbacks(getattr(res, "info", None))))
+        if fallbacks:  # a deliberate fallback of the delta runner is part of the run's record (absent otherwise)
+            row["delta_runner_fallback"] = fallbacks
         scores = getattr(res, "scores", None)
         row.update(edit_layers=list(getattr(res, "layers", [])), edit_delta_norms=_norms(res.weight_deltas),
                    edit_scores={str(k): float(v) for k, v in scores.items()} if scores else None)
