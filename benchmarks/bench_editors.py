@@ -3,7 +3,7 @@
 
 For each model: ROME, MEMIT, WilKE with the batched layer search and WilKE with the released code's
 one-layer-at-a-time search, all with ROME's optimisation settings (steps, prompts, prefixes), timed
-over `--n-edits` known records after a warm-up edit (see `wilke_lib.benchmarking` for what exactly
+over `--n-edits` known records after a warm-up edit (see `wilke_lib.bench` for what exactly
 is measured). Writes `benchmarks/results/<device>/bench_<model>.csv` and, with `--scaling`, the time
 per WilKE edit vs the number of candidate layers (`scaling_<model>.csv` / `.png`). Prints a table and
 the ratios the project targets: on CPU the batched search >= 2.5x faster than one layer at a time on a

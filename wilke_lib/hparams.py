@@ -252,7 +252,7 @@ class WilKEHParams(ROMEHParams):
     replaces it by 1 (the ablation of Section 6.3). For "update_norm", which factorises as
     ||delta|| * ||C^-1 k|| / (k^T C^-1 k) / ||W||_F (the update is rank one), the key term
     ||C^-1 k|| / (k^T C^-1 k) plays the part of the activation.
-    search: "batched" (every candidate's delta optimised together, `wilke_lib.batched_search`) or
+    search: "batched" (every candidate's delta optimised together, `editors.wilke.batched_layer_scores`) or
     "sequential" (one layer at a time, as the released code does); the same scores.
     `layer` is unused by the search (kept so that WilKE files can be read as ROME settings).
     """

@@ -23,8 +23,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from wilke_lib.errors import EditError
-
-FACT_TOKENS = ("subject_last", "last")
+from wilke_lib.hparams import FACT_TOKENS
 
 
 def fill(template: str, subject: str) -> str:

@@ -37,7 +37,7 @@ from wilke_lib.bench.measure import (PeakMemory, count_flops, device_name, origi
                                      timed_edit)
 from wilke_lib.editors.cache import EditCache
 from wilke_lib.editors import rome as rome_lib
-from wilke_lib.editors import wilke as wilke_lib
+from wilke_lib.editors import wilke as wilke_editor_module
 from wilke_lib.editors.common import WeightJournal
 from wilke_lib.editors.delta import compute_keys
 from wilke_lib.editors.wilke import wilke_editor
@@ -269,7 +269,7 @@ def benchmark_scaling(model_name: str, *, ks: Sequence[int] = (1, 2, 4, 8, 12), 
     model, tok, records = loaded if loaded is not None else load_organism(model_name, device)
     dev = model_device(model)
     wilke_hp = dataclasses.replace(load_hparams("wilke", model_name), candidate_layers=None)
-    writing = wilke_lib.candidate_layers(model, wilke_hp)  # WilKE's rule: every layer whose MLP writes
+    writing = wilke_editor_module.candidate_layers(model, wilke_hp)  # WilKE's rule: every layer whose MLP writes
     n_layers = len(writing)
     chosen = [r["requested_rewrite"] for r in records[: warmup + n_edits]]
     cache = EditCache.for_model(model)
