@@ -225,3 +225,35 @@ def test_n_names_each_editors_seeds_when_they_differ():
     ev = evidence({("ROME", 9): 1.0, ("ROME", 10): 1.0, ("WilKE", 9): 1.0})
     assert ev.n("ROME", "WilKE") == "1,024 edits; seeds: ROME 9 / 10, WilKE 9, test runs"
     assert ev.n("ROME") == "1,024 edits x 2 seeds (9, 10), test runs"
+
+
+def test_curve_shapes_compare_each_row_with_the_paper_per_seed():
+    steps = claims.SHAPE_STEPS
+    plateau_cliff = {s: (0.8 if s < 64 else 0.1) for s in steps}     # the paper's ROME
+    early_cliff = {s: (0.8 if s < 8 else 0.1) for s in steps}        # an organism that collapses at 8
+    paper = pd.concat([curve(e, "paper", plateau_cliff) for e in ("ROME", "MEMIT", "WilKE")], ignore_index=True)
+
+    def ev(shapes: dict[str, list[dict]]):
+        curves = [curve(e, seed, c) for e, per_seed in shapes.items() for seed, c in zip(SEEDS, per_seed)]
+        finals = {(e, seed): 10.0 for e, per_seed in shapes.items() for seed in SEEDS[:len(per_seed)]}
+        base = evidence(finals, curves)
+        return claims.LifelongEvidence(base.finals, base.curves, 1024, "test runs", paper=paper)
+
+    # the same shape at half the level is the same shape
+    half = {s: v / 2 for s, v in plateau_cliff.items()}
+    same = claims.curve_shapes(ev({e: [half] * 3 for e in ("ROME", "MEMIT", "WilKE")}))
+    assert same.verdict == "reproduced" and "ROME 0.00 / 0.00 / 0.00" in same.number
+    out = claims.curve_shapes(ev({e: [early_cliff] * 3 for e in ("ROME", "MEMIT", "WilKE")}))
+    assert out.verdict == "not reproduced" and "(not reproduced)" in out.number
+    # one row in every seed, another in one seed only
+    mixed = claims.curve_shapes(ev({"ROME": [half] * 3, "MEMIT": [half, early_cliff, early_cliff],
+                                    "WilKE": [early_cliff] * 3}))
+    assert mixed.verdict == "partly" and "MEMIT 0.00 / 0.24 / 0.24 (partly)" in mixed.number
+    # a row whose curve never works is left out and named in the precondition
+    dead = {s: 0.01 for s in steps}
+    partial = claims.curve_shapes(ev({"ROME": [half] * 3, "MEMIT": [dead] * 3, "WilKE": [half] * 3}))
+    assert partial.verdict == "reproduced" and "MEMIT: best S paper 80.0, ours 1.0" in partial.precondition
+    none = claims.curve_shapes(ev({e: [dead] * 3 for e in ("ROME", "MEMIT", "WilKE")}))
+    assert none.verdict == "not testable here"
+    no_paper = claims.curve_shapes(evidence({("ROME", 9): 10.0}))
+    assert no_paper.verdict == "not testable here" and "authors' curves" in no_paper.precondition

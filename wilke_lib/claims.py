@@ -164,6 +164,7 @@ class LifelongEvidence:
     n_edits: int
     source: str
     controls: pd.DataFrame | None = None
+    paper: pd.DataFrame | None = None  # the authors' curves (`experiments.paper_curves`), for `curve_shapes`
 
     def seeds(self, editor: str) -> list[int]:
         return sorted(set(self.finals.loc[self.finals["editor"] == editor, "seed"]))
@@ -465,12 +466,76 @@ def memit_verdicts(per_layer: pd.DataFrame, rome_max_ratio: float, n: str = "") 
     return {"memit_buildup": buildup, "memit_conceals_flash": conceals}
 
 
+SHAPE_STEPS = tuple(2 ** k for k in range(11))
+"""The steps at which `curve_shapes` compares curves: every power of two up to 1,024, one per octave of Fig. 43's
+log axis."""
+
+
+def normalised_curve(s: pd.Series) -> pd.Series:
+    """S by step divided by its best value over the run (1 = the curve's peak), at the `SHAPE_STEPS` it has."""
+    at = s[s.index.isin(SHAPE_STEPS)]
+    return at / float(s.max())
+
+
+def shape_distance(ours: pd.Series, paper: pd.Series) -> float:
+    """Mean |ours - paper| of the two normalised curves (`normalised_curve`) over their shared steps: 0 for the
+    same shape whatever the level, about 0.5 for a curve that collapses where the other holds."""
+    a, b = normalised_curve(ours), normalised_curve(paper)
+    shared = a.index.intersection(b.index)
+    return float((a[shared] - b[shared]).abs().mean())
+
+
+def curve_shapes(ev: LifelongEvidence, editors: Sequence[str] = ("ROME", "MEMIT", "WilKE"),
+                 same: float = 0.10, different: float = 0.20, floor: float = FLOOR_S, min_steps: int = 6) -> Outcome:
+    """Fig. 43, row by row: each editor's curve has the paper's shape. Each curve is divided by its own best S
+    and compared with the authors' at the powers of two (`shape_distance`); a row matches in a seed when the
+    distance is at most `same`, differs when above `different` (a full cliff one octave of steps from the
+    paper's adds about 0.08: matching is within about one octave, differing more than two). A row is
+    reproduced when it matches in every
+    seed, not reproduced when it differs in every seed, partly otherwise; the claim is every row's verdict
+    combined (all reproduced -> reproduced, none reproduced or partly -> not reproduced). Precondition per
+    row: both curves reach `floor` (below it the shape is noise) and share `min_steps` steps."""
+    if ev.paper is None or not len(ev.paper):
+        return Outcome("not testable here", "", "the authors' curves", ev.n(*editors))
+    rows, texts, failed = [], [], []
+    for editor in editors:
+        authors = "WilKE" if editor.startswith("WilKE") else editor  # their one WilKE curve (the released rule)
+        paper = ev.paper[ev.paper["editor"] == authors].groupby("step")["S"].mean().sort_index() * 100.0
+        ours = ev.curves[ev.curves["editor"] == editor]
+        if not len(paper) or not len(ours):
+            failed.append(f"{editor}: {'no paper curve' if not len(paper) else 'no runs'}")
+            continue
+        per_seed = {seed: f.groupby("step")["S"].mean().sort_index() * 100.0 for seed, f in ours.groupby("seed")}
+        shared = {seed: len(normalised_curve(s).index.intersection(normalised_curve(paper).index))
+                  for seed, s in per_seed.items()}
+        if paper.max() < floor or any(s.max() < floor for s in per_seed.values()) or min(shared.values()) < min_steps:
+            failed.append(f"{editor}: best S paper {paper.max():.1f}, ours "
+                          + " / ".join(f"{s.max():.1f}" for s in per_seed.values())
+                          + f", shared steps {min(shared.values())}")
+            continue
+        distances = {seed: shape_distance(s, paper) for seed, s in sorted(per_seed.items())}
+        flags = [d <= same if d <= same or d > different else None for d in distances.values()]
+        row = ("reproduced" if all(f is True for f in flags) else
+               "not reproduced" if all(f is False for f in flags) else "partly")
+        rows.append(row)
+        texts.append(f"{editor} {' / '.join(f'{d:.2f}' for d in distances.values())} ({row})")
+    pre = (f"each row's curves reach S {floor:g} and share {min_steps} power-of-two steps"
+           + (f"; failed: {'; '.join(failed)}" if failed else ""))
+    number = ("distance of the normalised curves to the paper's, per seed: " + ", ".join(texts)) if texts else ""
+    if not rows:
+        return Outcome("not testable here", number, pre, ev.n(*editors))
+    verdict = ("reproduced" if all(r == "reproduced" for r in rows) else
+               "not reproduced" if not any(r in ("reproduced", "partly") for r in rows) else "partly")
+    return Outcome(verdict, number, pre, ev.n(*[e for e in editors if e not in {f.split(':')[0] for f in failed}]))
+
+
 LIFELONG_TESTS = {
     "wilke_beats_sota": (lambda ev, w: wilke_beats_sota(ev, wilke=w), "table1"),
     "editors_fail_lifelong": (lambda ev, w: editors_fail(ev), "table1"),
     "degradation_over_steps": (lambda ev, w: degradation(ev, editors=("ROME", "MEMIT", w)), "lifelong_curves"),
     "wilke_delays_collapse": (lambda ev, w: collapses_later(ev, later=w), "collapse_steps"),
-    "memit_declines_most": (lambda ev, w: declines_most(ev, others=("ROME", w)), "collapse_steps")}
+    "memit_declines_most": (lambda ev, w: declines_most(ev, others=("ROME", w)), "collapse_steps"),
+    "fig43_shapes": (lambda ev, w: curve_shapes(ev, editors=("ROME", "MEMIT", w)), "beside_paper")}
 """Chapter 3's claims decided from the lifelong runs alone: id -> (test of (evidence, WilKE's label), the
 table or figure showing it)."""
 
