@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import papermill_notebook
 
 yaml = pytest.importorskip("yaml")
 nbformat = pytest.importorskip("nbformat")
@@ -19,19 +20,6 @@ def _load_make_toc():
     from scripts import make_toc
 
     return make_toc
-
-
-def papermill_notebook(model_name: str, heading: str, executed_cell) -> "nbformat.NotebookNode":
-    """A notebook that looks like papermill's output: a heading, the source's defaults cell, the
-    injected parameters (profile "quick") and one executed cell."""
-    nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell('model_name = "toy-gpt2"\nprofile = "default"')
-    params.metadata["tags"] = ["parameters"]
-    injected = nbformat.v4.new_code_cell(f'# Parameters\nmodel_name = "{model_name}"\nprofile = "quick"\n')
-    injected.metadata["tags"] = ["injected-parameters"]
-    nb.cells = [nbformat.v4.new_markdown_cell(heading), params, injected, executed_cell]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    return nb
 
 
 def _executed_notebook(path: Path, model_name: str = "toy-gpt2") -> None:

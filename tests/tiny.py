@@ -1,6 +1,7 @@
 """Tiny, randomly initialised models of every supported architecture, for fast tests.
 
-Other test modules import `make_tiny_model` and `make_tiny_tokenizer` from here.
+A helper module, not a test module: other test modules import `make_tiny_model`, `tiny_model_for` and
+`make_tiny_tokenizer` from here (tests/conftest.py builds its session fixtures with them).
 """
 
 from __future__ import annotations
@@ -75,27 +76,29 @@ def make_tiny_sentencepiece_tokenizer(vocab_size: int = 300) -> PreTrainedTokeni
 
 
 def make_tiny_model(arch: str, vocab_size: int, n_layers: int = 4, d_model: int = 32,
-                    seed: int = 0, eos_token_id: int = 0, pad_token_id: int = 1) -> PreTrainedModel:
-    """A randomly initialised causal LM of architecture `arch` (one of TINY_ARCHS), in eval mode."""
+                    seed: int = 0, eos_token_id: int = 0, pad_token_id: int = 1,
+                    n_positions: int = 128) -> PreTrainedModel:
+    """A randomly initialised causal LM of architecture `arch` (one of TINY_ARCHS), in eval mode, with a
+    context of `n_positions` tokens."""
     common = dict(vocab_size=vocab_size, bos_token_id=eos_token_id, eos_token_id=eos_token_id,
                   pad_token_id=pad_token_id)
     n_heads = 4
     if arch == "gpt2":
-        config = GPT2Config(n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_positions=128, **common)
+        config = GPT2Config(n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_positions=n_positions, **common)
         model_class = GPT2LMHeadModel
     elif arch == "gptj":
-        config = GPTJConfig(n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_positions=128,
+        config = GPTJConfig(n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_positions=n_positions,
                             rotary_dim=d_model // n_heads // 2, **common)
         model_class = GPTJForCausalLM
     elif arch == "gpt_neox":
         config = GPTNeoXConfig(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
-                               intermediate_size=4 * d_model, max_position_embeddings=128, **common)
+                               intermediate_size=4 * d_model, max_position_embeddings=n_positions, **common)
         model_class = GPTNeoXForCausalLM
     elif arch == "llama":
         # d_mlp deliberately not 4 * d_model so that shape mix-ups cannot hide.
         config = LlamaConfig(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
                              num_key_value_heads=n_heads // 2, intermediate_size=3 * d_model,
-                             max_position_embeddings=128, **common)
+                             max_position_embeddings=n_positions, **common)
         model_class = LlamaForCausalLM
     else:
         raise ValueError(f"unknown tiny arch {arch!r}; expected one of {TINY_ARCHS}")
@@ -108,3 +111,9 @@ def make_tiny_model(arch: str, vocab_size: int, n_layers: int = 4, d_model: int 
             if param.dim() >= 2:
                 param.normal_(0.0, 0.2)
     return model.eval()
+
+
+def tiny_model_for(tok: PreTrainedTokenizerFast, arch: str = "gpt2", **kwargs) -> PreTrainedModel:
+    """`make_tiny_model` for the tokenizer `tok` (its vocabulary size, EOS and pad ids); a fresh model
+    every call, so that a test may edit it."""
+    return make_tiny_model(arch, len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kwargs)
