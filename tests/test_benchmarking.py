@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pandas as pd
@@ -60,9 +61,26 @@ def _organism_available() -> bool:
         return False
 
 
+@pytest.fixture(scope="module")
+def first_200_known(toy_gpt2) -> list[dict]:
+    """The records `bm.load_organism` benchmarks: those of the first 200 toy-world records toy-gpt2 knows."""
+    from wilke_lib import counterfact
+
+    model, tok = toy_gpt2
+    return counterfact.known_records(model, tok, counterfact.load_counterfact("toy-world")[:200])
+
+
+@pytest.fixture
+def loaded(toy_gpt2, first_200_known) -> tuple:
+    """What `bm.load_organism("toy-gpt2")` gives, on a copy of the session's organism (a benchmark edits its
+    model in place and undoes every edit; a failure half-way must not leave the shared one edited)."""
+    model, tok = toy_gpt2
+    return copy.deepcopy(model), tok, first_200_known
+
+
+@pytest.mark.slow  # about 3 min (measured 169 s on a shared 2-core machine)
 @pytest.mark.skipif(not _organism_available(), reason="organism toy-gpt2 not trained")
-def test_small_benchmark_on_the_organism(tmp_path):
-    loaded = bm.load_organism("toy-gpt2")
+def test_small_benchmark_on_the_organism(tmp_path, loaded):
     model = loaded[0]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     table = bm.benchmark_editors("toy-gpt2", n_edits=1, warmup=0, variants=("rome", "wilke-batched", "comeba-hk", "lemoe", "mend"),
@@ -84,9 +102,9 @@ def test_small_benchmark_on_the_organism(tmp_path):
     assert (phases >= 0).all()
 
 
+@pytest.mark.slow  # about 2.5 min (measured 150 s on a shared 2-core machine)
 @pytest.mark.skipif(not _organism_available(), reason="organism toy-gpt2 not trained")
-def test_summary_json_has_the_issue_keys():
-    loaded = bm.load_organism("toy-gpt2")
+def test_summary_json_has_the_issue_keys(loaded):
     table = bm.benchmark_editors("toy-gpt2", n_edits=1, warmup=0, variants=("rome", "rome-full", "wilke-batched"),
                                  loaded=loaded, log=None, memory=False)
     model, tok, records = loaded

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny import TINY_ARCHS, make_tiny_model
+from helpers import Kill, comeba_hparams, kill_at, logits, numbered_records
+from tiny import TINY_ARCHS, tiny_model_for
 from wilke_lib.editing import EditCache, EditError, edit, rollback
 from wilke_lib.editors.common import EditorState
 from wilke_lib.editors.comeba_hk import largest_z_scores
@@ -24,19 +25,11 @@ OTHER = {"prompt": "The mother tongue of {}", "subject": "Mira Quell",
          "target_new": {"str": "Welsh", "id": "Q9309"}, "target_true": {"str": "French", "id": "Q150"}}
 
 
-def hparams(corpus_file: Path, **kw) -> COMEBAHKHParams:
-    return COMEBAHKHParams(layers=[1, 2], mom2_update_weight=50.0, context_lengths=[[5, 3]],
-                           mom2_corpus=str(corpus_file), mom2_n_samples=800, mom2_batch_size=128, **kw)
+hparams = comeba_hparams
 
 
 def new_model(arch: str, tok):
-    return make_tiny_model(arch, len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-
-
-def logits(model, tok, texts: list[str]) -> torch.Tensor:
-    batch = tok(texts, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        return model(**batch).logits
+    return tiny_model_for(tok, arch)
 
 
 def test_z_scores_use_the_real_tokens_only():
@@ -49,13 +42,13 @@ def test_z_scores_use_the_real_tokens_only():
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_hook_layers_keep_the_base_model_and_route_the_edited_prompt(arch, tok, corpus_file, tmp_path):
+def test_hook_layers_keep_the_base_model_and_route_the_edited_prompt(arch, tok, corpus_file, stats_dir):
     model = new_model(arch, tok)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     texts = ["The capital city of Valo Durn", "Mira Quell was born in the town"]
     before = logits(model, tok, texts)
     hp = hparams(corpus_file)
-    cache = EditCache.for_model(model, stats_dir=tmp_path)
+    cache = EditCache.for_model(model, stats_dir=stats_dir)
     hooks = HookLayers.attach(model, EditorState(), hp.layers)
     assert torch.equal(logits(model, tok, texts), before)  # hooks without an edit
 
@@ -74,10 +67,10 @@ def test_hook_layers_keep_the_base_model_and_route_the_edited_prompt(arch, tok, 
     assert torch.equal(logits(model, tok, texts), before)
 
 
-def test_an_answer_does_not_depend_on_the_padding_of_its_batch(tok, corpus_file, tmp_path):
+def test_an_answer_does_not_depend_on_the_padding_of_its_batch(tok, corpus_file, stats_dir):
     model = new_model("gpt2", tok)
     hp = hparams(corpus_file)
-    edit(model, tok, REQUEST, hp, cache=EditCache.for_model(model, stats_dir=tmp_path), state=EditorState())
+    edit(model, tok, REQUEST, hp, cache=EditCache.for_model(model, stats_dir=stats_dir), state=EditorState())
     tok.padding_side = "right"
     alone = logits(model, tok, ["The capital city of Valo Durn"])
     padded = logits(model, tok, ["The capital city of Valo Durn", "Mira Quell was born in the town of the north"])
@@ -85,10 +78,10 @@ def test_an_answer_does_not_depend_on_the_padding_of_its_batch(tok, corpus_file,
     assert torch.allclose(alone[0], padded[0, :n], atol=1e-5)
 
 
-def test_a_failed_edit_and_a_copy_leave_everything_as_it_was(tok, corpus_file, tmp_path):
+def test_a_failed_edit_and_a_copy_leave_everything_as_it_was(tok, corpus_file, stats_dir):
     model = new_model("gptj", tok)
     hp = hparams(corpus_file)
-    cache = EditCache.for_model(model, stats_dir=tmp_path)
+    cache = EditCache.for_model(model, stats_dir=stats_dir)
     state = EditorState()
     first = edit(model, tok, REQUEST, hp, cache=cache, state=state)
     rollback(model, tok, REQUEST, hp, first, cache=cache, state=state)
@@ -111,21 +104,20 @@ def test_the_shipped_settings_load():
         assert hp.alpha_init == 2.2 and hp.delta_runner == "full" and hp.layers == load_hparams("memit", model_name).layers
 
 
-def test_a_killed_lifelong_run_resumes_with_its_hook_layers(tok, corpus_file, tmp_path):
-    from test_lifelong import Kill, _kill_at, make_records
-
-    records = make_records(12)
+@pytest.mark.slow  # 23 s, measured on a shared 2-core machine
+def test_a_killed_lifelong_run_resumes_with_its_hook_layers(tok, corpus_file, tmp_path, stats_dir):
+    records = numbered_records(12)
     hp = hparams(corpus_file)
 
     def run(out: str, **kw):
         config = LifelongConfig(model_name="tiny-gpt2", editor="comeba_hk", hparams=hp, n_edits=4, seed=9,
                                 out_dir=str(tmp_path / out), eval_batch_size=4, filter_known=False)
         model = new_model("gpt2", tok)
-        return run_lifelong(model, tok, records, config, EditCache.for_model(model, stats_dir=tmp_path / "stats"), **kw)
+        return run_lifelong(model, tok, records, config, EditCache.for_model(model, stats_dir=stats_dir), **kw)
 
     full = run("a")
     with pytest.raises(Kill):
-        run("b", on_step=_kill_at(3))
+        run("b", on_step=kill_at(3))
     resumed = run("b")
     assert resumed.final == full.final
     assert resumed.checkpoints.equals(full.checkpoints)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_comeba_hk import hparams as comeba_hparams, new_model
-from test_lifelong import Kill, make_records
+from helpers import Kill, comeba_hparams, numbered_records
+from tiny import tiny_model_for
 from wilke_lib.editing import EditCache, EditError, edit_batch
 from wilke_lib.editors.common import EditorState
 from wilke_lib.hparams import MEMITHParams, ROMEHParams
@@ -24,52 +24,51 @@ def settings(corpus_file, editor: str):
     return comeba_hparams(corpus_file)
 
 
-def run(tok, corpus_file, tmp_path, editor: str, out: str, **kw):
+def run(tok, corpus_file, tmp_path, stats_dir, editor: str, out: str, **kw):
     config = ConsecutiveConfig(model_name="tiny-gpt2", editor=editor, n_edits=5, batch_size=2,
                                hparams=settings(corpus_file, editor), out_dir=str(tmp_path / out), eval_batch_size=8,
                                filter_known=False)
-    model = new_model("gpt2", tok)
-    return run_consecutive(model, tok, make_records(12), config, EditCache.for_model(model, stats_dir=tmp_path / "st"),
-                           **kw)
+    model = tiny_model_for(tok, "gpt2")
+    return run_consecutive(model, tok, numbered_records(12), config, EditCache.for_model(model, stats_dir=stats_dir), **kw)
 
 
 @pytest.mark.parametrize("editor", ["memit", "rome"])
-def test_batches_and_checkpoints(editor, tok, corpus_file, tmp_path):
-    result = run(tok, corpus_file, tmp_path, editor, "a")
+def test_batches_and_checkpoints(editor, tok, corpus_file, tmp_path, stats_dir):
+    result = run(tok, corpus_file, tmp_path, stats_dir, editor, "a")
     assert result.steps["n_requests"].tolist() == [2, 2, 1] and result.steps["edits"].tolist() == [2, 4, 5]
     assert result.checkpoints["edits"].tolist() == [2, 4, 5]  # the batches that reach 1, 2, 4 and the end
     assert set(result.final) == {"efficacy", "generalization", "locality", "kept"}
     assert all(0 <= v <= 1 for v in result.final.values())
     assert not (result.run_dir / "state.safetensors").exists()
-    again = run(tok, corpus_file, tmp_path, editor, "a")  # read back, not recomputed
+    again = run(tok, corpus_file, tmp_path, stats_dir, editor, "a")  # read back, not recomputed
     assert again.source == "read back" and again.final == result.final
 
 
-def test_a_killed_run_resumes_to_the_same_numbers_with_its_hook_layers(tok, corpus_file, tmp_path):
-    full = run(tok, corpus_file, tmp_path, "comeba_hk", "full")
+def test_a_killed_run_resumes_to_the_same_numbers_with_its_hook_layers(tok, corpus_file, tmp_path, stats_dir):
+    full = run(tok, corpus_file, tmp_path, stats_dir, "comeba_hk", "full")
 
     def kill(j, row):
         if j == 2:
             raise Kill("killed after batch 2")
 
     with pytest.raises(Kill):
-        run(tok, corpus_file, tmp_path, "comeba_hk", "killed", on_batch=kill)
+        run(tok, corpus_file, tmp_path, stats_dir, "comeba_hk", "killed", on_batch=kill)
     config = load(next((tmp_path / "killed" / "consecutive").iterdir())).config
-    assert read_progress(make_records(12), config).source.startswith("unfinished after 2 of 3")
-    resumed = run(tok, corpus_file, tmp_path, "comeba_hk", "killed")
+    assert read_progress(numbered_records(12), config).source.startswith("unfinished after 2 of 3")
+    resumed = run(tok, corpus_file, tmp_path, stats_dir, "comeba_hk", "killed")
     assert resumed.final == full.final
     assert resumed.checkpoints.equals(full.checkpoints)
 
 
-def test_a_batch_lands_whole_or_not_at_all(tok, corpus_file, tmp_path):
-    model = new_model("gptj", tok)
+def test_a_batch_lands_whole_or_not_at_all(tok, corpus_file, stats_dir):
+    model = tiny_model_for(tok, "gptj")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    good = make_records(2)[0]["requested_rewrite"]
+    good = numbered_records(2)[0]["requested_rewrite"]
     bad = {**good, "prompt": "The capital city of Spain", "subject": "Nobody"}
     state = EditorState({"x": torch.ones(2)})
     with pytest.raises(EditError):
         edit_batch(model, tok, [good, bad], settings(corpus_file, "rome"),
-                   cache=EditCache.for_model(model, stats_dir=tmp_path), state=state)
+                   cache=EditCache.for_model(model, stats_dir=stats_dir), state=state)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert set(state.tensors) == {"x"}
 

@@ -44,11 +44,6 @@ FAST = dict(context_lengths=[[5, 3], [10, 3]])  # 6 generated prefixes instead o
 
 # ---- fixtures ------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def stats_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("stats")
-
-
 def fresh_model(arch: str, tok):
     return make_tiny_model(arch, len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 

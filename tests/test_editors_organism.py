@@ -12,7 +12,6 @@ import pytest
 from wilke_lib.models import ORGANISMS_DIR
 
 ORGANISM = "toy-gpt2"
-N_RECORDS = 20
 
 pytestmark = [
     pytest.mark.slow,
@@ -22,16 +21,11 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def setup():
-    from wilke_lib.counterfact import known_records, load_counterfact
+def setup(toy_gpt2_known20):
+    """The organism, 20 records it knows (tests/conftest.py, shared with other modules) and an EditCache."""
     from wilke_lib.editing import EditCache
-    from wilke_lib.experiments import evenly_spaced
-    from wilke_lib.models import load_model
 
-    model, tok = load_model(ORGANISM)
-    known = known_records(model, tok, load_counterfact("toy-world"))
-    assert len(known) >= N_RECORDS, f"the organism knows only {len(known)} records"
-    records = evenly_spaced(known, N_RECORDS)
+    model, tok, records = toy_gpt2_known20
     return model, tok, records, EditCache.for_model(model)
 
 

@@ -152,6 +152,7 @@ TRAINED = {"mend": dict(train_steps=60, lr=1e-2, edit_lr=0.05, lr_lr=1e-2, c_edi
            "ke": dict(train_steps=60, lr=1e-2, max_scale=30.0, kl_margin=0.1)}
 
 
+@pytest.mark.slow  # trains a network: 20-26 s each (measured on a shared 2-core machine)
 @pytest.mark.parametrize("editor", ["mend", "ke"])
 def test_a_trained_network_makes_the_new_target_far_more_probable(editor, tok, tmp_path):
     """60 steps on the four requests: each edit raises log p(target_new) by > 3.5 nats (from -6 to -8), and
@@ -285,15 +286,10 @@ def test_shipped_hparams(tmp_path):
 
 # ---- the organisms (their trained networks) ---------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def organism():
-    """toy-gpt2 and 20 evenly spaced records it knows."""
-    from wilke_lib.counterfact import known_records, load_counterfact
-    from wilke_lib.experiments import evenly_spaced
-    from wilke_lib.models import load_model
-
-    model, tok = load_model("toy-gpt2", device="cpu")
-    return model, tok, evenly_spaced(known_records(model, tok, load_counterfact("toy-world")), 20)
+@pytest.fixture
+def organism(toy_gpt2_known20):
+    """toy-gpt2 and 20 evenly spaced records it knows (tests/conftest.py: loaded once per session)."""
+    return toy_gpt2_known20
 
 
 @pytest.mark.slow

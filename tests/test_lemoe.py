@@ -8,13 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_comeba_hk import logits, new_model
-from test_lifelong import Kill, _kill_at, make_records
+from helpers import Kill, kill_at, logits, numbered_records
+from tiny import TINY_ARCHS, tiny_model_for
 from wilke_lib.editing import EditCache, EditError, edit
 from wilke_lib.editors.common import EditorState
 from wilke_lib.editors.lemoe import ExpertBypass, expert_keys, plan_batches, prompt_queries
 from wilke_lib.hparams import LEMoEHParams, load_hparams
-from tiny import TINY_ARCHS
 from wilke_lib.lifelong import LifelongConfig, run_lifelong
 
 FIRST = {"prompt": "The capital city of {}", "subject": "Valo Durn",
@@ -29,7 +28,7 @@ def hparams(**kw) -> LEMoEHParams:
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_experts_beside_the_base_model_and_routing_to_their_own_edit(arch, tok):
-    model = new_model(arch, tok)
+    model = tiny_model_for(tok, arch)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     texts = ["The capital city of Valo Durn", "Mira Quell plays the"]
     before = logits(model, tok, texts)
@@ -52,7 +51,7 @@ def test_experts_beside_the_base_model_and_routing_to_their_own_edit(arch, tok):
 
 
 def test_a_failed_edit_adds_no_expert(tok):
-    model = new_model("gpt2", tok)
+    model = tiny_model_for(tok, "gpt2")
     state = EditorState()
     edit(model, tok, FIRST, hparams(), state=state)
     kept = dict(state.tensors)
@@ -62,7 +61,7 @@ def test_a_failed_edit_adds_no_expert(tok):
 
 
 def test_the_clustering_order_groups_similar_prompts(tok):
-    model = new_model("gpt2", tok)
+    model = tiny_model_for(tok, "gpt2")
     capital = [{**FIRST, "subject": s} for s in ("Valo Durn", "Tobin Ash", "Sela Varn")]
     plays = [{**SECOND, "subject": s} for s in ("Mira Quell", "Orrin Pike", "Kesta Lum")]
     batches = plan_batches(model, tok, [capital[0], plays[0], capital[1], plays[1], capital[2], plays[2]], 3)
@@ -74,17 +73,18 @@ def test_the_shipped_settings_load():
         assert load_hparams("lemoe", model_name).layer == load_hparams("rome", model_name).layer
 
 
+@pytest.mark.slow  # 24 s, measured on a shared 2-core machine
 def test_a_killed_lifelong_run_resumes_with_its_experts(tok, tmp_path):
-    records = make_records(12)
+    records = numbered_records(12)
 
     def run(out: str, **kw):
         config = LifelongConfig(model_name="tiny-gpt2", editor="lemoe", hparams=hparams(), n_edits=4, seed=9,
                                 out_dir=str(tmp_path / out), eval_batch_size=4, filter_known=False)
-        return run_lifelong(new_model("gpt2", tok), tok, records, config, **kw)
+        return run_lifelong(tiny_model_for(tok, "gpt2"), tok, records, config, **kw)
 
     full = run("a")
     with pytest.raises(Kill):
-        run("b", on_step=_kill_at(3))
+        run("b", on_step=kill_at(3))
     resumed = run("b")
     assert resumed.final == full.final and resumed.checkpoints.equals(full.checkpoints)
 
@@ -92,7 +92,7 @@ def test_a_killed_lifelong_run_resumes_with_its_experts(tok, tmp_path):
 def test_routing_breaks_ties_for_the_newest_expert_and_sees_new_experts(tok):
     """Two experts with the same key (an edit and the rollback that undoes it): the newer one takes the
     token; an expert added after a forward is routed to at the next one (the stacked keys are cached)."""
-    model = new_model("gpt2", tok)
+    model = tiny_model_for(tok, "gpt2")
     d = model.config.n_embd
     state = EditorState({f"lemoe/expert{i}/key": key for i, key in enumerate(torch.eye(d)[[0, 1, 1]])})
     bypass = ExpertBypass.attach(model, state, hparams(route_threshold=0.5))
@@ -111,7 +111,7 @@ def test_an_edit_no_token_routes_to_fails_cleanly(tok, monkeypatch):
     """Training routes as inference will; when no token of the batch reaches the new expert (an older
     expert's key closer, or no similarity at the threshold: here the gate is shut), the edit fails with
     a clear error and adds no expert."""
-    model = new_model("gpt2", tok)
+    model = tiny_model_for(tok, "gpt2")
     state = EditorState()
     base = logits(model, tok, ["The capital city of Valo Durn"])
     shut = ExpertBypass.route

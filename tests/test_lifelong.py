@@ -13,7 +13,9 @@ import pandas as pd
 import pytest
 import torch
 from safetensors import safe_open
-from tiny import make_tiny_model
+from helpers import Kill, numbered_records
+from helpers import kill_at as stop_at
+from tiny import tiny_model_for
 
 from wilke_lib.arch import ModelAdapter
 from wilke_lib.lifelong import (
@@ -116,30 +118,11 @@ def make_backend(editor: FakeEditor, known_calls: list[int] | None = None, known
                    edit_error=FakeEditError)
 
 
-SUBJECTS = ["Valo Durn", "Mira Quell", "Tobin Ash", "Sela Varn", "Orrin Pike", "Kesta Lum",
-            "Danu Fell", "Ilsa Morrow", "Bram Tolle", "Nyra Cask"]
-OBJECTS = ["French", "Welsh", "Paris", "Rome", "Oslo", "physics", "music", "guitar"]
-
-
-def make_records(n: int) -> list[dict]:
-    records = []
-    for i in range(n):
-        subject = f"{SUBJECTS[i % len(SUBJECTS)]} {i}"
-        other = SUBJECTS[(i + 3) % len(SUBJECTS)]
-        records.append({
-            "case_id": i,
-            "requested_rewrite": {"prompt": "The mother tongue of {} is", "subject": subject,
-                                  "relation_id": "P103",
-                                  "target_new": {"str": OBJECTS[i % 8], "id": f"n{i}"},
-                                  "target_true": {"str": OBJECTS[(i + 1) % 8], "id": f"t{i}"}},
-            "paraphrase_prompts": [f"{subject} grew up speaking", f"Ask {subject}, who speaks"],
-            "neighborhood_prompts": [f"The mother tongue of {other} is", f"{other} speaks"],
-        })
-    return records
+make_records = numbered_records
 
 
 def new_model(tok: Any, arch: str = "gpt2") -> torch.nn.Module:
-    return make_tiny_model(arch, len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return tiny_model_for(tok, arch)
 
 
 def config(tmp_path: Path, **kw: Any) -> LifelongConfig:
@@ -147,17 +130,6 @@ def config(tmp_path: Path, **kw: Any) -> LifelongConfig:
                 out_dir=str(tmp_path / "runs"), eval_batch_size=4, filter_known=True)
     base.update(kw)
     return LifelongConfig(**base)
-
-
-class Kill(RuntimeError):
-    """Simulated kill from the on_step hook."""
-
-
-def _kill_at(step: int):
-    def hook(s: int, row: dict) -> None:
-        if s == step:
-            raise Kill(f"killed after step {s}")
-    return hook
 
 
 NON_TIMING = lambda df: df.drop(columns=[c for c in df.columns if c.endswith("_seconds")])  # noqa: E731
@@ -243,7 +215,7 @@ def test_resume_after_kill_is_identical(tmp_path: Path, tiny_tokenizer: Any, arc
     model_b = new_model(tiny_tokenizer, arch)
     with pytest.raises(Kill):
         run_lifelong(model_b, tiny_tokenizer, records, cfg_b, backend=make_backend(FakeEditor()),
-                     on_step=_kill_at(kill_at))
+                     on_step=stop_at(kill_at))
     rdir = run_dir(cfg_b.out_dir, cfg_b, records)
     with safe_open(str(rdir / "state.safetensors"), framework="pt") as fh:
         saved_step = int(fh.metadata()["step"])
@@ -291,7 +263,7 @@ def test_progress_of_a_run_is_read_without_computing(tmp_path: Path, tiny_tokeni
     assert read_progress(records, cfg) is None and read_back(records, cfg) is None  # not started
     with pytest.raises(Kill):
         run_lifelong(new_model(tiny_tokenizer), tiny_tokenizer, records, cfg, backend=make_backend(FakeEditor()),
-                     on_step=_kill_at(5))
+                     on_step=stop_at(5))
     partial = read_progress(records, cfg)
     assert read_back(records, cfg) is None
     assert partial.source == "unfinished at step 5" and not partial.final
@@ -343,6 +315,7 @@ def test_profiles() -> None:
 # ---------------------------------------------------------------- robustness (kills, concurrent writers, bad results)
 
 
+@pytest.mark.slow  # about 1 min (measured 58 s on a shared 2-core machine)
 def test_killed_at_random_points_resumes_to_identical_numbers(tmp_path: Path, tiny_tokenizer: Any) -> None:
     """20 kills at random steps of short runs (save_every 1 or 2): the resumed run equals the uninterrupted one."""
     import random
@@ -355,11 +328,11 @@ def test_killed_at_random_points_resumes_to_identical_numbers(tmp_path: Path, ti
         cfg = config(tmp_path / f"t{trial}", n_edits=5, save_every=rng.choice([1, 2]))
         with pytest.raises(Kill):
             run_lifelong(new_model(tiny_tokenizer), tiny_tokenizer, records, cfg, backend=make_backend(FakeEditor()),
-                         on_step=_kill_at(rng.randint(1, 5)))
+                         on_step=stop_at(rng.randint(1, 5)))
         if rng.random() < 0.5:  # sometimes a second kill during the resumed run
             with pytest.raises(Kill):
                 run_lifelong(new_model(tiny_tokenizer), tiny_tokenizer, records, cfg,
-                             backend=make_backend(FakeEditor()), on_step=_kill_at(5))
+                             backend=make_backend(FakeEditor()), on_step=stop_at(5))
         resumed = run_lifelong(new_model(tiny_tokenizer), tiny_tokenizer, records, cfg,
                                backend=make_backend(FakeEditor()))
         pd.testing.assert_frame_equal(NON_TIMING(resumed.steps), NON_TIMING(reference.steps))
@@ -394,7 +367,7 @@ def test_a_state_file_that_disagrees_with_the_rows_restarts_the_run(tmp_path: Pa
     cfg = config(tmp_path, n_edits=5)
     with pytest.raises(Kill):
         run_lifelong(new_model(tiny_tokenizer), tiny_tokenizer, records, cfg, backend=make_backend(FakeEditor()),
-                     on_step=_kill_at(4))
+                     on_step=stop_at(4))
     rdir = run_dir(cfg.out_dir, cfg, records)
     lines = (rdir / "steps.jsonl").read_text().splitlines()
     (rdir / "steps.jsonl").write_text("\n".join(lines[:1]) + "\n")  # rows lost, state still at step 3

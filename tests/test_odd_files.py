@@ -6,41 +6,26 @@ error naming the file, or, for a run's or a cache's own file, set aside or recom
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import json
 import logging
 import os
-import zlib
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import torch
-from tiny import make_tiny_model
+from helpers import FakeEditor, Kill, fake_config, fake_run, kill_at, make_records, same_numbers
+from tiny import tiny_model_for
 
 from wilke_lib import stats
-from wilke_lib.arch import ModelAdapter
 from wilke_lib.counterfact import load_counterfact
-from wilke_lib.errors import EditError, RecordError
-from wilke_lib.lifelong import Backend, LifelongConfig, load_run, run_dir, run_lifelong
+from wilke_lib.errors import RecordError
+from wilke_lib.lifelong import LifelongConfig, load_run, run_dir
 from wilke_lib.lifelong.store import read_progress
 from wilke_lib.results import NAME_LIMIT, CorruptFileError, bounded_name, read_json, read_jsonl
 
 DEEP = "[" * 100_000 + "]" * 100_000
 DEEP_OBJECT = '{"a": ' * 100_000 + "1" + "}" * 100_000
-
-
-def make_records(n: int) -> list[dict]:
-    subjects = ["Valo Durn", "Mira Quell", "Tobin Ash", "Sela Varn", "Orrin Pike", "Kesta Lum"]
-    objects = ["French", "Welsh", "Dutch", "English", "Spanish", "Norwegian", "Japanese", "Danish"]
-    return [{"case_id": i,
-             "requested_rewrite": {"prompt": "The mother tongue of {} is", "subject": f"{subjects[i % 6]} {i}",
-                                   "relation_id": "P103", "target_new": {"str": objects[i % 8], "id": f"Q{i}"},
-                                   "target_true": {"str": objects[(i + 3) % 8], "id": f"Q{100 + i}"}},
-             "paraphrase_prompts": [f"{subjects[i % 6]} {i} grew up speaking"],
-             "neighborhood_prompts": [f"The mother tongue of {subjects[(i + 3) % 6]} is"]} for i in range(n)]
 
 
 RECORDS = make_records(12)
@@ -95,69 +80,21 @@ def test_a_missing_records_file_is_still_not_found(tmp_path: Path):
 
 # ---------------------------------------------------------------- runs: a fake editor on a tiny model
 
-def _apply(model: torch.nn.Module, text: str, scale: float) -> SimpleNamespace:
-    adapter = ModelAdapter(model)
-    v = torch.randn(adapter.d_mlp, generator=torch.Generator().manual_seed(zlib.crc32(text.encode())))
-    with torch.no_grad():
-        delta = scale * torch.outer(torch.tanh(adapter.out_weight(1).float() @ v), v) / v.norm() ** 2
-        adapter.add_to_out_weight(1, delta)
-    return SimpleNamespace(layers=[1], weight_deltas={adapter.name_of("mlp_out", 1): delta}, scores=None)
-
-
-@dataclasses.dataclass
-class Fake:
-    """A fake editor (rank-one, weight dependent) and known-record filter that count their calls."""
-
-    edits: int = 0
-    filters: int = 0
-
-    def edit(self, model: Any, tok: Any, request: dict, hparams: Any) -> SimpleNamespace:
-        self.edits += 1
-        return _apply(model, request["subject"] + request["target_new"]["str"], 0.5)
-
-    def rollback(self, model: Any, tok: Any, request: dict, hparams: Any, previous: Any) -> SimpleNamespace:
-        return _apply(model, request["subject"] + request["target_new"]["str"], -0.45)
-
-    def known(self, model: Any, tok: Any, records: list[dict], batch_size: int = 64) -> list[dict]:
-        self.filters += 1
-        return records[:10]
-
-    def backend(self) -> Backend:
-        return Backend(edit=self.edit, rollback=self.rollback, matches=_matches, known=self.known, edit_error=EditError)
-
-
-def _matches(model: Any, tok: Any, prompts: list[str], targets: list[str], batch_size: int = 64) -> list[bool]:
-    weights = int(float(ModelAdapter(model).out_weight(1).double().sum()) * 1e6)
-    return [(zlib.crc32(f"{p}|{t}".encode()) + weights) % 3 != 0 for p, t in zip(prompts, targets)]
-
-
-@dataclasses.dataclass
-class FakeHparams:
-    scale: float = 0.5
+SETTINGS = dict(n_edits=4, filter_known=True)  # the known-record filter keeps the first 10 of the 12 records
 
 
 def config(tmp_path: Path, **kw: Any) -> LifelongConfig:
-    base = dict(model_name="tiny-gpt2", editor="fake", hparams=FakeHparams(), n_edits=4, seed=9,
-                out_dir=str(tmp_path / "runs"), eval_batch_size=8, filter_known=True)
-    return LifelongConfig(**{**base, **kw})
+    return fake_config(tmp_path / "runs", **{**SETTINGS, **kw})
 
 
-def run(tmp_path: Path, tok: Any, fake: Fake | None = None, model: Any = None, **kw: Any):
-    model = model if model is not None else make_tiny_model("gpt2", len(tok), eos_token_id=tok.eos_token_id,
-                                                            pad_token_id=tok.pad_token_id)
-    return run_lifelong(model, tok, RECORDS, config(tmp_path, **kw), backend=(fake or Fake()).backend())
+def run(tmp_path: Path, tok: Any, fake: FakeEditor | None = None, model: Any = None, **kw: Any):
+    return fake_run(tmp_path / "runs", tok, RECORDS, editor=fake or FakeEditor(known_limit=10), model=model,
+                    **{**SETTINGS, **kw})
 
 
-def same_numbers(result: Any, reference: Any) -> None:
-    clean = lambda df: df.drop(columns=[c for c in df.columns if c.endswith("_seconds")])  # noqa: E731
-    assert clean(result.steps).equals(clean(reference.steps))
-    assert result.checkpoints.equals(reference.checkpoints)
-    assert result.final == reference.final
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any):
-    return run(tmp_path_factory.mktemp("reference"), tiny_tokenizer)
+@pytest.fixture
+def reference(reference_run: Any):
+    return reference_run(RECORDS, known_limit=10, **SETTINGS)
 
 
 def test_a_nested_result_json_is_set_aside_and_the_run_finished_again(
@@ -185,15 +122,9 @@ def test_a_nested_config_json_starts_the_run_again(tmp_path: Path, tiny_tokenize
 
 
 def test_a_nested_row_is_dropped_and_the_run_resumed(tmp_path: Path, tiny_tokenizer: Any, reference: Any):
-    class Kill(Exception):
-        pass
-
-    def kill(step: int, row: dict) -> None:
-        if step == 3:
-            raise Kill
-    model = make_tiny_model("gpt2", len(tiny_tokenizer), eos_token_id=0, pad_token_id=1)
     with pytest.raises(Kill):
-        run_lifelong(model, tiny_tokenizer, RECORDS, config(tmp_path), backend=Fake().backend(), on_step=kill)
+        fake_run(tmp_path / "runs", tiny_tokenizer, RECORDS, editor=FakeEditor(known_limit=10), on_step=kill_at(3),
+                 **SETTINGS)
     folder = run_dir(str(tmp_path / "runs"), config(tmp_path), RECORDS)
     lines = (folder / "steps.jsonl").read_text().splitlines()
     (folder / "steps.jsonl").write_text("\n".join([lines[0], DEEP, *lines[2:]]) + "\n")
@@ -218,7 +149,7 @@ def test_a_known_cache_that_is_empty_or_of_other_records_is_filtered_again(
     run(tmp_path, tiny_tokenizer, seed=10)
     (cache,) = (tmp_path / "runs" / "known").glob("*.json")
     cache.write_text(content)
-    fake = Fake()
+    fake = FakeEditor(known_limit=10)
     with caplog.at_level(logging.WARNING, logger="wilke_lib"):
         again = run(tmp_path, tiny_tokenizer, fake)
     assert fake.filters == 1
@@ -229,7 +160,7 @@ def test_a_known_cache_that_is_empty_or_of_other_records_is_filtered_again(
 
 def test_a_good_known_cache_is_used(tmp_path: Path, tiny_tokenizer: Any, reference: Any):
     run(tmp_path, tiny_tokenizer, seed=10)
-    fake = Fake()
+    fake = FakeEditor(known_limit=10)
     same_numbers(run(tmp_path, tiny_tokenizer, fake), reference)
     assert fake.filters == 0
 
@@ -255,12 +186,12 @@ def test_a_model_folder_with_a_240_character_name_runs(tmp_path: Path, tiny_toke
                                                        monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("WILKE_CACHE_DIR", str(tmp_path / "cache"))  # the weights digest's cache
     folder = tmp_path / ("m" * 240)
-    model = make_tiny_model("gpt2", len(tiny_tokenizer), eos_token_id=0, pad_token_id=1)
+    model = tiny_model_for(tiny_tokenizer)
     model.save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     first = run(tmp_path, tiny_tokenizer, model=model, model_name=str(folder))
     assert first.source == "computed" and len(first.run_dir.name.encode()) < 200
-    fake = Fake()
+    fake = FakeEditor(known_limit=10)
     again = run(tmp_path, tiny_tokenizer, fake, model=model, model_name=str(folder))
     assert again.source == "read back" and again.run_dir == first.run_dir and fake.edits == 0
     assert all(len(p.name.encode()) <= 200 for p in tmp_path.rglob("*") if p != folder)

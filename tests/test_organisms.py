@@ -212,6 +212,7 @@ def test_every_pilot_is_a_valid_configuration():
         assert cfg.planted_depth is None or 0 <= cfg.planted_depth[0] <= cfg.planted_depth[1] < cfg.n_layer, name
 
 
+@pytest.mark.slow  # about 5 min (measured 317 s on a shared 2-core machine)
 def test_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
     """Training stopped after one epoch and run again gives the weights of an uninterrupted run, and
     leaves no checkpoint behind; a checkpoint of another configuration is refused by name."""

@@ -312,6 +312,7 @@ def test_rows_are_compared_bit_for_bit_without_timings() -> None:
     assert first_difference([row, row], [row])[1] == "<row>"
 
 
+@pytest.mark.slow  # about 2 min (measured 123 s on a shared 2-core machine)
 @pytest.mark.skipif(not HAS_ORGANISM, reason=f"organism {ORGANISM!r} not built")
 def test_run_matrix_lists_and_re_stamps_stale_runs(tmp_path: Path, monkeypatch, capsys) -> None:
     from wilke_lib import run_matrix

@@ -37,6 +37,7 @@ def test_paper_matrix_keeps_the_seeds_asked_for_and_rejects_foreign_ones():
         paper_matrix(["toy-gptj"], "paper", ["rome"], seeds=[12])
 
 
+@pytest.mark.slow  # 49 s (processes) and 148 s (submitit-local), measured on a shared 2-core machine
 @pytest.mark.parametrize("executor", ["processes", "submitit-local"])
 def test_a_deleted_run_is_recomputed_identically(executor, tmp_path, monkeypatch):
     monkeypatch.setenv("WILKE_RUNS_DIR", str(tmp_path / "runs"))
@@ -55,6 +56,7 @@ def test_a_deleted_run_is_recomputed_identically(executor, tmp_path, monkeypatch
     assert json.loads((rdir / "result.json").read_text())["final"] == result["final"]
 
 
+@pytest.mark.slow  # 40 s, measured on a shared 2-core machine
 def test_the_ablation_runs_are_the_ones_chapter_04_reads_back(tmp_path, monkeypatch):
     monkeypatch.setenv("WILKE_RUNS_DIR", str(tmp_path / "runs"))
     specs = ablation_matrix([ORGANISM], "quick", scores=["eq10"])

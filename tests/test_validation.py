@@ -9,46 +9,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import zlib
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
 import pytest
-import torch
-from tiny import make_tiny_model
+from helpers import FakeEditor, Kill, fake_config, fake_run, make_records, same_numbers
+from helpers import kill_at as stop_at
+from tiny import tiny_model_for
 
 from wilke_lib import hparams as hp_mod
-from wilke_lib.arch import ModelAdapter
 from wilke_lib.counterfact import check_for_model, load_counterfact, validate_records
-from wilke_lib.errors import EditError, RecordError
+from wilke_lib.errors import RecordError
 from wilke_lib.hparams import ROMEHParams, WilKEHParams, hparams_from_file
-from wilke_lib.lifelong import Backend, LifelongConfig, load_run, read_back, run_dir, run_lifelong, run_many
+from wilke_lib.lifelong import LifelongConfig, load_run, read_back, run_dir, run_lifelong, run_many
 from wilke_lib.profiles import Profile, get_profile
 from wilke_lib.run_matrix import has_result
 from wilke_lib.run_matrix import main as run_matrix_main
 
 # ---------------------------------------------------------------- records
-
-SUBJECTS = ["Valo Durn", "Mira Quell", "Tobin Ash", "Sela Varn", "Orrin Pike", "Kesta Lum", "Danu Fell", "Ilsa Morrow"]
-OBJECTS = ["French", "Welsh", "Dutch", "English", "Spanish", "Norwegian", "Japanese", "Danish"]
-
-
-def make_records(n: int) -> list[dict]:
-    out = []
-    for i in range(n):
-        subject, other = SUBJECTS[i % len(SUBJECTS)], SUBJECTS[(i + 3) % len(SUBJECTS)]
-        out.append({
-            "case_id": i,
-            "requested_rewrite": {"prompt": "The mother tongue of {} is", "subject": subject, "relation_id": "P103",
-                                  "target_new": {"str": OBJECTS[i % 8], "id": f"Q{i}"},
-                                  "target_true": {"str": OBJECTS[(i + 3) % 8], "id": f"Q{100 + i}"}},
-            "paraphrase_prompts": [f"{subject} grew up speaking", f"Ask {subject}, who speaks"],
-            "neighborhood_prompts": [f"The mother tongue of {other} is", f"{other} speaks"],
-        })
-    return out
-
 
 def _refused(tmp_path: Path, records: list[dict], *words: str, raw: str | None = None) -> str:
     """Write the records to a file, load it, and check the RecordError names the file and `words`."""
@@ -147,8 +126,8 @@ def test_a_run_refuses_a_token_prefix_target_before_any_edit(tmp_path: Path, tin
     rw["target_new"]["str"], rw["target_true"]["str"] = "G", "Gouththe"
     editor = FakeEditor()
     with pytest.raises(RecordError, match=r"record #5 \(case_id 5\).*token prefix"):
-        run_lifelong(new_model(tiny_tokenizer), tiny_tokenizer, records, config(tmp_path, n_edits=4),
-                     backend=backend(editor))
+        run_lifelong(tiny_model_for(tiny_tokenizer), tiny_tokenizer, records, config(tmp_path, n_edits=4),
+                     backend=editor.backend())
     assert editor.calls == 0
 
 
@@ -174,7 +153,7 @@ def test_run_many_refuses_the_same_run_twice(tmp_path: Path):
     loaded = []
     configs = [config(tmp_path, seed=9), config(tmp_path, seed=10), config(tmp_path, seed=9)]
     with pytest.raises(ValueError, match=r"configs #0 and #2 are the same run \(editor 'fake', seed 9"):
-        run_many(lambda name: loaded.append(name), make_records(12), configs, backend=backend(FakeEditor()))
+        run_many(lambda name: loaded.append(name), make_records(12), configs, backend=FakeEditor().backend())
     assert loaded == [] and not (tmp_path / "runs").exists()
 
 
@@ -188,8 +167,8 @@ def test_a_seed_out_of_range_is_refused_before_any_folder(tmp_path: Path, seed: 
 
 
 def test_the_largest_seed_runs(tmp_path: Path, tiny_tokenizer: Any):
-    result = run_lifelong(new_model(tiny_tokenizer), tiny_tokenizer, make_records(4),
-                          config(tmp_path, seed=2**63 - 1, n_edits=1), backend=backend(FakeEditor()))
+    result = run_lifelong(tiny_model_for(tiny_tokenizer), tiny_tokenizer, make_records(4),
+                          config(tmp_path, seed=2**63 - 1, n_edits=1), backend=FakeEditor().backend())
     assert result.final and result.source == "computed"
 
 
@@ -278,86 +257,24 @@ def test_wilke_runs_its_parents_checks():
 
 # ---------------------------------------------------------------- run folders: a fake editor on a tiny model
 
-@dataclasses.dataclass
-class FakeHparams:
-    scale: float = 0.5
-
-
-@dataclasses.dataclass
-class FakeEditor:
-    """A rank-one change of mlp_out at layer 1 that depends on the current weights (so that only an
-    exactly carried state reproduces a run)."""
-
-    calls: int = 0
-
-    def _apply(self, model: torch.nn.Module, text: str, scale: float) -> SimpleNamespace:
-        self.calls += 1
-        adapter = ModelAdapter(model)
-        v = torch.randn(adapter.d_mlp, generator=torch.Generator().manual_seed(zlib.crc32(text.encode())))
-        with torch.no_grad():
-            u = torch.tanh(adapter.out_weight(1).float() @ v)
-            delta = scale * torch.outer(u, v) / v.norm() ** 2
-            adapter.add_to_out_weight(1, delta)
-        return SimpleNamespace(layers=[1], weight_deltas={adapter.name_of("mlp_out", 1): delta}, scores=None)
-
-    def edit(self, model: torch.nn.Module, tok: Any, request: dict, hparams: FakeHparams) -> SimpleNamespace:
-        return self._apply(model, request["subject"] + request["target_new"]["str"], hparams.scale)
-
-    def rollback(self, model: torch.nn.Module, tok: Any, request: dict, hparams: FakeHparams,
-                 previous: Any) -> SimpleNamespace:
-        return self._apply(model, request["subject"] + request["target_new"]["str"], -0.9 * hparams.scale)
-
-
-def fake_matches(model: torch.nn.Module, tok: Any, prompts: list[str], targets: list[str],
-                 batch_size: int = 64) -> list[bool]:
-    weights = int(float(ModelAdapter(model).out_weight(1).double().sum()) * 1e6)
-    return [(zlib.crc32(f"{p}|{t}".encode()) + weights) % 3 != 0 for p, t in zip(prompts, targets)]
-
-
-def backend(editor: FakeEditor) -> Backend:
-    return Backend(edit=editor.edit, rollback=editor.rollback, matches=fake_matches,
-                   known=lambda model, tok, records, batch_size=64: list(records), edit_error=EditError)
-
-
-def new_model(tok: Any) -> torch.nn.Module:
-    return make_tiny_model("gpt2", len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-
-
 def config(tmp_path: Path, **kw: Any) -> LifelongConfig:
-    base = dict(model_name="tiny-gpt2", editor="fake", hparams=FakeHparams(), n_edits=5, seed=9,
-                out_dir=str(tmp_path / "runs"), eval_batch_size=8, filter_known=False)
-    return LifelongConfig(**{**base, **kw})
+    return fake_config(tmp_path / "runs", **kw)
 
 
 RECORDS = make_records(12)
 
 
-class Kill(Exception):
-    pass
-
-
 def _run(tmp_path: Path, tok: Any, editor: FakeEditor | None = None, kill_at: int | None = None):
-    def hook(step: int, row: dict) -> None:
-        if step == kill_at:
-            raise Kill(step)
-    return run_lifelong(new_model(tok), tok, RECORDS, config(tmp_path), backend=backend(editor or FakeEditor()),
-                        on_step=hook if kill_at else None)
+    return fake_run(tmp_path / "runs", tok, RECORDS, editor=editor, on_step=stop_at(kill_at) if kill_at else None)
 
 
 def _folder(tmp_path: Path) -> Path:
     return run_dir(str(tmp_path / "runs"), config(tmp_path), RECORDS)
 
 
-def _same_numbers(result: Any, reference: Any) -> None:
-    clean = lambda df: df.drop(columns=[c for c in df.columns if c.endswith("_seconds")])  # noqa: E731
-    assert clean(result.steps).equals(clean(reference.steps))
-    assert result.checkpoints.equals(reference.checkpoints)
-    assert result.final == reference.final
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any):
-    return _run(tmp_path_factory.mktemp("reference"), tiny_tokenizer)
+@pytest.fixture
+def reference(reference_run: Any):
+    return reference_run(RECORDS)
 
 
 @pytest.mark.parametrize("final", ["oops", {}, {"ES": 1.0}, {"ES": 1.0, "PS": 1.0, "NS": 1.0, "ERS": 1.0, "ORS": 1.0,
@@ -372,7 +289,7 @@ def test_a_result_without_final_metrics_is_set_aside_and_the_run_finished_again(
     with caplog.at_level(logging.WARNING, logger="wilke_lib"):
         again = _run(tmp_path, tiny_tokenizer)
     assert again.source == "computed"
-    _same_numbers(again, reference)
+    same_numbers(again, reference)
     assert json.dumps(json.loads((rdir / "result.json.corrupt").read_text())["final"]) == json.dumps(final)
     assert any(str(rdir / "result.json") in m and "result.json.corrupt" in m for m in caplog.messages)
     assert has_result(rdir)
@@ -395,7 +312,7 @@ def test_a_finished_run_whose_config_lost_its_config_is_read_back(tmp_path: Path
     with caplog.at_level(logging.WARNING, logger="wilke_lib"):
         back = read_back(RECORDS, config(tmp_path))
     assert back is not None
-    _same_numbers(back, reference)
+    same_numbers(back, reference)
     assert json.loads((rdir / "config.json").read_text()) == saved  # written again, the same bytes' content
     assert (rdir / "config.json.corrupt").exists()
     assert any(str(rdir / "config.json") in m and "'config'" in m for m in caplog.messages)
@@ -403,7 +320,7 @@ def test_a_finished_run_whose_config_lost_its_config_is_read_back(tmp_path: Path
     editor = FakeEditor()
     again = _run(tmp_path, tiny_tokenizer, editor)  # run_lifelong repairs it too, and recomputes nothing
     assert editor.calls == 0 and again.source == "read back"
-    _same_numbers(again, reference)
+    same_numbers(again, reference)
 
 
 def test_an_unfinished_run_whose_config_lost_its_config_resumes(tmp_path: Path, tiny_tokenizer: Any, reference: Any):
@@ -415,7 +332,7 @@ def test_an_unfinished_run_whose_config_lost_its_config_resumes(tmp_path: Path, 
     editor = FakeEditor()
     resumed = _run(tmp_path, tiny_tokenizer, editor)
     assert editor.calls == 2 * (5 - 2)  # from the state saved after step 2: nothing thrown away
-    _same_numbers(resumed, reference)
+    same_numbers(resumed, reference)
     assert load_run(rdir).final == reference.final  # and it reads back, not KeyError forever
 
 
@@ -436,7 +353,7 @@ def test_a_row_that_lacks_fields_is_set_aside_and_the_run_recomputed(
     (rdir / name).write_text("".join(l + "\n" for l in lines))
     with caplog.at_level(logging.WARNING, logger="wilke_lib"):
         resumed = _run(tmp_path, tiny_tokenizer)
-    _same_numbers(resumed, reference)
+    same_numbers(resumed, reference)
     assert (rdir / f"{name}.corrupt").exists()
     assert any(f"{rdir / name} line {line}" in m and f"{name}.corrupt" in m for m in caplog.messages), caplog.messages
     assert load_run(rdir).final == reference.final
