@@ -1,7 +1,7 @@
 # WilKE companion: set-up, tests, notebooks and the book.
 #   make book                          # venv + every notebook (papermill) on the default organisms + HTML book
 #   make book PROFILE=quick MODELS=toy-gpt2
-#   make test
+#   make test / make test-fast         # every test / all but those marked slow
 #   make lock / make upgrade-check      # re-lock the exact versions / try the newest ones in .venv-latest
 SHELL      := /bin/bash
 PYTHON3    ?= python3
@@ -69,8 +69,15 @@ upgrade-check:
 	-$(VENV_LATEST)/bin/python -m pip freeze --all --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/' | grep -iv '^wilke[-_]lib==' | grep -v '^pip==' | diff <(grep -v '^#' requirements.lock) -
 	$(VENV_LATEST)/bin/python -m pytest -q -m "not slow" tests/test_editors.py tests/test_lifelong.py
 
+# Every test (make test: about 17 min on 2 cores); make test-fast leaves out the tests marked slow (organism
+# training, the notebooks' runs, benchmarks and edits on the organisms, anything above about 20 s:
+# pytest -m "not slow"). PYTEST_ARGS="tests/test_math.py -x" picks files or options.
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+.PHONY: test-fast
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # Runs every notebook once per model, regenerates the table of contents and builds the book.
 # The book is built even when a notebook failed (its page shows the error); make still fails then.
