@@ -28,7 +28,7 @@ import yaml
 
 from wilke_lib.registry import implemented
 
-HPARAMS_DIR: Path = Path(__file__).resolve().parent / "hparams"
+HPARAMS_DIR: Path = Path(__file__).resolve().parent  # the YAML files sit beside this module, one folder per editor
 
 FACT_TOKENS = ("subject_last", "last")
 DELTA_RUNNERS = ("prefix-cache", "full", "prefix-kv", "block")
