@@ -14,6 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "toy-gpt2"
+pytestmark = pytest.mark.slow  # 33 s to 66 s per notebook, 4 min for the file (measured on a shared 2-core machine)
+
 NOTEBOOKS = ["05_toxicity.ipynb", "06_flash_per_layer.ipynb", "07_causal_tracing.ipynb",
              "08_pattern_unmatch.ipynb", "09_memit_toxicity.ipynb"]
 

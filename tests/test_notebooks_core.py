@@ -13,8 +13,11 @@ from wilke_lib.models import ORGANISMS_DIR
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ["01_world_and_organism", "02_editors", "03_lifelong", "04_ablation", "13_collapse_point"]
 
-pytestmark = pytest.mark.skipif(not (ORGANISMS_DIR / "toy-gpt2" / "model.safetensors").is_file(),
-                                reason="organism toy-gpt2 not built (run `make organisms`)")
+pytestmark = [
+    pytest.mark.slow,  # 33 s to 2 min per notebook, 7 min for the file (measured on a shared 2-core machine)
+    pytest.mark.skipif(not (ORGANISMS_DIR / "toy-gpt2" / "model.safetensors").is_file(),
+                       reason="organism toy-gpt2 not built (run `make organisms`)"),
+]
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
