@@ -22,7 +22,7 @@ from wilke_lib.analysis import flash, per_layer, plots, strength, toxicity, verd
 from wilke_lib.arch import ModelAdapter
 from wilke_lib.editing import EditCache
 from wilke_lib.hparams import ROMEHParams
-from wilke_lib.lifelong import toxicity as monitor
+from wilke_lib.lifelong import monitor
 from wilke_lib.results import cache_key
 
 TEMPLATE = "The mother tongue of {} is"

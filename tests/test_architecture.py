@@ -15,7 +15,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("base", ("errors", "results", "code_version", "registry", "hparams", "schedule", "profiles", "sources",
               "reported")),
     ("model", ("arch", "tokens", "models", "generation", "metrics")),
-    ("data", ("counterfact", "stats")),
+    ("data", ("counterfact", "second_moments")),
     ("editors", ("editors", "editors.*", "editing")),
     ("protocol", ("lifelong", "lifelong.*")),
     ("organisms", ("organisms", "organisms.*")),
@@ -159,12 +159,12 @@ def test_layers_import_downward_only():
 
 
 def test_the_layer_check_sees_an_upward_import():
-    assert upward_imports({"wilke_lib.stats": {"wilke_lib.organisms.world", "wilke_lib.arch"}}) == [
-        "wilke_lib.stats (data) imports wilke_lib.organisms.world (organisms)"]
+    assert upward_imports({"wilke_lib.second_moments": {"wilke_lib.organisms.world", "wilke_lib.arch"}}) == [
+        "wilke_lib.second_moments (data) imports wilke_lib.organisms.world (organisms)"]
     assert upward_imports({"wilke_lib.experiments": {"wilke_lib.editing", "wilke_lib.claims"}}) == []
     assert layer_of("wilke_lib.editors.rome") < layer_of("wilke_lib.organisms.world") < layer_of("wilke_lib.experiments")
     assert layer_of("wilke_lib.organisms.__main__") == len(LAYERS) - 1 == layer_of("wilke_lib")
-    assert layer_of("wilke_lib.profiles") == 0 and layer_of("wilke_lib.stats") < layer_of("wilke_lib.editors.cache")
+    assert layer_of("wilke_lib.profiles") == 0 and layer_of("wilke_lib.second_moments") < layer_of("wilke_lib.editors.cache")
 
 
 def test_editors_never_reach_the_layers_above():

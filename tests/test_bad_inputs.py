@@ -57,7 +57,7 @@ from helpers import Kill
 from safetensors.torch import save_file
 from tiny import tiny_model_for
 
-from wilke_lib import code_version, editing, experiments, lifelong, models, profiles, results, stats
+from wilke_lib import code_version, editing, experiments, lifelong, models, profiles, results, second_moments as stats
 from wilke_lib.arch import ModelAdapter
 from wilke_lib.counterfact import load_counterfact
 from wilke_lib.hparams import FTHParams, MEMITHParams, WilKEHParams, ROMEHParams, hparams_from_file, load_hparams

@@ -18,7 +18,7 @@ import torch
 
 from tiny import TINY_ARCHS, make_tiny_model
 from wilke_lib import hparams as hp_mod
-from wilke_lib import stats
+from wilke_lib import second_moments as stats
 from wilke_lib.arch import ModelAdapter
 from wilke_lib.editing import EDITORS, EditCache, EditError, edit, rollback
 from wilke_lib.editors.cache import context_prefixes

@@ -4,7 +4,7 @@ Each test lets `wilke_lib.editing.edit` / `edit_batch` make an edit on a tiny ra
 recomputes the update from scratch: the keys and hidden states are read with this file's own forward
 hooks on the Hugging Face modules (not with the library's helpers), the context prefixes are fixed in
 the hyper-parameters, the second moments C are taken from the `EditCache` (their estimation is tested
-in tests/test_stats.py), and every system is solved here with `torch.linalg.solve` in float64.
+in tests/test_second_moments.py), and every system is solved here with `torch.linalg.solve` in float64.
 
 * MEMIT (Meng et al. 2022b, Eq. 14 and Alg. 1): at layer l, the i-th of n,
       dW^l = R K^T (lambda C^l + K K^T)^-1,   R = (Z - h^L) / (n - i),

@@ -17,7 +17,7 @@ import pytest
 from helpers import FakeEditor, Kill, fake_config, fake_run, kill_at, make_records, same_numbers
 from tiny import tiny_model_for
 
-from wilke_lib import stats
+from wilke_lib import second_moments as stats
 from wilke_lib.counterfact import load_counterfact
 from wilke_lib.errors import RecordError
 from wilke_lib.lifelong import LifelongConfig, load_run, run_dir

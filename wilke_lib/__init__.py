@@ -1,7 +1,7 @@
 """wilke_lib: a reproducible companion to WilKE (Wise-Layer Knowledge Editor, Hu et al. 2024).
 
 The package root wires the synthetic world in as the named source "toy-world" of records and corpus texts
-(`wilke_lib.sources`): the world lives in `organisms`, a layer above `counterfact` and `stats`, which read it
+(`wilke_lib.sources`): the world lives in `organisms`, a layer above `counterfact` and `second_moments`, which read it
 through the loaders registered here (imported when first asked for, so `import wilke_lib` stays light).
 """
 

@@ -1,12 +1,12 @@
 """Named sources of records and of corpus texts: what `counterfact.load_counterfact(name)` and the second
-moments (`stats.second_moments(..., corpus=name)`) read when given a name rather than a file.
+moments (`second_moments.second_moments(..., corpus=name)`) read when given a name rather than a file.
 
 The library's one named source is the synthetic world, "toy-world": its records and its corpus live in
 `organisms`, above the data layer that reads them (docs/design.md, the layers). The package root
 (`wilke_lib/__init__.py`) registers them here, lazily (nothing is imported until a name is asked for), so
 the world reaches `counterfact`, `stats` and, through the statistics, the editors as an injected loader,
 never as an import. A caller may register other names, or pass a loader of its own
-(`stats.second_moments(..., corpus_loader=...)`, `editors.cache.EditCache(corpus_loader=...)`).
+(`second_moments.second_moments(..., corpus_loader=...)`, `editors.cache.EditCache(corpus_loader=...)`).
 
 Import-light: the standard library only.
 """

@@ -22,7 +22,7 @@ from wilke_lib.arch import ModelAdapter
 from wilke_lib.editing import EditCache, EditError, edit, rollback
 from wilke_lib.editors.common import WeightJournal
 from wilke_lib.hparams import to_dict
-from wilke_lib.lifelong.toxicity import toxicity
+from wilke_lib.lifelong.monitor import toxicity
 from wilke_lib.models import model_key
 from wilke_lib.results import cache_key, cached_frame, results_dir
 from wilke_lib.tokens import as_request

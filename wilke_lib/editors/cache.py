@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from wilke_lib.arch import frozen, model_device
 from wilke_lib.errors import EditError
 from wilke_lib.models import model_identity
-from wilke_lib.stats import CorpusLoader, second_moments
+from wilke_lib.second_moments import CorpusLoader, second_moments
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 * `config`: `LifelongConfig`, `CheckpointPolicy`, a run's identity and directory;
 * `store`: the files of a run, its lock, resume and read-back;
-* `toxicity`: the toxicity monitor the runner calls at every step (Eq. 7);
+* `monitor`: the toxicity monitor the runner calls at every step (Eq. 7);
 * `runner`: `run_lifelong`, `run_many`, the records split and the evaluation (Eq. 12-16);
 * `provenance`: the code a run was computed with (config.json's "code"), refused mixes on resume;
 * `restamp`: a stale run checked against the current code on its first steps, and re-stamped.

@@ -43,7 +43,7 @@ from wilke_lib.hparams import editor_of
 from wilke_lib.lifelong import provenance, store
 from wilke_lib.lifelong.config import (LifelongConfig, checkpoint_steps, records_fingerprint, resolve_hparams, run_dir,
                                        run_identity)
-from wilke_lib.lifelong.toxicity import ToxicityMonitor, is_snapshot_step
+from wilke_lib.lifelong.monitor import ToxicityMonitor, is_snapshot_step
 from wilke_lib.metrics import answers_true, evaluate_edit, fraction, score_S
 from wilke_lib.models import canonical_model_name, check_weights_match, context_length, model_key
 from wilke_lib.results import (CorruptFileError, append_jsonl, bounded_name, digest, read_json, runs_dir,

@@ -47,7 +47,7 @@ from wilke_lib import code_version
 from wilke_lib.lifelong.config import (FORMAT_VERSION, LifelongConfig, checkpoint_steps, config_from_dict, config_to_dict,
                                        records_fingerprint, resolve_hparams, run_dir, run_identity)
 from wilke_lib.lifelong.schema import CHECKPOINT_ROW, FINAL_METRICS, STEP_ROW, config_problem, final_problem, row_problem
-from wilke_lib.lifelong.toxicity import is_snapshot_step
+from wilke_lib.lifelong.monitor import is_snapshot_step
 from wilke_lib.results import (CorruptFileError, digest, read_json, read_jsonl, read_jsonl_numbered, write_json_atomic,
                                write_jsonl_atomic)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tiny import make_tiny_model, make_tiny_tokenizer, tiny_corpus
-from wilke_lib import stats
+from wilke_lib import second_moments as stats
 from wilke_lib.arch import ModelAdapter
 from wilke_lib.models import model_identity
 
