@@ -380,7 +380,7 @@ def test_flash_analysis_groups_and_flash_free_run(tiny_tokenizer, results_in_tmp
 def test_per_layer_norms_and_strength_tables_are_cached(tiny_tokenizer, results_in_tmp):
     model = make_tiny_model("gpt2", len(tiny_tokenizer))
     hp, cache = _rome_setup(model)
-    hp = dataclasses.replace(hp, update_form="averaged")  # the update's key is k*: the gain below is 1 / ||k*||
+    hp = dataclasses.replace(hp, update_form="r-rome")  # the update's key is k*: the gain below is 1 / ||k*||
     groups = {"flash": [_record(1)], "normal": [_record(2, "Mira Quell"), _record(3, "Tobin Ash")]}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     norms = per_layer.per_layer_norms(model, tiny_tokenizer, groups, hp, model_name="tiny", layers=[0, 2],

@@ -13,9 +13,9 @@ in tests/test_second_moments.py), and every system is solved here with `torch.li
   Z come from the delta optimisation; they are recovered from the first layer's update (the only free
   quantity there), checked against the norms the optimisation reports, and must then predict every
   later layer's update exactly.
-* ROME (Meng et al. 2022a, Eq. 2): dW = (v* - W k_t) (C^-1 k*)^T / ((C^-1 k*)^T k_t), for the three
-  update forms (`ROMEHParams.update_form`). The optimised delta is the same for all three: it is read
-  off the released form's update and must then predict the other two forms' updates exactly.
+* ROME (Meng et al. 2022a, Eq. 2): dW = (v* - W k_t) (C^-1 k*)^T / ((C^-1 k*)^T k_t), for both
+  update forms (`ROMEHParams.update_form`). The optimised delta is the same for both: it is read
+  off the released form's update and must then predict r-ROME's update exactly.
 
 Each test also recomputes the update with one ingredient deliberately wrong (lambda, the divisor of
 the spreading, the averaging of the keys, the model the keys are read on, C^-1, the key of the
@@ -211,7 +211,7 @@ def rome_expected(W: torch.Tensor, C: torch.Tensor, k_star: torch.Tensor, k_bare
     """dW = (v* - W k_t) (C^-1 k*)^T / ((C^-1 k*)^T k_t) of `form` (rome.py's docstring), float64."""
     u = torch.linalg.solve(C, k_star)
     k_t = k_bare if form == "released" else k_star
-    v_star = W @ (k_star if form == "averaged" else k_bare) + delta
+    v_star = W @ k_bare + delta
     return torch.outer(v_star - W @ k_t, u) / (u @ k_t)
 
 
@@ -222,7 +222,7 @@ def test_rome_update_is_eq2_for_every_update_form(arch, ridge, tok, corpus_file,
     cache = EditCache.for_model(original, stats_dir=stats_dir)
     request = REQUESTS[1]
     recorded, infos = {}, {}
-    for form in ("released", "r-rome", "averaged"):
+    for form in ("released", "r-rome"):
         hparams = ROMEHParams(layer=layer, update_form=form, mom2_ridge=ridge, context_prefixes=PREFIXES,
                               v_num_grad_steps=8, **stats_settings(corpus_file))
         result = edit(original, tok, request, hparams, copy=True, cache=cache)

@@ -129,7 +129,7 @@ def update_gain(model: nn.Module, tok, request: dict, hparams: Any, layers: Sequ
     cache = cache if cache is not None else EditCache.for_model(model)
     cache.get_mom2(model, tok, layers, hparams)  # one pass over the corpus for every missing layer
     keys = compute_keys(model, tok, request, layers, hparams, _prefixes(model, tok, hparams, "rome", cache))
-    bare_denominator = getattr(hparams, "update_form", "averaged") == "released"
+    bare_denominator = getattr(hparams, "update_form", None) == "released"
     values = []
     for l in layers:
         c_inv = cache.get_mom2_inv(model, tok, l, hparams).double()

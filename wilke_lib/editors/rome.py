@@ -16,7 +16,6 @@ Eq. 3, `delta.compute_keys`), delta minimises ROME Eq. 4 (`delta.optimize_delta`
   k_t = k*, with the bare prompt's target v* = W k_bare + delta (as their code, which averages the
   current input and output over the prefixes); the asymmetry of "released" is what they blame for
   ROME's disabling edits.
-* "averaged": k_t = k*, v* = W k* + delta (this project's form before it followed the released code).
 """
 
 from __future__ import annotations
@@ -43,8 +42,7 @@ def rome_target(W: torch.Tensor, keys: LayerKeys, delta: torch.Tensor, form: str
     if form not in UPDATE_FORMS:
         raise ValueError(f"update_form must be one of {UPDATE_FORMS}, got {form!r}")
     W = W.float()
-    value_key = keys.star if form == "averaged" else keys.bare
-    v_star = W @ value_key.to(W.device, torch.float32) + delta.to(W.device)
+    v_star = W @ keys.bare.to(W.device, torch.float32) + delta.to(W.device)
     return v_star, keys.bare if form == "released" else keys.star
 
 

@@ -214,7 +214,7 @@ class _DeltaOptimHParams:
             self.context_prefixes = [str(p) for p in self.context_prefixes]
 
 
-UPDATE_FORMS = ("released", "r-rome", "averaged")
+UPDATE_FORMS = ("released", "r-rome")
 
 
 @dataclass(kw_only=True)
@@ -222,8 +222,8 @@ class ROMEHParams(_DeltaOptimHParams):
     """ROME (Meng et al. 2022a): rank-one update of W_proj at one fixed layer (Eq. 2), v* from Eq. 4.
 
     update_form: which key the update maps to v* (`wilke_lib.editors.rome`): "released" (ROME's
-    released code: the bare prompt's key in the denominator), "r-rome" (Gupta et al. 2024, the
-    averaged key k* in both places) or "averaged" (k* and v* = W k* + delta).
+    released code: the bare prompt's key in the denominator) or "r-rome" (Gupta et al. 2024, the
+    averaged key k* in both places).
     """
 
     layer: int
