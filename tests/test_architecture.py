@@ -28,8 +28,7 @@ only. Names are relative to `wilke_lib` ("" is the package root, which wires the
 source "toy-world", `wilke_lib.sources`); "pkg.*" is every module of a package, a module named exactly
 takes precedence (`organisms.__main__`, a command, sits at the top)."""
 
-COMPATIBILITY = {("wilke_lib.organisms.report", "wilke_lib.analysis.organism_report"):
-                 "the report's old name, for tests/test_organisms.py"}
+COMPATIBILITY: dict[tuple[str, str], str] = {}
 """The upward imports allowed, each with its reason: old names kept for importers that cannot change yet."""
 
 NEVER = {"editors": ("organisms", "analysis", "experiments", "present", "book", "claims", "ladder", "run_matrix",

@@ -240,7 +240,7 @@ def _fact(case_id: int, subject: str, true: str) -> dict:
 
 def test_report_traces_with_impostors_and_keeps_them_out_of_the_targets(tiny_tokenizer):
     from tiny import make_tiny_model
-    from wilke_lib.organisms import report
+    from wilke_lib.analysis import organism_report as report
 
     model = make_tiny_model("gpt2", len(tiny_tokenizer))
     pool = [_fact(0, "Valo Durn", "Welsh"), _fact(1, "Mira Durn", "Welsh"), _fact(2, "Nyra Durn", "Dutch"),

@@ -2,7 +2,7 @@
 (`python -m wilke_lib.organisms report`).
 
 An analysis of the organisms (it traces, edits and reads the experiments' helpers), so it sits in the analysis
-layer above `organisms` (docs/design.md); `wilke_lib.organisms.report` is this module under its old name.
+layer above `organisms` (docs/design.md).
 
 For known records spread over the subject kinds (and the famous subjects), causal tracing at the
 subject's last token (Meng et al. 2022a, Sec. 2.1; window 1, the clean true object as the target):
