@@ -196,23 +196,6 @@ def test_planted_depth_skips_the_mlps_below_a_names_layer_at_its_pieces_only():
         organisms.PlantedDepth(model, finder, 1, 3, 1.0, random_lib.Random(0), per_layer=True)
 
 
-def test_every_pilot_is_a_valid_configuration():
-    """scripts/organism_pilots.py (the record of docs/organisms.md) imports, and each pilot's world
-    and interventions are settings the trainer accepts."""
-    import importlib.util
-
-    from wilke_lib.results import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location("organism_pilots", REPO_ROOT / "scripts" / "organism_pilots.py")
-    pilots = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pilots)
-    for name, cfg in pilots.PILOTS.items():
-        assert isinstance(cfg, organisms.OrganismConfig), name
-        assert not cfg.mlp_drop or len(cfg.mlp_drop) == cfg.n_layer, name
-        assert cfg.planted_depth is None or 0 <= cfg.planted_depth[0] <= cfg.planted_depth[1] < cfg.n_layer, name
-
-
-@pytest.mark.slow  # about 5 min (measured 317 s on a shared 2-core machine)
 def test_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
     """Training stopped after one epoch and run again gives the weights of an uninterrupted run, and
     leaves no checkpoint behind; a checkpoint of another configuration is refused by name."""
