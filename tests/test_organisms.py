@@ -196,6 +196,7 @@ def test_planted_depth_skips_the_mlps_below_a_names_layer_at_its_pieces_only():
         organisms.PlantedDepth(model, finder, 1, 3, 1.0, random_lib.Random(0), per_layer=True)
 
 
+@pytest.mark.slow  # about 5 min (measured 317 s on a shared 2-core machine)
 def test_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
     """Training stopped after one epoch and run again gives the weights of an uninterrupted run, and
     leaves no checkpoint behind; a checkpoint of another configuration is refused by name."""
