@@ -89,35 +89,79 @@ def test_format_value_and_markdown_table():
     assert table.splitlines()[:2] == ["| editor | n |", "|---|---:|"]
 
 
-def test_table1_side_by_side_with_n_a_for_a_single_seed():
+def test_table1_as_the_paper_prints_it_the_papers_block_then_ours_without_repeats():
     ours = pd.DataFrame([{"editor": e, "n_runs": 1, **{m: 50.0 + i for m in present.TABLE1_METRICS},
-                          **{f"{m}_ci": 0.0 for m in present.TABLE1_METRICS}} for i, e in enumerate(["WilKE", "FT", "ROME"])])
+                          **{f"{m}_ci": 0.0 for m in present.TABLE1_METRICS},
+                          **{f"{m}_std": 0.0 for m in present.TABLE1_METRICS}} for i, e in enumerate(["WilKE", "FT", "ROME"])])
     paper = pd.read_csv(ROOT / "wilke_lib" / "data" / "table1_reported.csv")
     paper = paper[paper["model"] == "gpt2-xl"]
     frame = present.table1(ours, paper, "toy-gpt2", "gpt2-xl")
-    assert frame["editor"].tolist() == ["FT", "KE", "KN", "MEND", "ROME", "MEMIT", "WilKE"]
-    wilke = frame.set_index("editor").loc["WilKE"]
-    assert wilke["S paper (gpt2-xl)"] == "19.3 (5.6)" and wilke["S toy-gpt2"] == "50.0 (n/a)"
-    assert frame.set_index("editor").loc["FT", "S paper (gpt2-xl)"] == "–"
-    assert frame.set_index("editor").loc["KE", "ES toy-gpt2"] == "–"
-    three = present.table1(ours.assign(n_runs=3, S_ci=1.25), paper, "toy-gpt2", "gpt2-xl")
-    assert three.set_index("editor").loc["WilKE", "S toy-gpt2"] == "50.0 (1.2)"
+    assert list(frame.columns) == ["model", "editor", "runs", *present.TABLE1_METRICS]
+    # the paper's block in its order, then ours: one row per editor and source, the block named once
+    assert frame["editor"].tolist() == ["KE", "KN", "MEND", "ROME", "MEMIT", "WilKE", "FT", "ROME", "WilKE"]
+    assert frame["model"].tolist() == ["GPT2-XL (paper)"] + [""] * 5 + ["toy-gpt2", "", ""]
+    assert frame.loc[5, "S"] == "19.3\u00a0±\u00a05.6" and frame.loc[5, "runs"] == 3
+    assert frame.loc[8, "S"] == "50.0" and frame.loc[8, "runs"] == 1  # one seed: the mean alone, no "(n/a)"
+    assert not frame.astype(str).apply(lambda c: c.str.contains("n/a")).any().any()
+    # a "mean ± spread" cell keeps its no-break spaces in the Markdown: a narrow column does not split it
+    assert "| 19.3\u00a0±\u00a05.6 |" in present.markdown_table(frame, right=present.TABLE1_METRICS)
+    three = present.table1(ours.assign(n_runs=3, S_std=1.25, S_ci=5.4), paper, "toy-gpt2", "gpt2-xl")
+    assert three.loc[8, "S"] == "50.0\u00a0±\u00a01.2"
+    ci = present.table1(ours.assign(n_runs=[3, 1, 3], S_ci=5.4), paper.iloc[:0], "toy-gpt2", spread="ci", min_runs=2)
+    assert ci["editor"].tolist() == ["ROME", "WilKE"] and ci.loc[1, "S"] == "50.0\u00a0±\u00a05.4"
     caption = present.table1_caption("toy-gpt2", "gpt2-xl", 16, [9])
-    assert "16 lifelong edits" in caption and "seed(s) 9" in caption and "n/a" in caption and "1,024" in caption
+    assert "16 lifelong edits" in caption and "seed(s) 9" in caption and "GPT2-XL" in caption and "1,024" in caption
+    assert "GPT2-XL" not in present.table1_caption("toy-gpt2", "gpt2-xl", 16, [9], with_paper=False)
 
 
-def test_table1_both_forms_sets_the_papers_spread_beside_ours_in_the_same_form():
+def test_table1_spread_in_the_authors_form_and_as_an_interval():
     finals = [dict(ES=0.8, PS=0.5, NS=0.1, ERS=0.2, ORS=0.1), dict(ES=0.6, PS=0.5, NS=0.1, ERS=0.2, ORS=0.3),
               dict(ES=0.7, PS=0.5, NS=0.1, ERS=0.2, ORS=0.2)]
     ours = pd.concat([metrics.summarise_runs(finals, editor="WilKE"), metrics.summarise_runs(finals[:1], editor="FT")])
     paper = pd.read_csv(ROOT / "wilke_lib" / "data" / "table1_reported.csv")
-    frame = present.table1_both_forms(ours, paper[paper["model"] == "gpt2-xl"], "toy-gpt2", "gpt2-xl")
-    wilke = frame[frame["editor"] == "WilKE"].set_index("source")["ES"]
-    assert wilke["paper (gpt2-xl): ± as printed (np.std)"] == "70.7 ± 9.2"
-    assert wilke["toy-gpt2: ± np.std"] == "70.0 ± 8.2"          # 10 * sqrt(2/3)
-    assert wilke["toy-gpt2: ± 95% t-interval"] == "70.0 ± 24.8"  # 4.303 * 10 / sqrt(3)
-    ft = frame[frame["editor"] == "FT"]
-    assert len(ft) == 2 and set(ft["ES"]) == {"80.0 (n/a)"} and set(ft["seeds"]) == {"1"}
+    frame = present.table1(ours, paper[paper["model"] == "gpt2-xl"], "toy-gpt2", "gpt2-xl").set_index(["model", "editor"])
+    assert frame.loc[("GPT2-XL (paper)", "KE"), "ES"] == "0.1\u00a0±\u00a00.0"
+    rows = present.table1(ours, paper.iloc[:0], "toy-gpt2").set_index("editor")
+    assert rows.loc["WilKE", "ES"] == "70.0\u00a0±\u00a08.2"           # 10 * sqrt(2/3), np.std as the authors print it
+    assert rows.loc["FT", "ES"] == "80.0" and rows.loc["FT", "runs"] == 1
+    interval = present.table1(ours, paper.iloc[:0], "toy-gpt2", spread="ci", min_runs=2).set_index("editor")
+    assert list(interval.index) == ["WilKE"] and interval.loc["WilKE", "ES"] == "70.0\u00a0±\u00a024.8"  # 4.303 * 10 / sqrt(3)
+    with pytest.raises(ValueError):
+        present.table1(ours, paper.iloc[:0], "toy-gpt2", spread="sem")
+
+
+def test_secondary_tables_and_figures_fold_into_a_dropdown(book):
+    root, shown = book
+    page = present.page("toy-gpt2", "03_lifelong")
+    page.table(pd.DataFrame({"editor": ["ROME"], "S": ["9.3 ± 2.4"]}), "runs", "The runs.", dropdown="The runs (1)",
+               right=["S"])
+    md = shown[-1]
+    assert md.startswith(":::::{dropdown} The runs (1)\n") and md.rstrip().endswith(":::::")
+    assert "::::{table} The runs.\n:name: toy-gpt2-03-lifelong-runs" in md and "|---|---:|" in md
+    page.figure(_figure(), "curve", "A curve.", alt="a line", dropdown="The curve")
+    assert shown[-1].startswith(":::::{dropdown} The curve\n") and "````{figure} 03_lifelong_files/curve.png" in shown[-1]
+
+
+def test_a_block_of_figures_and_tables_folds_into_one_dropdown(tmp_path, monkeypatch):
+    monkeypatch.setenv(present.BOOK_DIR_VARIABLE, str(tmp_path / "book"))
+    shown: list[str] = []
+    monkeypatch.setattr(present, "_display_markdown", shown.append)
+    page = present.page("toy-gpt2", "07_causal_tracing")
+    with present.dropdown("Causal traces of 2 records"):
+        page.figure(_figure(), "trace_a", "Trace a.", alt="a heatmap")
+        page.table(pd.DataFrame({"n": [1]}), "records", "The records.", dropdown="The records")
+        present.show_markdown("A sentence.")
+    assert len(shown) == 1
+    outer = shown[0]
+    assert outer.startswith("::::::{dropdown} Causal traces of 2 records\n") and outer.rstrip().endswith("\n::::::")
+    assert "````{figure} 07_causal_tracing_files/trace_a.png" in outer and ":::::{dropdown} The records" in outer
+    assert "A sentence." in outer
+    with present.dropdown("Shown as it is", fold=False):
+        present.show_markdown("Visible.")
+    assert shown[-1] == "Visible."
+    with present.dropdown("Nothing"):
+        pass
+    assert shown[-1] == "Visible."  # an empty block shows no dropdown
 
 
 # ------------------------------------------------------------------------------------- claims
@@ -236,7 +280,7 @@ def test_site_extension_helpers():
 
 
 LIFELONG_CLAIM_IDS = {"wilke_beats_sota", "editors_fail_lifelong", "degradation_over_steps", "layer_per_fact",
-                      "wilke_delays_collapse", "memit_declines_most"}
+                      "wilke_delays_collapse", "memit_declines_most", "fig43_shapes"}
 
 
 def test_chapter_3_records_every_lifelong_claim_it_tests():

@@ -10,10 +10,14 @@ writes them); a notebook starts it with `page(model_name, "03_lifelong")`. Then
   links to the full-size PNG and to the data;
 * `Page.table(frame, name, caption)` saves the CSV and displays a MyST `table` ("Table N.k") with
   every cell in full (no "…"); an empty frame shows a sentence instead of an empty table;
+* `dropdown="..."` (of either) folds a secondary figure or table behind a closed MyST `{dropdown}`
+  with that title: still numbered, linked and searchable, but the page stays short; `with
+  dropdown(title):` folds all that a block shows behind one;
 * `Page.claim(...)` and `Page.claims_from_table(...)` record the verdicts of the paper's claims that
   the page tests (`wilke_lib.claims`), read by the book's "Results at a glance" page.
 
-`table1(...)` lays out Table 1 as the paper prints it, this model's column beside the paper's.
+`table1(...)` lays out Table 1 as the paper prints it: editors as rows, the paper's block for the model
+this organism stands in for, then this organism's block, six metric columns.
 
 The book folder is `WILKE_BOOK_DIR` (run_notebooks.py sets it to `book/`). Without it the files go to
 `results/<model slug>/pages/`, so that a test or an ad-hoc papermill run never writes into the book.
@@ -23,6 +27,7 @@ the book folder is.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -91,9 +96,17 @@ _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>#|$~^])")
 _PLACEHOLDER = re.compile(r"<([A-Za-z_][\w -]*)>")
 
 
+_BREAKING_SPACE = re.compile(r"[ \t\r\n\f\v]+")
+
+
+def one_line(text: object) -> str:
+    """`text` on one line, runs of spaces and line breaks made one space; a no-break space stays."""
+    return _BREAKING_SPACE.sub(" ", str(text)).strip()
+
+
 def md_escape(text: object) -> str:
     """Plain text as Markdown that renders as the same text (one line)."""
-    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+    return _MD_SPECIAL.sub(r"\\\1", one_line(text))
 
 
 def format_value(value: object, digits: int = 4) -> str:
@@ -121,15 +134,16 @@ def _keeps_index(frame: pd.DataFrame) -> bool:
     return bool(any(frame.index.names)) or not isinstance(frame.index, pd.RangeIndex)
 
 
-def markdown_table(frame: pd.DataFrame, *, index: bool | None = None, digits: int = 4, escape: bool = True) -> str:
+def markdown_table(frame: pd.DataFrame, *, index: bool | None = None, digits: int = 4, escape: bool = True,
+                   right: Sequence[str] = ()) -> str:
     """A GitHub-style Markdown table of every row and cell of `frame`, text in full; numeric columns
-    right-aligned."""
+    and the columns named in `right` (numbers written as text, "19.3 ± 5.6") right-aligned."""
     frame = frame.to_frame() if isinstance(frame, pd.Series) else frame
     if index if index is not None else _keeps_index(frame):
         frame = frame.reset_index()
-    cell = md_escape if escape else (lambda t: " ".join(str(t).split()).replace("|", "\\|"))
+    cell = md_escape if escape else (lambda t: one_line(t).replace("|", "\\|"))
     names = [" / ".join(map(str, c)) if isinstance(c, tuple) else str(c) for c in frame.columns]
-    numeric = [pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])
+    numeric = [(pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])) or c in right
                for c in frame.columns]
     lines = ["| " + " | ".join(cell(n) for n in names) + " |",
              "|" + "|".join("---:" if num else "---" for num in numeric) + "|"]
@@ -138,8 +152,35 @@ def markdown_table(frame: pd.DataFrame, *, index: bool | None = None, digits: in
     return "\n".join(lines)
 
 
+_FOLDED: list[list[str]] = []  # the Markdown shown inside the open `dropdown(...)` blocks, innermost last
+
+
+@contextlib.contextmanager
+def dropdown(title: str, fold: bool = True):
+    """Show what the block displays (figures, tables, text) behind one closed dropdown titled `title`, e.g. the
+    secondary runs of a chapter; with `fold` false the block is shown as it is."""
+    if not fold:
+        yield
+        return
+    _FOLDED.append([])
+    try:
+        yield
+    finally:
+        body = _FOLDED.pop()
+    if body:
+        show_markdown(in_dropdown(title, "\n\n".join(body) + "\n"))
+
+
 def show_markdown(text: str) -> None:
-    """Display Markdown (MyST in the book) as the output of the cell; printed outside IPython."""
+    """Display Markdown (MyST in the book) as the output of the cell; printed outside IPython. Inside a
+    `dropdown(...)` block it is kept for the dropdown."""
+    if _FOLDED:
+        _FOLDED[-1].append(text)
+        return
+    _display_markdown(text)
+
+
+def _display_markdown(text: str) -> None:
     try:
         from IPython import get_ipython
         from IPython.display import display
@@ -150,6 +191,14 @@ def show_markdown(text: str) -> None:
         print(text)
         return
     display({"text/markdown": text, "text/plain": text}, raw=True)
+
+
+def in_dropdown(title: str, body: str) -> str:
+    """`body` (MyST) behind a closed `{dropdown}` titled `title` (one line): a colon fence of at least five, longer
+    than any colon fence in `body`, so that the `::::{table}`, the backtick figure fence or a dropdown inside nests."""
+    inner = max((len(run) for run in re.findall(r"^(:{3,})", body, flags=re.MULTILINE)), default=0)
+    fence = ":" * max(5, inner + 1)
+    return "\n".join([f"{fence}{{dropdown}} {' '.join(title.split())}", "", body, fence])
 
 
 def _write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -237,13 +286,14 @@ class Page:
         return f"{caption} (Paper: {paper}.)" if paper else caption
 
     def figure(self, fig, name: str, caption: str, *, alt: str, data=None, paper: str | None = None,
-               legend: str | None = None, width: str | None = None) -> Path:
+               legend: str | None = None, width: str | None = None, dropdown: str | None = None) -> Path:
         """Save `fig` (PNG) and `data` beside the page and display it as a numbered figure.
 
         caption: Markdown, one paragraph, said from what the figure shows; paper: the paper's
         figure ("Fig. 43"), named in the caption; alt: what a reader who cannot see the image needs
         (required); legend: a second paragraph under the caption; width: CSS width (wide figures
-        are shown at the column width and open at full size on a click)."""
+        are shown at the column width and open at full size on a click); dropdown: the title of a closed
+        dropdown that holds the figure (a secondary figure: still numbered and linked)."""
         if not alt or not alt.strip():
             raise ValueError(f"figure {name!r}: alt text is required")
         folder = self.files()
@@ -262,15 +312,19 @@ class Page:
         if legend:
             lines += [" ".join(legend.split()), ""]
         lines += [self._links(png, data_path), "````"]
-        show_markdown("\n".join(lines))
+        text = "\n".join(lines)
+        show_markdown(in_dropdown(dropdown, text) if dropdown else text)
         _release(fig)
         return SavedFile(png)
 
     def table(self, frame: pd.DataFrame, name: str, caption: str, *, paper: str | None = None,
               index: bool | None = None, digits: int = 4, escape: bool = True, note: str | None = None,
-              css_class: str | None = None, empty: str = "No rows.", data=None) -> Path | None:
+              css_class: str | None = None, empty: str = "No rows.", data=None, dropdown: str | None = None,
+              right: Sequence[str] = ()) -> Path | None:
         """Save `frame` (or `data`) as CSV beside the page and display it as a numbered table, every
-        cell in full. An empty frame displays `empty` instead (and no file)."""
+        cell in full. An empty frame displays `empty` instead (and no file). dropdown: the title of a
+        closed dropdown that holds the table, its note and its link (a secondary table); right: text
+        columns to right-align (numbers with their spread)."""
         frame = frame.to_frame() if isinstance(frame, pd.Series) else frame
         if frame.empty:
             show_markdown(empty)
@@ -282,11 +336,12 @@ class Page:
         lines = [f"::::{{table}} {self._caption(caption, paper)}", f":name: {self.label(name)}"]
         if css_class:
             lines.append(f":class: {css_class}")
-        lines += ["", markdown_table(frame, index=index, digits=digits, escape=escape), "::::", ""]
+        lines += ["", markdown_table(frame, index=index, digits=digits, escape=escape, right=right), "::::", ""]
         if note:
             lines += [" ".join(note.split()), ""]
         lines.append(self._links(path))
-        show_markdown("\n".join(lines))
+        text = "\n".join(lines)
+        show_markdown(in_dropdown(dropdown, text + "\n") if dropdown else text)
         return SavedFile(path)
 
     # ---------------------------------------------------------------------------------- claims
@@ -346,70 +401,76 @@ def page(model_name: str, chapter: str, **context) -> Page:
 
 
 # ------------------------------------------------------------------------------------ Table 1
-def _mean_ci(mean: float, ci: float, with_ci: bool) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+PAPER_MODEL_NAMES = {"gpt2-xl": "GPT2-XL", "gpt-j-6b": "GPT-J", "EleutherAI/gpt-j-6b": "GPT-J"}
+"""How the paper names its models (Table 1's blocks)."""
+SPREADS = {"std": "np.std", "ci": "95% t-interval"}
+
+
+def paper_model_name(paper_model: str | None) -> str:
+    """The paper's name of a model id ("gpt2-xl" -> "GPT2-XL"); the id itself when it has none."""
+    return PAPER_MODEL_NAMES.get(paper_model or "", paper_model or "paper")
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+NBSP = "\u00a0"
+
+
+def _cell(mean, spread, with_spread: bool) -> str:
+    """A metric cell of Table 1: "mean ± spread" (one decimal, as the paper prints; no-break spaces, so that a
+    narrow column does not split it over two lines), the mean alone without a spread."""
+    if _is_missing(mean):
         return "–"
-    if not with_ci or ci is None or (isinstance(ci, float) and math.isnan(ci)):
-        return f"{mean:.1f} (n/a)"
-    return f"{mean:.1f} ({ci:.1f})"
+    if not with_spread or _is_missing(spread):
+        return f"{float(mean):.1f}"
+    return f"{float(mean):.1f}{NBSP}±{NBSP}{float(spread):.1f}"
 
 
-def table1(ours: pd.DataFrame, paper: pd.DataFrame, model_name: str,
-           paper_model: str | None = None) -> pd.DataFrame:
-    """Table 1 side by side: one row per editor; for each metric the paper's "mean (CI)" beside this
-    model's, whose CI is "n/a" with fewer than two runs (`n_runs`). "–": editor not in that source."""
-    paper_label = f"paper ({paper_model})" if paper_model else "paper"
-    ours_rows = {str(r["editor"]): r for _, r in ours.iterrows()}
-    paper_rows = {str(r["editor"]): r for _, r in paper.iterrows()}
-    names = [e for e in EDITOR_ORDER if e in ours_rows or e in paper_rows]
-    names += [e for e in list(paper_rows) + list(ours_rows) if e not in names]
+def _editor_rows(frame: pd.DataFrame) -> list[pd.Series]:
+    """The rows of `frame` (one per editor) in the paper's order (`EDITOR_ORDER`), then any other editor."""
+    rows = {str(r["editor"]): r for _, r in frame.iterrows()}
+    names = [e for e in EDITOR_ORDER if e in rows] + [e for e in rows if e not in EDITOR_ORDER]
+    return [rows[e] for e in names]
+
+
+def table1(ours: pd.DataFrame, paper: pd.DataFrame, model_name: str, paper_model: str | None = None, *,
+           spread: str = "std", min_runs: int = 1) -> pd.DataFrame:
+    """Table 1 as the paper prints it: editors as rows, metrics S, ES, PS, NS, ERS, ORS (in %) as columns, one
+    block per source. First the paper's block for `paper_model` (its rows, "mean ± spread" as printed: the
+    authors' `np.std` over three runs, which the paper calls a 95% CI), then this model's block (`ours`: one
+    row per editor from `metrics.summarise_runs`), "mean ± spread" over its `n_runs` seeds with `spread` "std"
+    (np.std, the paper's form) or "ci" (the 95% t-interval's half width), the mean alone from a single seed.
+    Columns: model (named on the first row of its block only, as the paper's multirow), editor, runs, metrics.
+    `min_runs`: leave out this model's editors with fewer runs (e.g. 2 for a table of intervals). An empty
+    `paper` gives this model's block alone."""
+    if spread not in SPREADS:
+        raise ValueError(f"spread {spread!r}: one of {sorted(SPREADS)}")
+    blocks = []
+    if len(paper):
+        blocks.append((f"{paper_model_name(paper_model)} (paper)",
+                       [(r, 3, True, "ci") for r in _editor_rows(paper)]))
+    mine = [(r, int(r.get("n_runs", 1) or 1)) for r in _editor_rows(ours)]
+    blocks.append((model_slug(model_name), [(r, n, n >= 2, spread) for r, n in mine if n >= min_runs]))
     rows = []
-    for editor in names:
-        row = {"editor": editor}
-        for m in TABLE1_METRICS:
-            p, o = paper_rows.get(editor), ours_rows.get(editor)
-            row[f"{m} {paper_label}"] = "–" if p is None else _mean_ci(float(p[m]), float(p[f"{m}_ci"]), True)
-            row[f"{m} {model_slug(model_name)}"] = "–" if o is None else _mean_ci(
-                float(o[m]), float(o[f"{m}_ci"]), int(o.get("n_runs", 1) or 1) >= 2)
-        rows.append(row)
-    return pd.DataFrame(rows)
+    for label, entries in blocks:
+        for k, (r, n, with_spread, column) in enumerate(entries):
+            rows.append({"model": label if k == 0 else "", "editor": str(r["editor"]), "runs": n,
+                         **{m: _cell(r[m], r.get(f"{m}_{column}"), with_spread) for m in TABLE1_METRICS}})
+    return pd.DataFrame(rows, columns=["model", "editor", "runs", *TABLE1_METRICS])
 
 
-def table1_both_forms(ours: pd.DataFrame, paper: pd.DataFrame, model_name: str,
-                      paper_model: str | None = None) -> pd.DataFrame:
-    """Table 1 with the spread in both forms, paper and ours alike: per editor a row "paper, mean +- printed
-    spread" (the authors' notebook prints `np.std` over three runs; the paper calls it a 95% CI), a row
-    "<model>, mean +- np.std" (the same form) and a row "<model>, mean +- 95% t-interval" (`n_runs`
-    seeds; "n/a" with one). Columns: editor, source, seeds, then the metrics in %."""
-    paper_label = f"paper ({paper_model})" if paper_model else "paper"
-    ours_rows = {str(r["editor"]): r for _, r in ours.iterrows()}
-    paper_rows = {str(r["editor"]): r for _, r in paper.iterrows()}
-    names = [e for e in EDITOR_ORDER if e in ours_rows or e in paper_rows]
-    names += [e for e in list(paper_rows) + list(ours_rows) if e not in names]
-
-    def row(editor: str, source: str, seeds: str, r: pd.Series, spread: str, with_spread: bool) -> dict:
-        cells = {m: "–" if r is None else (f"{float(r[m]):.1f} ± {float(r[f'{m}_{spread}']):.1f}" if with_spread
-                                           else f"{float(r[m]):.1f} (n/a)") for m in TABLE1_METRICS}
-        return {"editor": editor, "source": source, "seeds": seeds, **cells}
-
-    rows = []
-    for editor in names:
-        p, o = paper_rows.get(editor), ours_rows.get(editor)
-        if p is not None:
-            rows.append(row(editor, f"{paper_label}: ± as printed (np.std)", "3", p, "ci", True))
-        if o is not None:
-            n = int(o.get("n_runs", 1) or 1)
-            rows.append(row(editor, f"{model_slug(model_name)}: ± np.std", str(n), o, "std", n >= 2))
-            rows.append(row(editor, f"{model_slug(model_name)}: ± 95% t-interval", str(n), o, "ci", n >= 2))
-    return pd.DataFrame(rows)
-
-
-def table1_caption(model_name: str, paper_model: str | None, n_edits: int, seeds: Sequence[int]) -> str:
-    """The header of `table1`: what is compared, after how many edits, over which seeds."""
+def table1_caption(model_name: str, paper_model: str | None, n_edits: int, seeds: Sequence[int],
+                   spread: str = "std", with_paper: bool = True) -> str:
+    """The caption of `table1`: what is compared, after how many edits, over which seeds, and which spread."""
     seeds = list(seeds)
-    ci = (f"95% CI over {len(seeds)} seeds" if len(seeds) >= 2
-          else "one seed, so no confidence interval (n/a)")
-    paper = f"the paper's Table 1 ({paper_model}, 1,024 edits, 95% CI as printed)" if paper_model else "the paper"
-    return (f"S, ES, PS, NS, ERS and ORS in % after the last edit, mean (CI): {model_slug(model_name)} after "
-            f"{n_edits} lifelong edits with rollback, seed(s) {', '.join(map(str, seeds))}, {ci}; beside "
-            f"{paper}. –: editor not run in that source.")
+    form = ("the standard deviation over the seeds as `np.std` computes it, the form the paper prints" if spread == "std"
+            else "the half width of the 95% t-interval over the seeds")
+    text = (f"S, ES, PS, NS, ERS and ORS in % after the last of {n_edits:,} lifelong edits with rollback, one row per "
+            f"editor. {model_slug(model_name)}: seed(s) {', '.join(map(str, seeds))}, the runs column says how many "
+            f"finished; mean ± {form}, the mean alone where one seed ran.")
+    if with_paper and paper_model:
+        text = (f"{text} Above it the paper's Table 1 block for {paper_model_name(paper_model)} (1,024 edits, "
+                "mean ± the spread it prints over three runs), for the editors the paper ran.")
+    return text

@@ -2,9 +2,11 @@
 
 Every function returns a `matplotlib.figure.Figure` built without pyplot, so a notebook shows it
 once (`wilke_lib.present.Page.figure` saves and captions it). Presentation rules of the book:
-fonts legible at the page's width (`STYLE`), integer ticks on layer axes, curves that cannot
+fonts legible at the page's width (`STYLE`), figures at most `MAX_WIDTH` inches wide (the book shows a
+figure at its column's 756 px, 721 px in a dropdown: at 150 dpi a wider one would reach the reader at under half its
+size, its 9-pt text below 9 px), integer ticks on layer axes, curves that cannot
 hide one another (each curve its own marker and line style, hollow markers of decreasing size; a
-curve equal to an earlier one says so in the legend), and one colour per editor in every figure, its
+curve equal to an earlier one on every panel of the figure says so in the legend), and one colour per editor in every figure, its
 colour in the editor registry (`wilke_lib.registry`; other curves beside editors take `SPARE_COLOURS`). `*_data` functions return the numbers a
 figure shows as a tidy table, for the CSV beside it.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import textwrap
 from typing import Mapping, Sequence
 
 import matplotlib as mpl
@@ -33,6 +36,9 @@ STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fo
          "xtick.labelsize": 9, "ytick.labelsize": 9, "figure.titlesize": 12, "lines.linewidth": 1.4}
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
 LINESTYLES = ("-", "--", "-.", ":")
+MAX_WIDTH = 9.3
+"""Inches: the widest figure of the book (about 1,400 px at 150 dpi, less than twice the column it is shown in:
+756 px, 721 px inside a dropdown)."""
 SPARE_COLOURS = ("#7F7F7F", "#9467BD", "#BCBD22", "#E377C2", "#2CA02C")
 """Colours of curves that are not an editor of the registry (ROME fixed at a layer) drawn beside editors:
 none of them is an editor's."""
@@ -48,10 +54,11 @@ def _styled(function):
 
 
 def _grid(n: int, ncols: int, size: tuple[float, float] = (3.4, 2.8)) -> tuple[Figure, list]:
-    """A figure with n axes in rows of `ncols` (unused cells hidden)."""
+    """A figure with n axes in rows of `ncols` (unused cells hidden), `size` inches each, the panels narrowed
+    so that the figure is at most `MAX_WIDTH` wide."""
     ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)
-    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    fig = Figure(figsize=(min(size[0] * ncols, MAX_WIDTH), size[1] * nrows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel().tolist()
     for ax in axes[n:]:
         ax.set_visible(False)
@@ -99,20 +106,39 @@ def norm_trajectory_figure(traj: pd.DataFrame, *, snapshot_steps: Sequence[int] 
     return fig
 
 
+def _magnitude(value: float) -> str:
+    """A panel's largest |entry| in its title: three significant digits."""
+    return f"{value:.3g}" if value >= 1e-3 else f"{value:.1e}"
+
+
 @_styled
 def toxicity_heatmaps_figure(snapshots: Mapping[int, np.ndarray], *, ncols: int = 5, cmap: str = "RdBu_r",
-                             title: str | None = None) -> Figure:
-    """Fig. 3b-6b: accumulated toxicity W* - W at the given steps, one shared symmetric colour scale.
+                             title: str | None = None, scale: str = "panel") -> Figure:
+    """Fig. 3b-6b: accumulated toxicity W* - W at the given steps, on a symmetric red-blue scale.
 
-    `snapshots` maps step -> (downsampled) toxicity matrix of one layer.
+    `snapshots` maps step -> (downsampled) toxicity matrix of one layer. scale "panel" (the default): each
+    panel is divided by its own largest |entry|, written in its title ("step 64: ±2.31"), so that the pattern of
+    every step shows; the toxicity grows by orders of magnitude over the steps, and on one shared scale the early
+    panels are blank (their size is in the norm figure beside it). scale "shared": one scale for all panels, in
+    the toxicity's units.
     """
+    if scale not in ("panel", "shared"):
+        raise ValueError(f"scale {scale!r}: 'panel' or 'shared'")
     steps = sorted(snapshots)
-    fig, axes = _grid(len(steps), ncols, (2.5, 2.5))
-    vmax = max(float(np.abs(snapshots[s]).max()) for s in steps) or 1.0
+    fig, axes = _grid(len(steps), ncols, (1.9, 1.75))
+    shared = max(float(np.abs(snapshots[s]).max()) for s in steps) or 1.0
     for ax, step in zip(axes, steps):
-        image = ax.imshow(snapshots[step], cmap=cmap, vmin=-vmax, vmax=vmax, aspect="auto")
-        ax.set(title=f"step {step}", xticks=[], yticks=[])
-    fig.colorbar(image, ax=axes, shrink=0.8, label="toxicity")
+        matrix = np.asarray(snapshots[step], dtype=float)
+        peak = float(np.abs(matrix).max())
+        if scale == "panel":
+            image = ax.imshow(matrix / (peak or 1.0), cmap=cmap, vmin=-1, vmax=1, aspect="auto")
+            ax.set_title(f"step {step}: ±{_magnitude(peak)}" if peak else f"step {step}: no change", fontsize=10)
+        else:
+            image = ax.imshow(matrix, cmap=cmap, vmin=-shared, vmax=shared, aspect="auto")
+            ax.set_title(f"step {step}", fontsize=10)
+        ax.set(xticks=[], yticks=[])
+    fig.colorbar(image, ax=axes, shrink=0.8,
+                 label="toxicity / the panel's largest |entry|" if scale == "panel" else "toxicity")
     if title:
         fig.suptitle(title)
     return fig
@@ -175,11 +201,11 @@ def causal_trace_figure(results: Mapping[str, object], *, title: str | None = No
     the tokens named once, on the left."""
     items = list(results.values())
     n_tokens = max((len(r.tokens) for r in items), default=1)
-    fig, axes = _grid(len(items), 3, (4.4, 0.32 * n_tokens + 1.6))
+    fig, axes = _grid(len(items), 3, (MAX_WIDTH / 3, 0.3 * n_tokens + 1.6))
     for i, (ax, result) in enumerate(zip(axes, items)):
         _trace_axes(ax, result, fig, show_tokens=(i % 3 == 0))
-    if title:
-        fig.suptitle(title)
+    if title:  # wrapped: a title wider than the panels would widen the saved figure past the column
+        fig.suptitle(textwrap.fill(title, 90))
     return fig
 
 
@@ -227,7 +253,7 @@ def storage_depth_figure(traced: pd.DataFrame, n_layers: int, *, title: str | No
     frame has it), the layer where the subject's own MLP value recovers most beyond a same-token
     impostor's."""
     specific = "subject_specific_peak" in traced and bool((traced["subject_specific_peak"] >= 0).any())
-    fig = Figure(figsize=(13.0 if specific else 9.0, 3.2), layout="constrained")
+    fig = Figure(figsize=(MAX_WIDTH if specific else 8.0, 3.3), layout="constrained")
     axes = fig.subplots(1, 3 if specific else 2)
     left = axes[0]
     kinds = sorted(traced["kind"].unique())
@@ -235,11 +261,11 @@ def storage_depth_figure(traced: pd.DataFrame, n_layers: int, *, title: str | No
               bins=np.linspace(-0.2, 1.2, 15), stacked=True, label=kinds)
     left.axvline(float(traced["subject_state_recovery"].median()), color="k", ls="--", lw=1,
                  label=f"median {traced['subject_state_recovery'].median():.2f}")
-    left.set(xlabel="share of the gap recovered at the last subject token", ylabel="records")
+    left.set(xlabel="share of the gap recovered\nat the last subject token", ylabel="records")
     left.legend()
-    panels = [("causal_peak", "layer of the largest MLP effect (per record)")]
+    panels = [("causal_peak", "layer of the largest MLP effect\n(per record)")]
     if specific:
-        panels.append(("subject_specific_peak", "layer of the largest effect beyond an impostor's"))
+        panels.append(("subject_specific_peak", "layer of the largest effect\nbeyond an impostor's"))
     colours = {k: f"C{i}" for i, k in enumerate(kinds)}
     for ax, (column, label) in zip(axes[1:], panels):
         shown = traced[traced[column] >= 0]
@@ -308,9 +334,38 @@ def _curve_colours(names: Sequence, order: Sequence[str] | None) -> dict:
             for name in names}
 
 
-def _curves(ax, df: pd.DataFrame, y: str, group: str, x: str = "step", order: Sequence[str] | None = None) -> None:
+def _same_curve(a: pd.Series, b: pd.Series) -> bool:
+    """Two mean curves (indexed by step) with the same steps and values (to 1e-9)."""
+    return len(a) == len(b) and bool((a.index.to_numpy() == b.index.to_numpy()).all()) and bool(
+        np.allclose(a.to_numpy(), b.to_numpy(), rtol=0, atol=1e-9))
+
+
+def _identical_curves(panels: Sequence[tuple[pd.DataFrame, str]], group: str, x: str = "step",
+                      order: Sequence[str] | None = None) -> dict[str, str]:
+    """{group: the earlier group it equals} over the panels of one figure (`panels`: (frame, y column) each): a
+    group is named equal to another only when both are drawn on the same panels and their mean curves agree on
+    every one of them. A figure's legend speaks for all its panels, so two editors that agree on ES but not on
+    S are not "equal"."""
+    names = list(order) if order is not None else list(dict.fromkeys(n for df, _ in panels for n in df[group]))
+    means = [{name: sub.groupby(x)[y].mean().sort_index() for name, sub in df.groupby(group, sort=False)}
+             for df, y in panels]
+    same: dict[str, str] = {}
+    for i, name in enumerate(names):
+        for other in names[:i]:
+            if other in same or not any(name in m for m in means):
+                continue
+            if all((name in m) == (other in m) for m in means) and all(
+                    _same_curve(m[name], m[other]) for m in means if name in m):
+                same[name] = other
+                break
+    return same
+
+
+def _curves(ax, df: pd.DataFrame, y: str, group: str, x: str = "step", order: Sequence[str] | None = None,
+            same_as: Mapping[str, str] | None = None) -> None:
     """Mean over seeds of `y` vs `x` per `group`, with a min-max band when there are several seeds.
-    Each group has its own marker and line style; a curve equal to an earlier one is named so; an editor
+    Each group has its own marker and line style; a curve equal to an earlier one is named so (on this
+    axes, or, with `same_as` from `_identical_curves`, on every panel of the figure); an editor
     has its colour of the registry (`_curve_colours`). With `order` (every group of the figure), a group
     keeps its colour and marker on every axes that shows it, whichever groups an axes lacks."""
     groups = list(df.groupby(group, sort=False))
@@ -321,9 +376,11 @@ def _curves(ax, df: pd.DataFrame, y: str, group: str, x: str = "step", order: Se
     for k, (name, sub) in enumerate(groups):
         i, n = (list(order).index(name), len(order)) if order is not None else (k, len(groups))
         stats = sub.groupby(x)[y].agg(["mean", "min", "max"]).reset_index()
-        same = next((other for other, s in drawn if len(s) == len(stats) and np.allclose(
-            s["mean"].to_numpy(), stats["mean"].to_numpy(), rtol=0, atol=1e-9) and (s[x].to_numpy() == stats[x].to_numpy()).all()),
-            None)
+        if same_as is not None:
+            same = same_as.get(str(name))
+        else:
+            same = next((other for other, s in drawn if _same_curve(s.set_index(x)["mean"], stats.set_index(x)["mean"])),
+                        None)
         label = f"{name} (= {same})" if same else str(name)
         colour = {"color": colours[name]} if colours[name] is not None else {}
         line, = ax.plot(stats[x], stats["mean"], label=label, **_series_style(i, n), **colour)
@@ -340,13 +397,15 @@ def lifelong_metrics_figure(df: pd.DataFrame, *, metrics: Sequence[str] = METRIC
 
     `df`: a long table with columns step, `group` and the metrics (e.g. the
     runs' `checkpoints` tables concatenated with an `editor` column; several
-    seeds are averaged, their range shaded). The legend is drawn once, under the panels.
+    seeds are averaged, their range shaded). The legend is drawn once, under the panels; it names a curve
+    equal to another only when they agree on every panel.
     """
-    fig, axes = _grid(len(metrics), ncols, (3.6, 2.9))
+    fig, axes = _grid(len(metrics), ncols, (3.25, 2.6))
     scale = 100.0 if percent else 1.0
     data = df.assign(**{m: df[m] * scale for m in metrics})
+    same = _identical_curves([(data, m) for m in metrics], group)
     for ax, metric in zip(axes, metrics):
-        _curves(ax, data, metric, group)
+        _curves(ax, data, metric, group, same_as=same)
         ax.set(xlabel="editing step", ylabel=f"{metric}{' (%)' if percent else ''}", title=metric)
         if logx:
             _log2_steps(ax)
@@ -367,9 +426,11 @@ def beside_paper_figure(ours: pd.DataFrame, paper: pd.DataFrame, *, model_name: 
     paper models."""
     fig, axes = _grid(2, 2, (4.2, 3.0))
     order = [e for e in editors if e in set(ours["editor"]) | set(paper["editor"])]
-    for ax, df, title in ((axes[0], paper, f"paper: {paper_model}"), (axes[1], ours, model_name)):
-        part = df[df["editor"].isin(order)]
-        _curves(ax, part.assign(**{metric: part[metric] * 100.0}), metric, "editor", order=order)
+    parts = [df[df["editor"].isin(order)] for df in (paper, ours)]
+    parts = [part.assign(**{metric: part[metric] * 100.0}) for part in parts]
+    same = _identical_curves([(part, metric) for part in parts], "editor", order=order)
+    for ax, part, title in ((axes[0], parts[0], f"paper: {paper_model}"), (axes[1], parts[1], model_name)):
+        _curves(ax, part, metric, "editor", order=order, same_as=same)
         ax.axvline(64, color="0.6", ls=":", lw=0.9)
         ax.set(xlabel="editing step", ylabel=f"{metric} (%)", title=title, ylim=(0, 100))
         _log2_steps(ax)
@@ -417,7 +478,7 @@ def ladder_figure(points: pd.DataFrame, fit: Mapping[str, float], paper_widths: 
         ax.plot([width], [target], "s", color=f"C{i + 1}", label=f"{name} (authors' curves)")
     ax.axhline(target, color="0.6", ls=":", lw=0.9)
     ax.set(xscale="log", yscale="log", xlabel="MLP width d_mlp", ylabel="ROME's collapse step")
-    ax.legend(fontsize="small")
+    ax.legend()
     return fig
 
 
@@ -430,11 +491,14 @@ def consecutive_figure(curves: pd.DataFrame, *, metrics: Sequence[str] = ("effic
     editors = list(dict.fromkeys(curves["editor"]))
     fig, axes = _grid(len(metrics) * len(sizes), len(sizes), (3.2, 2.5))
     scale = 100.0 if percent else 1.0
+    panels = [(curves[curves["batch size"] == b].assign(**{metric: curves.loc[curves["batch size"] == b, metric] * scale}),
+               metric) for metric in metrics for b in sizes]
+    same = _identical_curves(panels, "editor", x="edits", order=editors)
     for r, metric in enumerate(metrics):
         for c, b in enumerate(sizes):
             ax = axes[r * len(sizes) + c]
-            sub = curves[curves["batch size"] == b]
-            _curves(ax, sub.assign(**{metric: sub[metric] * scale}), metric, "editor", x="edits", order=editors)
+            sub, _ = panels[r * len(sizes) + c]
+            _curves(ax, sub, metric, "editor", x="edits", order=editors, same_as=same)
             ax.set(xlabel="edits so far", ylabel=f"{metric}{' (%)' if percent else ''}", title=f"{metric}, batches of {b}")
             _log2_steps(ax)
     legend = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
@@ -459,6 +523,27 @@ def ablation_figure(df: pd.DataFrame, *, metric: str = "S", group: str = "varian
 
 
 @_styled
+def ablation_panels_figure(parts: Mapping[str, pd.DataFrame], *, metric: str = "S", group: str = "variant",
+                           logx: bool = True, percent: bool = True, title: str | None = None) -> Figure:
+    """Fig. 9 for several layer scores side by side: one panel per entry of `parts` ({panel title: the
+    `ablation_figure` frame of one score}), the same axes, a variant in the same colour and marker on every
+    panel. Each panel has its own legend, which names a curve equal to another on that panel."""
+    parts = {name: df for name, df in parts.items() if len(df)}
+    order = list(dict.fromkeys(v for df in parts.values() for v in df[group]))
+    fig, axes = _grid(max(1, len(parts)), max(1, len(parts)), (4.8, 3.5))
+    scale = 100.0 if percent else 1.0
+    for ax, (name, df) in zip(axes, parts.items()):
+        _curves(ax, df.assign(**{metric: df[metric] * scale}), metric, group, order=order)
+        ax.set(xlabel="editing step", ylabel=f"{metric}{' (%)' if percent else ''}", title=name)
+        if logx:
+            _log2_steps(ax)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+@_styled
 def recording_norms_figure(recording, layers: Sequence[int] | None = None, *, flash_steps: Sequence[int] = (),
                            ncols: int = 3, logy: bool = False, title: str | None = None,
                            flash_label: str = "flagged as flash") -> Figure:
@@ -466,7 +551,7 @@ def recording_norms_figure(recording, layers: Sequence[int] | None = None, *, fl
     a `toxicity.ToxicityRecording` (blue solid) vs the original norm (red dashed); `flash_steps` are
     marked with red crosses (and named `flash_label` in the legend only when there are some)."""
     layers = list(recording.layers) if layers is None else list(layers)
-    fig, axes = _grid(len(layers), ncols, (4.4, 3.0) if len(layers) > 1 else (6.4, 3.4))
+    fig, axes = _grid(len(layers), ncols, (4.4, 3.0) if len(layers) > 1 else (7.6, 3.1))
     table = recording.table.sort_values("step")
     marked = table[table["step"].isin(list(flash_steps))]
     for ax, layer in zip(axes, layers):
