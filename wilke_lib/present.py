@@ -23,6 +23,9 @@ The book folder is `WILKE_BOOK_DIR` (run_notebooks.py sets it to `book/`). Witho
 `results/<model slug>/pages/`, so that a test or an ad-hoc papermill run never writes into the book.
 Links in the Markdown are relative to the page (`<chapter>_files/<name>.png`), so they hold wherever
 the book folder is.
+
+The module is longer than 400 lines: a page's figures, tables, Table 1 in the paper's layout and claim
+records share the page's numbering and files, and read best together.
 """
 
 from __future__ import annotations
