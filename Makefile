@@ -20,10 +20,10 @@ TORCH_VERSION   ?= 2.13.0
 # pinned torch then comes from the configured indexes / local wheels.
 TORCH_CPU_INDEX ?=
 
-.PHONY: venv lock upgrade-check test book book-only check-site toc organisms organism-report ladder-organisms ladder runs ablation-runs consecutive-runs bench bench-success clean distclean help
+.PHONY: venv lock upgrade-check test book book-only check-site toc organisms organism-report ladder-organisms ladder runs ablation-runs consecutive-runs bench bench-success bench-scale clean distclean help
 
 help:
-	@echo "targets: venv lock upgrade-check test book book-only check-site toc organisms organism-report ladder-organisms ladder runs ablation-runs consecutive-runs bench bench-success clean distclean"
+	@echo "targets: venv lock upgrade-check test book book-only check-site toc organisms organism-report ladder-organisms ladder runs ablation-runs consecutive-runs bench bench-success bench-scale clean distclean"
 	@echo "variables: PROFILE=$(PROFILE) MODELS='$(MODELS)' NB_ARGS='$(NB_ARGS)'"
 
 $(PY):
@@ -154,6 +154,14 @@ bench: venv
 # Success and rollback of one edit per editor on 100 known records of each organism (about 25 min on 2 CPU cores).
 bench-success: venv
 	$(PY) benchmarks/single_edit_success.py
+
+# ROME, MEMIT and WilKE's layer search on a random model of GPT2-XL's shape (1.56 B parameters, 6 GB in float32),
+# both delta runners side by side; SCALE_ARGS="--released-rome PATH" adds the released ROME code's compute_v
+# (a local checkout of github.com/kmeng01/rome), "--shape gptj --device cuda" GPT-J's shape, "--steps 5" fewer
+# fixed steps. Writes benchmarks/results/scale-<device>.csv/.png (hours on a CPU: see benchmarks/bench_scale.py).
+SCALE_ARGS ?=
+bench-scale: venv
+	$(PY) benchmarks/bench_scale.py $(SCALE_ARGS)
 
 clean:
 	rm -rf book/_build .pytest_cache *.egg-info build dist
