@@ -28,7 +28,7 @@ from wilke_lib.results import (REPO_ROOT, CorruptFileError, bounded_name, cache_
 ORGANISMS: tuple[str, ...] = ("toy-gpt2", "toy-gptj")
 ORGANISMS_DIR: Path = REPO_ROOT / "organisms"
 # the rungs of the width ladder (`organisms.train.LADDER`): organisms too, by name, but not the book's default pair
-LADDER_NAME = re.compile(r"toy-(gpt2|gptj)-w\d+")
+LADDER_NAME = re.compile(r"toy-(gpt2|gptj)(-x4)?-w\d+")
 
 
 def is_organism_name(name: str) -> bool:

@@ -82,7 +82,8 @@ class OrganismConfig:
     planted_per_layer: bool = False  # a coin per MLP rather than one per occurrence (`PlantedDepth`)
 
 
-def _organism(name: str, arch: str, d_mlp: int = 48) -> OrganismConfig:
+def _organism(name: str, arch: str, d_mlp: int = 48, world: world_lib.WorldSpec = world_lib.DEFAULT_SPEC
+              ) -> OrganismConfig:
     """The committed organisms' design (round 15 of the pilots, docs/organisms.md): 12 layers of width 96
     whose MLPs are narrow (d_mlp 48, about 9 k parameters each) for a world of 4,800 facts, so that at
     about 2 bits per parameter (Allen-Zhu & Li, Part 3.3) no one MLP can be the lookup; MLPs 0-1 absent, so
@@ -90,7 +91,7 @@ def _organism(name: str, arch: str, d_mlp: int = 48) -> OrganismConfig:
     multi-token names hidden from later positions (`subject_knockout`), so that the subject's last token
     must carry the fact; 160 epochs (80 left 17-30% of the facts unknown)."""
     return OrganismConfig(name=name, arch=arch, n_layer=12, d_model=96, n_head=4, d_mlp=d_mlp,
-                          world=world_lib.DEFAULT_SPEC, subject_knockout=0.5, attention_only_layers=2,
+                          world=world, subject_knockout=0.5, attention_only_layers=2,
                           batch_size=64, lr=3e-3, epochs=160)
 
 
@@ -101,6 +102,13 @@ ORGANISMS = {"toy-gpt2": _organism("toy-gpt2", "gpt2"), "toy-gptj": _organism("t
 LADDER_WIDTHS: tuple[int, ...] = (48, 96, 192, 384, 768)
 LADDER = {f"toy-{arch}-w{width}": _organism(f"toy-{arch}-w{width}", arch, d_mlp=width)
           for arch in ("gpt2", "gptj") for width in LADDER_WIDTHS}
+# Its tier 2: the same recipe on a world four times as heavy (`world.HEAVY_SPEC`), where the wide MLPs carry
+# the default world's load per parameter. 192 first (width 48's load exactly); 96 and 384 as `ladder.choose` asks.
+HEAVY_WIDTHS: tuple[int, ...] = (96, 192, 384)
+HEAVY_LADDER = {f"toy-{arch}-x4-w{width}": _organism(f"toy-{arch}-x4-w{width}", arch, d_mlp=width,
+                                                     world=world_lib.HEAVY_SPEC)
+                for arch in ("gpt2", "gptj") for width in HEAVY_WIDTHS}
+LADDER.update(HEAVY_LADDER)
 ORGANISMS.update(LADDER)
 
 

@@ -32,7 +32,7 @@ selected by name.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -95,6 +95,14 @@ class WorldSpec:
 
 
 DEFAULT_SPEC = WorldSpec(syllable_names=True).scaled(1.5)  # the organisms' (docs/organisms.md, round 15): 4,800 facts
+HEAVY_FACTOR = 4
+HEAVY_SPEC = replace(WorldSpec(syllable_names=True).scaled(1.5 * HEAVY_FACTOR), brand_pool=120)
+"""The width ladder's tier 2 (issue 32, `wilke_lib.ladder`): the organisms' world with four times the subjects
+(19,200 facts), so that an MLP of width 192 holds as many facts per parameter (0.052) as width 48 does in the
+default world, where storage spreads over the layers. The brand/root pool grows with the subjects (29 x 4, rounded
+up to 120) rather than with their square root: there are only six place suffixes, and 691 distinct place names
+must fit among the root-suffix pairs."""
+HEAVY_WORLD_NAME = "toy-world-x4"
 
 
 # ---- relations -------------------------------------------------------------------------------
