@@ -6,14 +6,14 @@ import math
 from wilke_lib import ladder
 
 
-def rung(width, steps, met=True, relaxed=True):
-    return {"name": f"toy-gpt2-w{width}", "d_mlp": width, "trained": True, "targets_met": met,
+def rung(width, steps, met=True, relaxed=True, heavy=False):
+    return {"name": f"toy-gpt2-{'x4-' if heavy else ''}w{width}", "d_mlp": width, "trained": True, "targets_met": met,
             "targets_met_relaxed": relaxed, "rome_collapse_steps": [s if s else None for s in steps],
             "rome_collapsed": [bool(s) for s in steps]}
 
 
-def untrained(width):
-    return {"name": f"toy-gpt2-w{width}", "d_mlp": width, "trained": False}
+def untrained(width, heavy=False):
+    return {"name": f"toy-gpt2-{'x4-' if heavy else ''}w{width}", "d_mlp": width, "trained": False}
 
 
 def test_the_rung_closest_to_64_on_a_log_scale_among_those_that_meet_the_targets():
@@ -33,14 +33,54 @@ def test_undecided_while_a_required_rung_is_missing_and_no_collapse_counts_as_be
     assert ladder.median_collapse(rung(384, [0, 0, 64])) == ladder.N_EDITS + 1
 
 
-def test_tiers_two_and_three():
+def test_width_768_is_asked_for_only_when_384_collapses_before_64():
     rows = [rung(48, [8, 8, 4]), rung(96, [16, 10, 9]), rung(192, [20, 16, 16]), rung(384, [40, 64, 50], met=False)]
-    assert "train toy-gpt2-w768" in ladder.choose(rows + [untrained(768)])["reason"]
-    assert "tier 2" in ladder.choose(rows)["reason"] and ladder.choose(rows)["chosen"] is None
-    decision = ladder.choose(rows, tier2_out_of_reach=True)
-    assert decision["chosen"] == "toy-gpt2-w384" and decision["tier"] == 3
+    assert "width 768" in ladder.choose(rows)["reason"]
+    assert "toy-gpt2-w768" in ladder.choose(rows + [untrained(768)])["reason"]
+    rows[3] = rung(384, [128, 64, 100], met=False)
+    decision = ladder.choose(rows)
+    assert decision["chosen"] is None and "tier 2" in decision["reason"] and "width 192" in decision["reason"]
+
+
+STANDARD_MISSES = [rung(48, [8, 8, 4]), rung(96, [16, 10, 9], met=False), rung(192, [64, 40, 60], met=False),
+                   rung(384, [128, 100, 160], met=False, relaxed=False)]
+
+
+def test_tier_two_starts_at_192_and_asks_for_the_next_width_by_the_first_result():
+    assert "toy-gpt2-x4-w192" in ladder.choose(STANDARD_MISSES + [untrained(192, heavy=True)])["reason"]
+    decision = ladder.choose(STANDARD_MISSES + [rung(192, [64, 80, 50], heavy=True)])
+    assert decision["chosen"] == "toy-gpt2-x4-w192" and decision["tier"] == 2
+    spread_missed = rung(192, [64, 80, 50], met=False, heavy=True)
+    assert "width 96" in ladder.choose(STANDARD_MISSES + [spread_missed])["reason"]  # more load per parameter
+    assert "width 96" in ladder.choose(STANDARD_MISSES + [rung(192, [300, 500, 0], heavy=True)])["reason"]
+    assert "width 384" in ladder.choose(STANDARD_MISSES + [rung(192, [8, 16, 16], heavy=True)])["reason"]
+    decision = ladder.choose(STANDARD_MISSES + [spread_missed, rung(96, [32, 40, 30], heavy=True)])
+    assert decision["chosen"] == "toy-gpt2-x4-w96" and decision["tier"] == 2
+
+
+def test_tier_three_relaxes_the_spread_over_every_rung_once_tier_two_is_measured_or_out_of_reach():
+    heavy_misses = [rung(192, [300, 500, 0], heavy=True), rung(96, [200, 300, 0], heavy=True)]
+    decision = ladder.choose(STANDARD_MISSES + heavy_misses)
+    assert decision["chosen"] == "toy-gpt2-w192" and decision["tier"] == 3  # median 60, relaxed targets met
+    decision = ladder.choose(STANDARD_MISSES, tier2_out_of_reach=True)
+    assert decision["chosen"] == "toy-gpt2-w192" and decision["tier"] == 3
     none = [rung(48, [8, 8, 4], relaxed=False)]
     assert ladder.choose(none, tier2_out_of_reach=True)["chosen"] is None
+
+
+def test_the_heavy_world_is_its_own_source_of_records_and_statistics():
+    from wilke_lib import counterfact
+    from wilke_lib.organisms import world
+    from wilke_lib.organisms.train import ORGANISMS, world_name
+
+    assert world_name("toy-gpt2") == world_name("gpt2-xl") == "toy-world"
+    assert world_name("toy-gpt2-x4-w192") == "toy-world-x4"
+    assert ORGANISMS["toy-gpt2-x4-w192"].world == world.HEAVY_SPEC and ORGANISMS["toy-gpt2-w192"].world == world.DEFAULT_SPEC
+    assert ladder.rung_hparams("rome", "toy-gpt2-x4-w192").mom2_corpus == "toy-world-x4"
+    assert ladder.rung_hparams("rome", "toy-gpt2-w192").mom2_corpus == "toy-world"
+    heavy = counterfact.load_counterfact("toy-world-x4")
+    assert len(heavy) == 4 * len(counterfact.load_counterfact("toy-world")) == 19200
+    assert len({r["requested_rewrite"]["subject"] for r in heavy}) == 4 * 1320
 
 
 def test_relaxed_targets_only_relax_the_spread():

@@ -19,7 +19,8 @@ so the ladder trains the third generation's recipe at widths 48, 96, 192, 384 (7
 The choice (`choose`), in three tiers, in this order:
 1. among the rungs that meet every realism target, the one whose median ROME collapse step over the
    seeds is closest to 64 on a log scale, if that step is in 32-128;
-2. otherwise the same rule on a second arm with a heavier world (not built yet: `choose` says so);
+2. otherwise the same rule on a second arm with a world four times as heavy (`world.HEAVY_SPEC`, rungs
+   "toy-gpt2-x4-w<width>"), width 192 first (`choose` says which width comes next);
 3. otherwise the same rule with the spread targets relaxed (at most 0.85 of the peaks at one layer, at
    least 4 distinct layers).
 The result, with the tier that decided, goes to organisms/ladder.json (`python -m wilke_lib.ladder`).
@@ -43,7 +44,7 @@ from wilke_lib.analysis.organism_report import REPORT_FILE, TARGETS, recipe_name
 from wilke_lib.generation import greedy_matches
 from wilke_lib.hparams import load_hparams
 from wilke_lib.lifelong import CheckpointPolicy
-from wilke_lib.organisms.train import LADDER, ORGANISM_DIR
+from wilke_lib.organisms.train import LADDER, ORGANISM_DIR, world_name
 from wilke_lib.results import REPO_ROOT, read_json, write_json_atomic
 
 TARGET_STEP = 64
@@ -75,8 +76,12 @@ def rung_folder(name: str) -> str:
 
 def rung_hparams(editor: str, name: str) -> Any:
     """The editor's settings for a rung: those of the book's organism of the same architecture (the rungs share
-    its recipe; the calibrated pair get their own sweeps afterwards)."""
-    return load_hparams(editor, recipe_name(name))
+    its recipe; the calibrated pair get their own sweeps afterwards), with the second moments of the rung's
+    own world."""
+    hparams = load_hparams(editor, recipe_name(name))
+    if hasattr(hparams, "mom2_corpus"):
+        hparams = dataclasses.replace(hparams, mom2_corpus=world_name(name))
+    return hparams
 
 
 def run_configs(name: str) -> list[lifelong.LifelongConfig]:
@@ -92,7 +97,7 @@ def run_configs(name: str) -> list[lifelong.LifelongConfig]:
 def run_rung(name: str, compute: bool = True) -> list[lifelong.RunResult | None]:
     """The rung's runs (`run_configs`): computed where missing (resumably) or, with compute=False, read back
     as far as they are on disk (None: not started)."""
-    records = counterfact.load_counterfact("toy-world")
+    records = counterfact.load_counterfact(world_name(name))
     configs = run_configs(name)
     if compute:
         return lifelong.run_many(models.load_model, records, configs)
@@ -119,7 +124,7 @@ def proxies(name: str, n_records: int = 100, n_probes: int = 100) -> dict[str, f
     folder = rung_folder(name)
     model, tok = models.load_model(folder, device="cpu")
     hp = rung_hparams("rome", name)
-    known = counterfact.known_records(model, tok, counterfact.load_counterfact("toy-world"))
+    known = counterfact.known_records(model, tok, counterfact.load_counterfact(world_name(name)))
     edited, probes = known[::max(1, len(known) // n_records)][:n_records], known[1::max(1, len(known) // n_probes)][:n_probes]
     probe_prompts = [counterfact.rewrite_prompt(r) for r in probes]
     probe_targets = [r["requested_rewrite"]["target_true"]["str"] for r in probes]
@@ -190,40 +195,83 @@ def median_collapse(row: dict) -> float | None:
 
 
 OPTIONAL_WIDTHS = (768,)
-"""Rungs trained only if the others do not reach the target."""
+"""Standard-world rungs trained only if the 384 rung's median collapse comes before step 64."""
+HEAVY_FIRST = 192
+"""Tier 2's first rung: in the heavy world, width 192 carries width 48's load per parameter (`world.HEAVY_SPEC`)."""
+
+
+def is_heavy(row: dict) -> bool:
+    """Whether a rung belongs to tier 2's heavier world ("toy-gpt2-x4-w192")."""
+    return "-x4-" in row["name"]
 
 
 def choose(rows: Sequence[dict], tier2_out_of_reach: bool = False) -> dict[str, Any]:
-    """The rule fixed in advance (module docstring): {"chosen": name or None, "tier": 1 / 3 / None, "reason"}.
-    Undecided while a rung's report or runs are missing. Tier 3 (relaxed spread) only once tier 2 (a heavier
-    world) is declared out of reach."""
-    pending = [r["name"] for r in rows if r.get("trained") and (r.get("targets_met") is None or median_collapse(r) is None)]
-    required = [r["name"] for r in rows if not r.get("trained") and r["d_mlp"] not in OPTIONAL_WIDTHS]
-    if pending or required:
-        return {"chosen": None, "tier": None,
-                "reason": f"undecided: waiting for {', '.join(pending + required)} (organism, report, ROME runs)"}
+    """The rule fixed in advance (module docstring): {"chosen": name or None, "tier": 1 / 2 / 3 / None, "reason"}.
 
-    def closest(key: str) -> str | None:
-        fits = [(abs(math.log(median_collapse(r) / TARGET_STEP)), r["name"]) for r in rows
-                if r.get(key) and TIER1_RANGE[0] <= median_collapse(r) <= TIER1_RANGE[1]]
+    Tier 1 on the standard world's rungs (48, 96, 192, 384 required; 768 only if 384's median collapse comes
+    before 64). Tier 2 on the heavy world's (`is_heavy`): 192 first; 96 only if 192 misses a target or collapses
+    after 128 (a heavier load per parameter spreads storage and shortens the lifespan), 384 only if 192 meets
+    the targets but collapses before 32. Tier 3 (spread targets relaxed, over every rung) once the tier-2 rungs
+    asked for are measured and none qualifies, or once tier 2 is declared out of reach. Undecided while a rung the
+    current tier needs lacks its report or runs."""
+    standard = [r for r in rows if not is_heavy(r)]
+    heavy = [r for r in rows if is_heavy(r)]
+
+    def width(group: Sequence[dict], d_mlp: int) -> dict | None:
+        return next((r for r in group if r["d_mlp"] == d_mlp), None)
+
+    def missing(group: Sequence[dict], widths: Sequence[int]) -> list[str]:
+        """The names of the rungs of `widths` in `group` that are untrained or not yet measured."""
+        out = []
+        for d_mlp in widths:
+            r = width(group, d_mlp)
+            if r is None:
+                out.append(f"width {d_mlp}")
+            elif not r.get("trained") or r.get("targets_met") is None or median_collapse(r) is None:
+                out.append(r["name"])
+        return out
+
+    def undecided(waiting: list[str], tier: int) -> dict[str, Any]:
+        return {"chosen": None, "tier": None,
+                "reason": f"undecided (tier {tier}): waiting for {', '.join(waiting)} (organism, report, ROME runs)"}
+
+    def closest(group: Sequence[dict], key: str) -> str | None:
+        fits = [(abs(math.log(median_collapse(r) / TARGET_STEP)), r["name"]) for r in group
+                if r.get(key) and median_collapse(r) is not None and TIER1_RANGE[0] <= median_collapse(r) <= TIER1_RANGE[1]]
         return min(fits)[1] if fits else None
 
     def decided(name: str, tier: int) -> dict[str, Any]:
         step = median_collapse(next(r for r in rows if r["name"] == name))
+        among = {1: "the standard world's rungs", 2: "the heavy world's rungs", 3: "all rungs"}[tier]
         return {"chosen": name, "tier": tier,
-                "reason": f"median ROME collapse step {step:g}, the closest to {TARGET_STEP} on a log scale among the "
-                          f"rungs in {TIER1_RANGE[0]}-{TIER1_RANGE[1]} that meet "
-                          f"{'every realism target' if tier == 1 else 'the targets with the spread relaxed'}"}
+                "reason": f"median ROME collapse step {step:g}, the closest to {TARGET_STEP} on a log scale among "
+                          f"{among} in {TIER1_RANGE[0]}-{TIER1_RANGE[1]} that meet "
+                          f"{'the targets with the spread relaxed' if tier == 3 else 'every realism target'}"}
 
-    if (name := closest("targets_met")) is not None:
+    required = [48, 96, 192, 384]
+    w384 = width(standard, 384)
+    if w384 and not missing(standard, [384]) and median_collapse(w384) < TARGET_STEP:
+        required += list(OPTIONAL_WIDTHS)
+    if waiting := missing(standard, required):
+        return undecided(waiting, 1)
+    if (name := closest(standard, "targets_met")) is not None:
         return decided(name, 1)
-    optional = [r["name"] for r in rows if not r.get("trained") and r["d_mlp"] in OPTIONAL_WIDTHS]
-    if optional:
-        return {"chosen": None, "tier": None, "reason": f"no trained rung qualifies for tier 1: train {', '.join(optional)}"}
+
     if not tier2_out_of_reach:
-        return {"chosen": None, "tier": None,
-                "reason": "no rung qualifies for tier 1: tier 2 (the same rule on a heavier world) comes next"}
-    if (name := closest("targets_met_relaxed")) is not None:
+        if waiting := missing(heavy, [HEAVY_FIRST]):
+            return undecided(waiting, 2)
+        first = width(heavy, HEAVY_FIRST)
+        asked = [HEAVY_FIRST]
+        if not first["targets_met"] or median_collapse(first) > TIER1_RANGE[1]:
+            asked.append(96)
+        elif median_collapse(first) < TIER1_RANGE[0]:
+            asked.append(384)
+        if waiting := missing(heavy, asked):
+            return undecided(waiting, 2)
+        if (name := closest(heavy, "targets_met")) is not None:
+            return decided(name, 2)
+
+    if (name := closest(rows, "targets_met_relaxed")) is not None:
         return decided(name, 3)
     return {"chosen": None, "tier": None, "reason": "no rung qualifies, even with the spread targets relaxed"}
 

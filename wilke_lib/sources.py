@@ -1,7 +1,8 @@
 """Named sources of records and of corpus texts: what `counterfact.load_counterfact(name)` and the second
 moments (`second_moments.second_moments(..., corpus=name)`) read when given a name rather than a file.
 
-The library's one named source is the synthetic world, "toy-world": its records and its corpus live in
+The library's named sources are the synthetic worlds, "toy-world" (the organisms') and "toy-world-x4" (the width
+ladder's heavier world, issue 32): their records and their corpora live in
 `organisms`, above the data layer that reads them (docs/design.md, the layers). The package root
 (`wilke_lib/__init__.py`) registers them here, lazily (nothing is imported until a name is asked for), so
 the world reaches `counterfact`, `stats` and, through the statistics, the editors as an injected loader,
@@ -18,6 +19,9 @@ from pathlib import Path
 
 TOY_WORLD = "toy-world"
 """The name of the synthetic world (`organisms.world.WORLD_NAME`), as a record source and as a corpus."""
+HEAVY_WORLD = "toy-world-x4"
+"""The width ladder's tier-2 world, four times as heavy (`organisms.world.HEAVY_WORLD_NAME`)."""
+WORLDS = (TOY_WORLD, HEAVY_WORLD)
 
 _RECORDS: dict[str, Callable[[], list[dict]]] = {}
 _CORPORA: dict[str, Callable[[], list[str]]] = {}

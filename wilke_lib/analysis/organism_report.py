@@ -34,6 +34,7 @@ import math
 import statistics
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -51,8 +52,8 @@ from wilke_lib.experiments import edit_and_rollback, evenly_spaced
 from wilke_lib.generation import greedy_matches
 from wilke_lib.hparams import load_hparams
 from wilke_lib.models import LADDER_NAME, ORGANISMS_DIR, load_model
-from wilke_lib.organisms.train import training_summary
-from wilke_lib.organisms.world import build_world
+from wilke_lib.organisms.train import training_summary, world_name
+from wilke_lib.organisms.world import build_world, world_named
 from wilke_lib.results import read_json
 from wilke_lib.tokens import fact_token_index, prepare_request
 
@@ -209,14 +210,15 @@ def organism_report(model_name: str, *, n_traced: int = 120, n_edits: int = 100,
     """
     model, tok = load_model(model_name, device="cpu")
     training = training_summary(model_name) or {}
-    world = build_world()
-    records = load_counterfact("toy-world")
+    world_source = world_name(model_name)
+    world = build_world(world_named(world_source))
+    records = load_counterfact(world_source)
     known = known_records(model, tok, records)
     kind = {r["case_id"]: subject_kind(r, world) for r in records}
     noise_std = subject_noise_std(model, tok, (r["requested_rewrite"]["subject"] for r in known))
     rows = trace_records(model, tok, stratified(known, n_traced, lambda r: kind[r["case_id"]]), pool=known,
                          noise_std=noise_std, progress=progress)
-    rome = load_hparams("rome", recipe_name(model_name))
+    rome = replace(load_hparams("rome", recipe_name(model_name)), mom2_corpus=world_source)
     cache = EditCache.for_model(model)
     edits = [edit_and_rollback(model, tok, r, rome, cache)
              for r in tqdm(evenly_spaced(known, n_edits), desc="ROME single edits", disable=not progress)]

@@ -112,6 +112,14 @@ LADDER.update(HEAVY_LADDER)
 ORGANISMS.update(LADDER)
 
 
+def world_name(model_name: str) -> str:
+    """The named world (`world.WORLDS`) whose records and corpus belong to an organism: the one it was trained
+    on; the default world for any other model."""
+    cfg = ORGANISMS.get(str(model_name))
+    return next((n for n, spec in world_lib.WORLDS.items() if cfg is not None and cfg.world == spec),
+                world_lib.WORLD_NAME)
+
+
 def train_tokenizer(texts: list[str], vocab_size: int, split_words: tuple[str, ...] = (),
                     max_piece: int = 3) -> PreTrainedTokenizerFast:
     """Byte-level BPE, as GPT-2's, trained on the corpus.

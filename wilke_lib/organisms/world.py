@@ -25,8 +25,11 @@ knowledge extractable from a name in Allen-Zhu & Li, "Physics of Language Models
 Everything is a pure function of a `WorldSpec`: `build_world(spec)` gives the facts,
 `corpus(world, epoch)` the training documents of one epoch (re-drawn every epoch: new sentence
 orders and templates, the "knowledge augmentation"); `organisms.records` makes the evaluation
-records. `WORLD_NAME` ("toy-world") names the default world wherever a corpus or records are
-selected by name.
+records. `WORLDS` names the worlds wherever a corpus or records are selected by name: "toy-world", the
+organisms', and "toy-world-x4", the width ladder's four times heavier world (issue 32).
+
+It is longer than 400 lines because a world is one design whose parts (relations, names, popularity,
+documents) are tuned together; split, each part would need the others to be read.
 """
 
 from __future__ import annotations
@@ -103,6 +106,15 @@ default world, where storage spreads over the layers. The brand/root pool grows 
 up to 120) rather than with their square root: there are only six place suffixes, and 691 distinct place names
 must fit among the root-suffix pairs."""
 HEAVY_WORLD_NAME = "toy-world-x4"
+WORLDS: dict[str, WorldSpec] = {WORLD_NAME: DEFAULT_SPEC, HEAVY_WORLD_NAME: HEAVY_SPEC}
+"""The named worlds: sources of records and corpus texts (`wilke_lib.sources`)."""
+
+
+def world_named(name: str) -> WorldSpec:
+    """The spec of a named world; KeyError naming the supported ones."""
+    if name not in WORLDS:
+        raise KeyError(f"no world named {name!r}; the worlds are {', '.join(map(repr, WORLDS))}")
+    return WORLDS[name]
 
 
 # ---- relations -------------------------------------------------------------------------------
@@ -416,13 +428,15 @@ def corpus(world: World, epoch: int = 0) -> list[str]:
 
 
 def load_corpus(name_or_path: str = WORLD_NAME, seed: int = DEFAULT_SEED) -> list[str]:
-    """Texts for second-moment statistics: the default world's first-epoch documents by name, or a
-    local text file (one text per non-empty line) for real models."""
+    """Texts for second-moment statistics: a named world's first-epoch documents (`WORLDS`; the default
+    world with another `seed` if asked), or a local text file (one text per non-empty line) for real models."""
     if name_or_path == WORLD_NAME:
         return corpus(build_world(seed))
+    if name_or_path in WORLDS:
+        return corpus(build_world(WORLDS[name_or_path]))
     path = Path(name_or_path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"corpus {name_or_path!r}: not the synthetic world ({WORLD_NAME!r}) and no such file; "
+            f"corpus {name_or_path!r}: not a synthetic world ({', '.join(map(repr, WORLDS))}) and no such file; "
             "for real models give a local text file with one text per line")
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
