@@ -96,8 +96,8 @@ book-only: venv
 
 # Load every page of book/_build/html in headless Chromium (Debian's chromium + chromium-driver) and
 # fail on broken links or images, console errors, raw LaTeX, tracebacks or progress bars in outputs
-# and figures without a caption; prints the counts. CHECK_ARGS="--screenshot glance.html" saves a
-# screenshot under book/_build/screenshots/.
+# and figures without a caption, dirty or stale provenance; prints the counts and saves screenshots of the glance
+# page and chapter 3 (both organisms) under book/_build/screenshots/ (CHECK_ARGS="--screenshot PAGE" others).
 CHECK_ARGS ?=
 check-site: venv
 	$(PY) scripts/check_site.py --html-dir book/_build/html $(CHECK_ARGS)

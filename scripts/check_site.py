@@ -23,6 +23,10 @@ Failures, counted per kind:
   shown 600 px wide): text drawn at 10 pt and 150 dpi then reaches the reader below 9 px;
 * ``long cell``: a cell of the glance table (``table.wilke-glance``) that runs to more than 40 lines
   when the page is 600 px wide (details belong behind a dropdown or a link).
+* ``dirty provenance``: a page whose provenance says it was executed from sources that differ from its
+  commit ("(dirty)") or from no known commit;
+* ``stale provenance``: a page executed at a commit whose sources (``wilke_lib.book.SOURCES``) differ from
+  HEAD's: the code that holds the page did not compute it (``--no-git`` skips this check).
 
 Warnings, counted and listed but not failing the check (``--strict`` makes them errors):
 
@@ -33,7 +37,7 @@ Prints the counts (pages, links, images, figures, tables, formulas, and the erro
 and exits 1 when there is any error. Each page's height is printed with ``--heights``. Needs Debian's ``chromium`` and ``chromium-driver`` (the
 driver is used from its system path, nothing is downloaded) and the Python package ``selenium``.
 
-    python scripts/check_site.py                        # book/_build/html
+    python scripts/check_site.py                        # book/_build/html, screenshots in book/_build/screenshots
     python scripts/check_site.py --html-dir DIR --screenshot glance.html --screenshot-dir shots/
 """
 from __future__ import annotations
@@ -43,6 +47,7 @@ import dataclasses
 import functools
 import http.server
 import json
+import re
 import shutil
 import statistics
 import sys
@@ -54,11 +59,14 @@ from urllib.parse import unquote, urldefrag, urljoin, urlparse
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("broken link", "broken image", "console error", "raw LaTeX", "raw markup", "traceback", "progress bar",
-         "uncaptioned figure", "faint caption", "overflowing table", "small-text image", "long cell")
+         "uncaptioned figure", "faint caption", "overflowing table", "small-text image", "long cell",
+         "dirty provenance", "stale provenance")
 WARNING_KINDS = ("tall page",)
 WIDTH = 1400           # px, the window the pages are checked at
 NARROW_WIDTH = 600     # px, the window the glance table's cells are measured at
 MAX_HEIGHT = 6000      # px, the height above which a page is "tall" (with its code folded)
+TOP_HEIGHT = 1000      # px, the first screen of a page, saved as <page>-top.png beside its full screenshot
+SCREENSHOTS = ("glance.html", "toy-gpt2/03_lifelong.html", "toy-gptj/03_lifelong.html")  # saved by default
 MAX_IMAGE_RATIO = 2.0  # natural / displayed width above which a figure's text is too small to read
 MAX_CELL_LINES = 40    # lines of a glance-table cell at NARROW_WIDTH
 NO_HEIGHT_PAGES = ("genindex.html", "search.html")  # generated lists, long by nature
@@ -206,6 +214,30 @@ def long_cells(cells: list[dict], max_lines: int = MAX_CELL_LINES) -> list[str]:
             if c["line"] > 0 and c["height"] / c["line"] > max_lines]
 
 
+PROVENANCE = re.compile(r"Provenance of this page \(commit ([^()<]*?)( \(dirty\))?\)")
+
+
+def provenance_problems(html: str, changed_since=None) -> list[tuple[str, str]]:
+    """(kind, detail) for the page's provenance line (a page without one has none): "dirty provenance" when it
+    says "(dirty)" or names no commit, "stale provenance" when `changed_since(commit)` (the sources changed
+    between that commit and HEAD, None for a commit git does not know) is not empty."""
+    found = PROVENANCE.search(html)
+    if found is None:
+        return []
+    commit, dirty = found.group(1).strip(), bool(found.group(2))
+    if dirty or not re.fullmatch(r"[0-9a-f]{7,40}", commit):
+        return [("dirty provenance", f"executed at {commit}{' (dirty)' if dirty else ''}")]
+    if changed_since is None:
+        return []
+    changed = changed_since(commit)
+    if changed is None:
+        return [("stale provenance", f"commit {commit} is not in this repository")]
+    if changed:
+        return [("stale provenance", f"executed at {commit}; the sources changed since: "
+                                     f"{', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}")]
+    return []
+
+
 def is_tall(page: str, height: float, max_height: float = MAX_HEIGHT) -> bool:
     """Whether `page` (site-relative) is taller than `max_height` px; the generated lists (index, search) are not
     held to it."""
@@ -346,9 +378,11 @@ def page_info(driver, attempts: int = 5) -> dict:
 
 
 def check_site(html_dir: Path, browser_paths: tuple[str, str], *, screenshots: list[str] = (),
-               screenshot_dir: Path | None = None, verbose: bool = False, max_height: float = MAX_HEIGHT) -> Report:
+               screenshot_dir: Path | None = None, verbose: bool = False, max_height: float = MAX_HEIGHT,
+               changed_since=None) -> Report:
     """Load every page of the site in headless Chromium (WIDTH px wide) and collect the counts, the errors and
-    the warnings; the pages with a glance table are measured again NARROW_WIDTH px wide."""
+    the warnings; the pages with a glance table are measured again NARROW_WIDTH px wide. `changed_since`
+    (commit -> changed sources, `wilke_lib.book.sources_changed_since`) enables the stale-provenance check."""
     html_dir = Path(html_dir)
     report = Report()
     server, base, failed_requests = serve(html_dir)
@@ -402,6 +436,9 @@ def check_site(html_dir: Path, browser_paths: tuple[str, str], *, screenshots: l
                 report.add("overflowing table", page, detail)
             for detail in small_text_images(info["imageWidths"]):
                 report.add("small-text image", page, detail)
+            for kind, detail in provenance_problems((html_dir / page).read_text(encoding="utf-8", errors="replace"),
+                                                    changed_since):
+                report.add(kind, page, detail)
             report.heights[page] = int(info["height"])
             if is_tall(page, info["height"], max_height):
                 report.add("tall page", page, f"{int(info['height']):,} px")
@@ -409,9 +446,13 @@ def check_site(html_dir: Path, browser_paths: tuple[str, str], *, screenshots: l
                 narrow.append(page)
             if page in screenshots and screenshot_dir is not None:
                 screenshot_dir.mkdir(parents=True, exist_ok=True)
+                stem = page.replace("/", "__")
+                driver.set_window_size(WIDTH, TOP_HEIGHT)  # what a reader sees first
+                driver.execute_script("window.scrollTo(0, 0)")
+                driver.save_screenshot(str(screenshot_dir / f"{stem}-top.png"))
                 height = driver.execute_script("return document.body.scrollHeight")
                 driver.set_window_size(WIDTH, min(int(height) + 100, 6000))
-                driver.save_screenshot(str(screenshot_dir / (page.replace("/", "__") + ".png")))
+                driver.save_screenshot(str(screenshot_dir / f"{stem}.png"))
                 driver.set_window_size(WIDTH, 900)
         if narrow:
             driver.set_window_size(NARROW_WIDTH, 900)
@@ -432,13 +473,21 @@ def check_site(html_dir: Path, browser_paths: tuple[str, str], *, screenshots: l
     return report
 
 
+def _sources_changed_since(commit: str) -> list[str] | None:
+    sys.path.insert(0, str(REPO))
+    from wilke_lib.book import sources_changed_since
+
+    return sources_changed_since(commit)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--html-dir", type=Path, default=REPO / "book" / "_build" / "html")
     ap.add_argument("--chromium", default=None, help="the browser (default: chromium on the PATH)")
     ap.add_argument("--chromedriver", default=None, help="the driver (default: chromedriver on the PATH)")
-    ap.add_argument("--screenshot", action="append", default=[], metavar="PAGE",
-                    help="save a full-page screenshot of PAGE (e.g. glance.html; repeatable)")
+    ap.add_argument("--screenshot", action="append", default=None, metavar="PAGE",
+                    help="save screenshots of PAGE, its first 1,400 x 1,000 px and all of it (repeatable; "
+                         f"default: {', '.join(SCREENSHOTS)})")
     ap.add_argument("--screenshot-dir", type=Path, default=REPO / "book" / "_build" / "screenshots")
     ap.add_argument("--max-listed", type=int, default=20, help="errors listed per kind (all are counted)")
     ap.add_argument("--json", type=Path, default=None, help="also write the counts and errors as JSON")
@@ -447,6 +496,8 @@ def main(argv=None) -> int:
     ap.add_argument("--strict", action="store_true", help="count the warnings (tall pages) as errors")
     ap.add_argument("--heights", action="store_true", help="print every page's height, tallest first")
     ap.add_argument("-v", "--verbose", action="store_true", help="print each page as it is checked")
+    ap.add_argument("--no-git", action="store_true",
+                    help="skip the stale-provenance check (a site checked outside the repository that built it)")
     args = ap.parse_args(argv)
     if not (args.html_dir / "index.html").is_file():
         print(f"check-site: no built site in {args.html_dir} (run `make book` or `make book-only`)", file=sys.stderr)
@@ -462,8 +513,9 @@ def main(argv=None) -> int:
         print("check-site: the Python package selenium is needed: pip install -e '.[dev]'", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    report = check_site(args.html_dir, browser, screenshots=args.screenshot, screenshot_dir=args.screenshot_dir,
-                        verbose=args.verbose, max_height=args.max_height)
+    report = check_site(args.html_dir, browser, screenshots=args.screenshot or list(SCREENSHOTS), screenshot_dir=args.screenshot_dir,
+                        verbose=args.verbose, max_height=args.max_height,
+                        changed_since=None if args.no_git else _sources_changed_since)
     if args.strict:
         report = report.strict()
     if args.heights:

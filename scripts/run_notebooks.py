@@ -182,11 +182,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--jobs", type=int, default=1,
                     help="models executed in parallel (each model's notebooks stay in order)")
     ap.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds (default: none)")
+    ap.add_argument("--allow-dirty", action="store_true",
+                    help="execute into the repository's book/ although the sources differ from the commit "
+                         "(the pages then say \"dirty\" and `make check-site` fails)")
     return ap.parse_args(argv)
+
+
+def refuse_dirty_book(book_dir: Path, allow_dirty: bool) -> str | None:
+    """Why the repository's own book must not be executed now (None: it may): its pages name the commit they
+    were computed at, so the sources (`wilke_lib.book.SOURCES`) must be that commit's. Scratch builds
+    elsewhere (--book-dir) are not checked."""
+    from wilke_lib.book import dirty_sources
+
+    if allow_dirty or Path(book_dir).resolve() != (REPO / "book").resolve():
+        return None
+    try:
+        changed = dirty_sources()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if not changed:
+        return None
+    listed = ", ".join(line[3:] for line in changed[:8]) + (" ..." if len(changed) > 8 else "")
+    return (f"the sources differ from the commit ({listed}): commit them first, so that every page names the "
+            f"commit that computed it, or pass --allow-dirty (make book NB_ARGS=--allow-dirty) for a draft")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if (why := refuse_dirty_book(args.book_dir, args.allow_dirty)) is not None:
+        print(f"run_notebooks: not executing into book/: {why}", file=sys.stderr)
+        return 2
     models = [m for item in args.models for m in item.split(",") if m]
     notebooks = find_notebooks(args.notebooks_dir, args.only)
     if not notebooks:

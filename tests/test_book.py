@@ -129,6 +129,21 @@ def test_runner_helpers(tmp_path):
     assert "01.ipynb,m,quick,2.0,ok," in lines
 
 
+def test_the_repositorys_book_is_executed_only_from_committed_sources(tmp_path, monkeypatch):
+    run = _load_runner()
+    from wilke_lib import book
+
+    monkeypatch.setattr(book, "dirty_sources", lambda: [" M wilke_lib/ladder.py", "M  notebooks/03_lifelong.ipynb"])
+    why = run.refuse_dirty_book(run.REPO / "book", allow_dirty=False)
+    assert "wilke_lib/ladder.py, notebooks/03_lifelong.ipynb" in why and "--allow-dirty" in why
+    assert run.refuse_dirty_book(run.REPO / "book", allow_dirty=True) is None
+    assert run.refuse_dirty_book(tmp_path / "book", allow_dirty=False) is None  # a scratch build is not the book
+    assert run.main(["--only", "03", "--models", "toy-gpt2"]) == 2  # refused before any kernel starts
+    monkeypatch.setattr(book, "dirty_sources", lambda: [])
+    assert run.refuse_dirty_book(run.REPO / "book", allow_dirty=False) is None
+    assert book.SOURCES[-1].startswith(":(exclude") and "training-checkpoint.pt" in book.SOURCES[-1]
+
+
 def test_runner_executes_and_reports_failures(tmp_path):
     pytest.importorskip("papermill")
     pytest.importorskip("ipykernel")

@@ -12,17 +12,19 @@ from pathlib import Path
 from wilke_lib.reported import paper_curves, paper_table1
 from wilke_lib.results import REPO_ROOT, figures_dir
 
-__all__ = ["git_commit", "versions", "provenance", "show_provenance", "save_figure", "paper_table1", "paper_curves"]
+__all__ = ["git_commit", "dirty_sources", "sources_changed_since", "versions", "provenance", "show_provenance", "save_figure", "paper_table1", "paper_curves"]
 
 
 def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=10, check=True).stdout.strip()
+                          timeout=10, check=True).stdout.rstrip()  # a status line may start with a space
 
 
-SOURCES = ("wilke_lib", "notebooks", "scripts", "pyproject.toml", "Makefile", "organisms")
-"""What computes the book's numbers: a change here makes a page "dirty". The build's own outputs (the executed
-pages under book/, figures/, benchmark tables, runs/ it read back) do not: `make book` writes them while it runs."""
+SOURCES = ("wilke_lib", "notebooks", "scripts", "pyproject.toml", "Makefile", "organisms",
+           ":(exclude,glob)organisms/*/training-checkpoint.pt")
+"""What computes the book's numbers, as a git pathspec: a change here makes a page "dirty". The build's own outputs
+(the executed pages under book/, figures/, benchmark tables, runs/ it read back) do not: `make book` writes them
+while it runs. Nor does a width-ladder rung's training checkpoint, which no page reads."""
 
 
 def git_commit() -> str:
@@ -30,10 +32,24 @@ def git_commit() -> str:
     "unknown" without git."""
     try:
         commit = _git("rev-parse", "--short", "HEAD")
-        dirty = _git("status", "--porcelain", "--untracked-files=no", "--", *SOURCES)
+        dirty = dirty_sources()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{commit} (dirty)" if dirty else commit
+
+
+def dirty_sources() -> list[str]:
+    """The tracked sources (`SOURCES`) that differ from the commit checked out (git status lines)."""
+    return _git("status", "--porcelain", "--untracked-files=no", "--", *SOURCES).splitlines()
+
+
+def sources_changed_since(commit: str) -> list[str] | None:
+    """The sources (`SOURCES`) that differ between `commit` and HEAD (file names); None when git does not know
+    `commit`. An empty list: a page executed at `commit` was computed by the code of HEAD."""
+    try:
+        return _git("diff", "--name-only", commit, "HEAD", "--", *SOURCES).splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _version(dist: str) -> str:
