@@ -285,6 +285,8 @@ def glance_markdown(book_dir: Path, models: list[str], panels: list | None = Non
         out += ["No model's pages have been executed yet.", ""]
     if panels:
         out += headline_markdown(panels, f"{FILES}/{HEADLINE}") + [""]
+        if len(models) > 1 and (book_dir / "side_by_side.md").exists():
+            out += ["Every chapter's main figure on both organisms, in tabs: {doc}`side_by_side`.", ""]
     elif headline_note:
         out += [f"*The headline figure was not drawn: {md_escape(headline_note)}.*", ""]
     out += [

@@ -74,7 +74,8 @@ def build_toc(book_dir: Path, all_planned: bool = False) -> dict:
         parts.setdefault((n, stem), []).append({"file": f"{m}/{stem}", "title": m})
     glance = (book_dir / "glance.md").exists()
     toc: dict = {"format": "jb-book", "root": "glance" if glance else "intro"}
-    toc_parts = [{"caption": "About this companion", "chapters": [{"file": "intro"}]}] if glance else []
+    about = [{"file": "intro"}] + ([{"file": "side_by_side"}] if (book_dir / "side_by_side.md").exists() else [])
+    toc_parts = [{"caption": "About this companion", "chapters": about}] if glance else []
     toc_parts += [{"caption": caption_for(stem), "chapters": chapters} for (_, stem), chapters in parts.items()]
     if (book_dir / "references.md").exists():
         toc_parts.append({"caption": "References", "chapters": [{"file": "references"}]})
@@ -100,8 +101,11 @@ def main(argv=None) -> int:
     if not args.no_glance:
         try:
             from scripts.make_glance import main as make_glance
+            from scripts.make_side_by_side import main as make_side_by_side
         except ModuleNotFoundError:  # run as `python scripts/make_toc.py`
             from make_glance import main as make_glance
+            from make_side_by_side import main as make_side_by_side
+        make_side_by_side(["--book-dir", str(args.book_dir)])
         make_glance(["--book-dir", str(args.book_dir)])
     path = write_toc(args.book_dir, args.all)
     n = sum(len(p["chapters"]) for p in yaml.safe_load(path.read_text()).get("parts", []))

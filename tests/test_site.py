@@ -346,6 +346,31 @@ def test_built_pages_name_their_model_number_figures_and_serve_mathjax(built_boo
     assert glance.count("wilke-details") >= len(claims.registry())  # words and test of each claim behind a click
     sidebar = (html / "intro.html").read_text()
     assert ">toy-gpt2</a>" in sidebar and ">toy-gptj</a>" in sidebar
+    side = (html / "side_by_side.html").read_text()
+    assert side.count("sd-tab-item") >= 2 and "toy-gptj/03_lifelong_files/curves.png" in side.replace("_images/", "")\
+        or side.count("sd-tab-label") >= 2, side[:2000]
+    assert "On its page: Fig. 3.1" in side and 'href="toy-gptj/03_lifelong.html#toy-gptj-03-lifelong-curves"' in side
+    assert 'href="side_by_side.html"' in glance  # the glance page points to it
+
+
+def test_side_by_side_takes_each_pages_first_unfolded_figure_and_its_first_sentence(tmp_path):
+    from scripts import make_side_by_side as side
+
+    figure = ("````{{figure}} 03_lifelong_files/{name}.png\n:name: {model}-03-lifelong-{name}\n:alt: S falling\n"
+              ":width: 100%\n\nS (in %) over the steps, e.g. ROME's $\\|W. x\\|$ grows. Second sentence.\n\n"
+              "[full-size PNG](x)\n````")
+    for model in ("toy-gpt2", "toy-gptj"):
+        folded = ":::::{dropdown} More\n\n" + figure.format(name="folded", model=model) + "\n:::::"
+        (tmp_path / model).mkdir()
+        _executed_page(tmp_path / model / "03_lifelong.ipynb", model, [folded, figure.format(name="curves", model=model)])
+    found = side.main_figure(tmp_path / "toy-gpt2" / "03_lifelong.ipynb")
+    assert found["name"] == "toy-gpt2-03-lifelong-curves" and found["src"] == "03_lifelong_files/curves.png"
+    assert side.first_sentence(found["caption"]) == "S (in %) over the steps, e.g. ROME's $\\|W. x\\|$ grows."
+    page = side.side_by_side_markdown(tmp_path, ["toy-gpt2", "toy-gptj"])
+    assert page.count(":::{tab-item}") == 2 and "## 3. Lifelong editing" in page
+    assert "```{image} toy-gptj/03_lifelong_files/curves.png" in page and "folded" not in page
+    assert "<toy-gptj-03-lifelong-curves>" in page and "[toy-gptj's chapter 3](toy-gptj/03_lifelong.ipynb)" in page
+    assert side.write_side_by_side(tmp_path) == tmp_path / side.PAGE
 
 
 def test_built_book_passes_the_browser_check(built_book, tmp_path):
