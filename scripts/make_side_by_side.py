@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Write ``book/side_by_side.md``, "The organisms side by side": each chapter's main figure for every model of
-the book in tabs, one click apart, so that a reader compares the organisms without flipping between pages.
+the book in tabs, one click apart, so that a reader compares the organisms without flipping between pages; each
+chapter in a dropdown (chapter 3, the paper's central result, open).
 
 The figures are those the executed pages already show (``book/<model>/<chapter>.ipynb``): a chapter's main figure
 is the first numbered figure of its page that is not folded into a dropdown. Each tab shows it at the column's
@@ -18,6 +19,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE = "side_by_side.md"
+OPEN = ("03_",)
+"""The chapters shown open (the paper's central result); the others one click away, so that the page stays short."""
 TITLE = "The organisms side by side"
 FIGURE = re.compile(r"^````\{figure\} (?P<src>\S+)\n:name: (?P<name>\S+)\n:alt: (?P<alt>[^\n]*)\n(?::[^\n]*\n)*\n"
                     r"(?P<caption>[^\n]+)", re.M)
@@ -69,7 +72,8 @@ def chapter_title(notebook: Path) -> str:
 def side_by_side_markdown(book_dir: Path, models: list[str]) -> str:
     lines = [f"# {TITLE}", "",
              "Each chapter's main figure on every organism, in tabs: the same axes and the same editors, so that "
-             "what differs between the organisms is seen in one place. The caption's first sentence is repeated "
+             "what differs between the organisms is seen in one place. Open a chapter, then switch organisms with "
+             "the tabs (the choice carries over to the other chapters). The caption's first sentence is repeated "
              "under each figure; the full caption, the data and the discussion are on the chapter's page (the "
              "link under the figure).", ""]
     stems = sorted({p.stem for m in models for p in (book_dir / m).glob("[0-9][0-9]_*.ipynb")})
@@ -79,13 +83,15 @@ def side_by_side_markdown(book_dir: Path, models: list[str]) -> str:
         if not figures:
             continue
         first = next(iter(figures))
-        lines += [f"## {int(stem[:2])}. {chapter_title(book_dir / first / f'{stem}.ipynb')}", "", "::::{tab-set}"]
+        lines += [f":::::{{dropdown}} {int(stem[:2])}. {chapter_title(book_dir / first / f'{stem}.ipynb')}"]
+        lines += [":open:"] if stem.startswith(OPEN) else []
+        lines += ["", "::::{tab-set}"]
         for model, fig in figures.items():
             lines += [f":::{{tab-item}} {model}", f":sync: {model}", "",
                       f"```{{image}} {model}/{fig['src']}", f":alt: {fig['alt']}", ":width: 100%", "```", "",
                       f"{first_sentence(fig['caption'])} {{numref}}`On its page: Fig. %s <{fig['name']}>` of "
                       f"[{model}'s chapter {int(stem[:2])}]({model}/{stem}.ipynb).", "", ":::"]
-        lines += ["::::", ""]
+        lines += ["::::", ":::::", ""]
     return "\n".join(lines)
 
 

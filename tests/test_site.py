@@ -367,7 +367,7 @@ def test_side_by_side_takes_each_pages_first_unfolded_figure_and_its_first_sente
     assert found["name"] == "toy-gpt2-03-lifelong-curves" and found["src"] == "03_lifelong_files/curves.png"
     assert side.first_sentence(found["caption"]) == "S (in %) over the steps, e.g. ROME's $\\|W. x\\|$ grows."
     page = side.side_by_side_markdown(tmp_path, ["toy-gpt2", "toy-gptj"])
-    assert page.count(":::{tab-item}") == 2 and "## 3. Lifelong editing" in page
+    assert page.count(":::{tab-item}") == 2 and ":::::{dropdown} 3. Lifelong editing\n:open:" in page
     assert "```{image} toy-gptj/03_lifelong_files/curves.png" in page and "folded" not in page
     assert "<toy-gptj-03-lifelong-curves>" in page and "[toy-gptj's chapter 3](toy-gptj/03_lifelong.ipynb)" in page
     assert side.write_side_by_side(tmp_path) == tmp_path / side.PAGE
