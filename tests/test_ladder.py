@@ -101,7 +101,8 @@ def test_power_law_recovers_a_slope_and_tests_slope_one():
     assert 1.8 < noisy["slope"] < 2.2 and noisy["ci_low"] < noisy["slope"] < noisy["ci_high"]
     assert noisy["slope_1_inside"] is False
     assert math.isnan(ladder.power_law([48, 48, 48], [4, 8, 8])["slope"])
-    table = {"rungs": [rung(48, [8, 8, 4]), rung(96, [16, 0, 9]), untrained(192)]}
+    table = {"rungs": [rung(48, [8, 8, 4]), rung(96, [16, 0, 9]), untrained(192), rung(192, [0, 64, 0], heavy=True)]}
     points = ladder.collapse_points(table)
     assert [(p["d_mlp"], p["seed"], p["collapse step"]) for p in points] == [
-        (48, 9, 8), (48, 10, 8), (48, 11, 4), (96, 9, 16), (96, 11, 9)]
+        (48, 9, 8), (48, 10, 8), (48, 11, 4), (96, 9, 16), (96, 11, 9), (192, 10, 64)]
+    assert [p["world"] for p in points] == [ladder.STANDARD_LABEL] * 5 + [ladder.HEAVY_LABEL]

@@ -200,6 +200,10 @@ HEAVY_FIRST = 192
 """Tier 2's first rung: in the heavy world, width 192 carries width 48's load per parameter (`world.HEAVY_SPEC`)."""
 
 
+STANDARD_LABEL, HEAVY_LABEL = "standard world", "heavy world (x4 facts)"
+"""How the ladder's figures name the two worlds of its rungs."""
+
+
 def is_heavy(row: dict) -> bool:
     """Whether a rung belongs to tier 2's heavier world ("toy-gpt2-x4-w192")."""
     return "-x4-" in row["name"]
@@ -295,8 +299,9 @@ PAPER_WIDTHS = {"gpt2-xl": 6400, "gpt-j-6b": 16384}
 
 
 def collapse_points(table: dict[str, Any]) -> list[dict[str, Any]]:
-    """One point per rung and seed whose ROME run collapsed: width and collapse step (ladder.json's rows)."""
-    return [{"name": row["name"], "d_mlp": row["d_mlp"], "seed": seed, "collapse step": step}
+    """One point per rung and seed whose ROME run collapsed: width, world and collapse step (ladder.json's rows)."""
+    return [{"name": row["name"], "d_mlp": row["d_mlp"], "world": HEAVY_LABEL if is_heavy(row) else STANDARD_LABEL,
+             "seed": seed, "collapse step": step}
             for row in table["rungs"] if row.get("trained")
             for seed, step, collapsed in zip(SEEDS, row.get("rome_collapse_steps", []), row.get("rome_collapsed", []))
             if collapsed]

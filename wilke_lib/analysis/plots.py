@@ -464,12 +464,16 @@ def score_norm_figure(df: pd.DataFrame) -> Figure:
 def ladder_figure(points: pd.DataFrame, fit: Mapping[str, float], paper_widths: Mapping[str, int],
                   target: int = 64) -> Figure:
     """Collapse step against MLP width on log-log axes: one point per rung and seed (`points`: d_mlp,
-    collapse step), the fitted power law when there is one, and the paper's models at their widths with
-    ROME's collapse there (`target`)."""
+    collapse step and, optionally, the rung's world: one marker per world), the fitted power law when there is
+    one, and the paper's models at their widths with ROME's collapse there (`target`)."""
     fig, axes = _grid(1, 1, (5.2, 3.6))
     ax = axes[0]
-    if len(points):
-        ax.plot(points["d_mlp"], points["collapse step"], "o", color="C0", alpha=0.7, label="organisms (one per seed)")
+    worlds = list(dict.fromkeys(points["world"])) if "world" in points else [None]
+    for world, marker in zip(worlds, "oDv^"):
+        sub = points if world is None else points[points["world"] == world]
+        if len(sub):
+            ax.plot(sub["d_mlp"], sub["collapse step"], marker, color="C0", alpha=0.7, mfc="none" if marker != "o" else None,
+                    label=f"organisms{', ' + world if world else ''} (one per seed)")
     if math.isfinite(fit.get("slope", math.nan)):
         xs = np.geomspace(min(points["d_mlp"]), max(paper_widths.values()), 50)
         ax.plot(xs, np.exp(fit["intercept"]) * xs ** fit["slope"], "-", color="C0", lw=1,
