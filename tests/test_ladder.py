@@ -106,3 +106,32 @@ def test_power_law_recovers_a_slope_and_tests_slope_one():
     assert [(p["d_mlp"], p["seed"], p["collapse step"]) for p in points] == [
         (48, 9, 8), (48, 10, 8), (48, 11, 4), (96, 9, 16), (96, 11, 9), (192, 10, 64)]
     assert [p["world"] for p in points] == [ladder.STANDARD_LABEL] * 5 + [ladder.HEAVY_LABEL]
+
+
+def test_spread_and_lifespan_rows_and_the_ladder_figures_from_constructed_rungs():
+    import pandas as pd
+
+    from wilke_lib.analysis import plots
+
+    reported = {"causal_peak_top_share": 0.875, "causal_peak_distinct": 7}
+    table = {"rungs": [rung(96, [9, 8, 0]) | reported, rung(192, [64, 40, 48]) | reported,
+                       rung(192, [64, None, None], heavy=True) | {"rome_collapsed": [True, None, None]} | reported,
+                       rung(384, [32, 32, 16])]}  # no report yet: no spread to place
+    spread = ladder.spread_and_lifespan(table)
+    assert list(spread["name"].unique()) == ["toy-gpt2-w96", "toy-gpt2-w192", "toy-gpt2-x4-w192"]
+    assert spread.groupby("name", sort=False)["collapse step"].apply(list).tolist() == [[9, 8], [64, 40, 48], [64]]
+    medians = spread.groupby("name", sort=False)["median collapse"].first()
+    assert medians["toy-gpt2-w96"] == 9 and medians["toy-gpt2-w192"] == 48 and pd.isna(medians["toy-gpt2-x4-w192"])
+    assert set(spread["world"]) == {ladder.STANDARD_LABEL, ladder.HEAVY_LABEL}
+    assert ladder.rome_curves({"rungs": [untrained(96)]}).empty
+    fig = plots.spread_lifespan_figure(spread)
+    assert len(fig.axes) == 1 and fig.axes[0].get_xscale() == "log"
+    curves = pd.DataFrame([{"name": n, "d_mlp": w, "world": world, "seed": 9, "step": step, "S": s}
+                           for n, w, world in [("toy-gpt2-w96", 96, ladder.STANDARD_LABEL),
+                                               ("toy-gpt2-x4-w192", 192, ladder.HEAVY_LABEL)]
+                           for step, s in [(1, 90.0), (2, 80.0), (4, 40.0)]])
+    paper = pd.DataFrame({"model": ["gpt2-xl"] * 3, "step": [1, 32, 64], "mean": [0.9, 0.64, 0.14]})
+    lines = plots.ladder_curves_figure(curves, paper).axes[0].get_lines()
+    drawn = {line.get_label(): line for line in lines}
+    assert drawn["toy-gpt2-x4-w192 (1 seed)"].get_marker() == "D" and drawn["toy-gpt2-x4-w192 (1 seed)"].get_color() == "C2"
+    assert drawn["toy-gpt2-w96 (1 seed)"].get_color() == "C1" and "gpt2-xl, authors' ROME" in drawn

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from wilke_lib import claims, counterfact, editing, lifelong, models
@@ -305,6 +306,42 @@ def collapse_points(table: dict[str, Any]) -> list[dict[str, Any]]:
             for row in table["rungs"] if row.get("trained")
             for seed, step, collapsed in zip(SEEDS, row.get("rome_collapse_steps", []), row.get("rome_collapsed", []))
             if collapsed]
+
+
+def rome_curves(table: dict[str, Any]) -> pd.DataFrame:
+    """ROME's S (in %) at every checkpoint of every trained rung's runs as far as they have got: name, d_mlp,
+    world, seed, step, S, finished (the run reached its last edit)."""
+    rows = []
+    for row in table["rungs"]:
+        if not row.get("trained"):
+            continue
+        for seed, run in zip(SEEDS, run_rung(row["name"], compute=False)[:len(SEEDS)]):
+            if run is None or run.checkpoints.empty:
+                continue
+            for step, s in run.checkpoints.sort_values("step")[["step", "S"]].itertuples(index=False):
+                rows.append({"name": row["name"], "d_mlp": row["d_mlp"],
+                             "world": HEAVY_LABEL if is_heavy(row) else STANDARD_LABEL, "seed": seed,
+                             "step": int(step), "S": 100.0 * s, "finished": bool(run.final)})
+    return pd.DataFrame(rows, columns=["name", "d_mlp", "world", "seed", "step", "S", "finished"])
+
+
+def spread_and_lifespan(table: dict[str, Any]) -> pd.DataFrame:
+    """One row per rung with a report and seed whose ROME run collapsed: the rung's share of causal peaks at one
+    layer and its distinct peak layers (the spread targets), the seed's collapse step and the rung's median over
+    the seeds (NaN until every seed's run has finished)."""
+    rows = []
+    for row in table["rungs"]:
+        if row.get("causal_peak_top_share") is None:
+            continue
+        median = median_collapse(row)
+        for seed, step, collapsed in zip(SEEDS, row.get("rome_collapse_steps") or [], row.get("rome_collapsed") or []):
+            if collapsed:
+                rows.append({"name": row["name"], "d_mlp": row["d_mlp"],
+                             "world": HEAVY_LABEL if is_heavy(row) else STANDARD_LABEL,
+                             "top peak share": row["causal_peak_top_share"], "peak layers": row["causal_peak_distinct"],
+                             "seed": seed, "collapse step": step, "median collapse": math.nan if median is None else median})
+    return pd.DataFrame(rows, columns=["name", "d_mlp", "world", "top peak share", "peak layers", "seed",
+                                       "collapse step", "median collapse"])
 
 
 def power_law(widths: Sequence[float], steps: Sequence[float]) -> dict[str, float]:

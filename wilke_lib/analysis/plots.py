@@ -486,6 +486,64 @@ def ladder_figure(points: pd.DataFrame, fit: Mapping[str, float], paper_widths: 
     return fig
 
 
+def _width_colour(d_mlp: int) -> str:
+    """One colour per MLP width of the ladder (48: C0, 96: C1, 192: C2, ...), the same in every figure."""
+    return f"C{max(0, round(math.log2(d_mlp / 48))) % 10}"
+
+
+@_styled
+def ladder_curves_figure(curves: pd.DataFrame, paper: pd.DataFrame, target: int = 64) -> Figure:
+    """The shape of ROME's decline on each rung: S (in %) over the lifelong edits (log-2 axis), one line per rung
+    (the mean over the seeds measured at each checkpoint; `curves`: name, d_mlp, step, S), beside the authors' ROME
+    curves (`paper`: model, step, mean S in [0, 1], thick grey) with ROME's collapse step there (`target`)."""
+    fig, axes = _grid(1, 1, (7.4, 3.4))
+    ax = axes[0]
+    for i, (model, sub) in enumerate(paper.groupby("model", sort=False)):
+        sub = sub.sort_values("step")
+        ax.plot(sub["step"], 100 * sub["mean"], color="0.55", lw=2.4, ls=LINESTYLES[i % len(LINESTYLES)],
+                label=f"{model}, authors' ROME")
+    names = list(dict.fromkeys(curves.sort_values(["world", "d_mlp"])["name"]))
+    for i, name in enumerate(names):
+        sub = curves[curves["name"] == name].groupby("step", as_index=False)["S"].mean()
+        rung = curves[curves["name"] == name]
+        seeds = rung["seed"].nunique()
+        style = _series_style(i, len(names)) | ({"marker": "D"} if "heavy" in rung["world"].iloc[0] else {})
+        ax.plot(sub["step"], sub["S"], color=_width_colour(rung["d_mlp"].iloc[0]),
+                label=f"{name} ({seeds} seed{'s' if seeds > 1 else ''})", **style)
+    ax.axvline(target, color="0.6", ls=":", lw=0.9)
+    ax.set(xlabel="editing step", ylabel="ROME's S (%)", ylim=(0, 100))
+    _log2_steps(ax)
+    ax.legend(fontsize="small", ncols=2)
+    return fig
+
+
+@_styled
+def spread_lifespan_figure(rows: pd.DataFrame, *, top_share_target: float = 0.6, relaxed: float = 0.85,
+                           window: tuple[int, int] = (32, 128)) -> Figure:
+    """Spread against lifespan: each rung's share of causal peaks at its most common layer against ROME's collapse
+    step (log axis; `rows`: one per rung and collapsed seed, `ladder.spread_and_lifespan`), small markers per seed and
+    a large one at the median once every seed has finished, with the spread target, tier 3's relaxed one and the
+    window of collapse steps the rule accepts."""
+    fig, axes = _grid(1, 1, (5.6, 3.4))
+    ax = axes[0]
+    ax.axvspan(*window, color="0.92", label=f"collapse steps the rule accepts ({window[0]}-{window[1]})")
+    ax.axhline(top_share_target, color="0.2", ls="--", lw=1, label=f"spread target (share <= {top_share_target:g})")
+    ax.axhline(relaxed, color="0.2", ls=":", lw=1, label=f"tier 3's relaxed target (<= {relaxed:g})")
+    for name, sub in rows.groupby("name", sort=False):
+        marker = "D" if "heavy" in sub["world"].iloc[0] else "o"
+        share, colour = sub["top peak share"].iloc[0], _width_colour(sub["d_mlp"].iloc[0])
+        ax.plot(sub["collapse step"], [share] * len(sub), marker, color=colour, ms=5, mfc="none", alpha=0.8)
+        median = sub["median collapse"].iloc[0]
+        if np.isfinite(median):
+            ax.plot([median], [share], marker, color=colour, ms=10)
+        ax.annotate(name.removeprefix("toy-gpt2-"), (sub["collapse step"].max(), share), textcoords="offset points",
+                    xytext=(6, 3), fontsize=8)
+    ax.set(xscale="log", xlabel="ROME's collapse step (small: a seed; large: the median)",
+           ylabel="share of causal peaks at one layer", ylim=(0, 1.05))
+    ax.legend(fontsize="small", loc="lower right")
+    return fig
+
+
 @_styled
 def consecutive_figure(curves: pd.DataFrame, *, metrics: Sequence[str] = ("efficacy", "locality", "kept"),
                        percent: bool = True) -> Figure:
