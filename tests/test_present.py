@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +40,8 @@ def test_figure_saves_png_and_data_beside_the_page_and_shows_a_captioned_figure(
     png = page.figure(_figure(9), "curves", "S over the steps.", alt="S falls then rises", data=data, paper="Fig. 43")
     folder = root / "toy-gpt2" / "03_lifelong_files"
     assert png == folder / "curves.png" and png.read_bytes().startswith(b"\x89PNG")
+    exported = Path(os.environ["WILKE_FIGURES_DIR"]) / "toy-gpt2" / "03_curves.png"  # the repository's export
+    assert page.export_path("curves") == exported and exported.read_bytes() == png.read_bytes()
     assert pd.read_csv(folder / "curves.csv").equals(data)
     md = shown[-1]
     assert md.startswith("````{figure} 03_lifelong_files/curves.png\n")

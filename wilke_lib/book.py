@@ -1,5 +1,5 @@
-"""Helpers for the book's notebooks: provenance cell, figure export, the paper's Table 1 and curves (from
-`wilke_lib.reported`)."""
+"""Helpers for the book's notebooks: the provenance cell, figures shown as PNG, the paper's Table 1 and curves (from
+`wilke_lib.reported`). A page's figures are saved and exported by `wilke_lib.present.Page.figure`."""
 from __future__ import annotations
 
 import io
@@ -10,9 +10,9 @@ from importlib import metadata
 from pathlib import Path
 
 from wilke_lib.reported import paper_curves, paper_table1
-from wilke_lib.results import REPO_ROOT, figures_dir
+from wilke_lib.results import REPO_ROOT
 
-__all__ = ["git_commit", "dirty_sources", "sources_changed_since", "versions", "provenance", "show_provenance", "save_figure", "paper_table1", "paper_curves"]
+__all__ = ["git_commit", "dirty_sources", "sources_changed_since", "versions", "provenance", "show_provenance", "paper_table1", "paper_curves"]
 
 
 def _git(*args: str) -> str:
@@ -93,15 +93,6 @@ def show_provenance(parameters: dict) -> None:
         display(Markdown(f"```{{dropdown}} Provenance of this page (commit {info['git commit']})\n\n{table}\n```"))
     except ImportError:
         print(table)
-
-
-def save_figure(fig, model_name: str, name: str) -> Path:
-    """Save ``fig`` as ``<repo>/figures/<model>/<name>.png`` (dpi 150) and return the path;
-    ``WILKE_FIGURES_DIR`` replaces ``<repo>/figures`` (the tests use it, so that a quick run does
-    not overwrite the book's figures)."""
-    path = figures_dir(model_name) / f"{name}.png"
-    fig.savefig(path, dpi=150, bbox_inches="tight")
-    return path
 
 
 def _figure_png(fig) -> bytes:

@@ -4,7 +4,8 @@ A *page* is one executed notebook, `<book>/<model slug>/<chapter>.ipynb` (script
 writes them); a notebook starts it with `page(model_name, "03_lifelong")`. Then
 
 * `Page.figure(fig, name, caption, alt=..., data=...)` saves `<chapter>_files/<name>.png` beside the
-  page, and the figure's data as `<name>.csv` (a DataFrame) or `<name>.json` (anything else), and
+  page (and the same PNG as `figures/<model>/<NN>_<name>.png`, the repository's export of every figure,
+  `WILKE_FIGURES_DIR`), the figure's data as `<name>.csv` (a DataFrame) or `<name>.json` (anything else), and
   displays a MyST `figure` directive: the figure, its caption under it (numbered "Fig. N.k" per
   chapter by book/_ext/wilke_site.py; `paper="Fig. 43"` names the paper's figure), its alt text and
   links to the full-size PNG and to the data;
@@ -46,7 +47,7 @@ import pandas as pd
 
 from wilke_lib import claims as claims_lib
 from wilke_lib import registry as editor_registry
-from wilke_lib.results import model_slug, plain, results_dir, write_text_atomic
+from wilke_lib.results import figures_dir, model_slug, plain, results_dir, write_text_atomic
 
 BOOK_DIR_VARIABLE = "WILKE_BOOK_DIR"
 
@@ -273,6 +274,12 @@ class Page:
         """The path of a file of the page, relative to the page."""
         return f"{self.chapter}_files/{filename}"
 
+    def export_path(self, name: str) -> Path:
+        """Where figure `name` is exported besides the page: `figures/<model>/<NN>_<name>.png` (NN: the chapter's
+        number), so that the repository's figures are found by chapter."""
+        prefix = self.chapter[:2] if self.chapter[:2].isdigit() else self.chapter
+        return figures_dir(self.model_name) / f"{prefix}_{name}.png"
+
     def label(self, name: str) -> str:
         """The Sphinx label of figure or table `name` of this page (unique in the book)."""
         return make_label(self.slug, self.chapter, name)
@@ -304,6 +311,7 @@ class Page:
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
         _write_bytes_atomic(png, buffer.getvalue())
+        _write_bytes_atomic(self.export_path(name), buffer.getvalue())
         data_path = save_data(data, folder / name)
         if width is None and fig.get_figwidth() > WIDE_INCHES:
             width = "100%"
