@@ -204,12 +204,12 @@ def test_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
                   vocab_size=300, epochs=2, batch_size=256, warmup_steps=5, subject_knockout=0.5,
                   planted_depth=(0, 0), attention_only_layers=0)
     organisms.train(cfg, tmp_path / "whole", device="cpu")
-    first = organisms.train(cfg, tmp_path / "sliced", device="cpu", epoch_budget=1)
-    assert first["finished"] is False and (tmp_path / "sliced" / organisms.CHECKPOINT_FILE).is_file()
+    first = organisms.train(cfg, tmp_path / "sliced", device="cpu", time_budget=0.0)  # stops after the first epoch
+    assert first["finished"] is False and first["epoch"] == 1 and (tmp_path / "sliced" / organisms.CHECKPOINT_FILE).is_file()
     with pytest.raises(ValueError, match="another configuration"):
         organisms.train(replace(cfg, lr=1e-3), tmp_path / "sliced", device="cpu")
     summary = organisms.train(cfg, tmp_path / "sliced", device="cpu")
-    assert summary["finished"] and summary["history"][-1]["epoch"] == 2
+    assert summary["finished"] and summary["history"][-1]["epoch"] == 2 and summary["history"][0]["device"] == "cpu"
     assert not (tmp_path / "sliced" / organisms.CHECKPOINT_FILE).exists()
     whole = AutoModelForCausalLM.from_pretrained(tmp_path / "whole").state_dict()
     sliced = AutoModelForCausalLM.from_pretrained(tmp_path / "sliced").state_dict()

@@ -5,6 +5,7 @@ A command, at the top of the layers (docs/design.md): it drives the organisms an
     python -m wilke_lib.organisms train --all                 # = make organisms
     python -m wilke_lib.organisms train --name toy-gpt2 --epochs 5 --out /tmp/quick
     python -m wilke_lib.organisms train --name toy-gpt2 --epoch-budget 20   # resumable slices
+    python -m wilke_lib.organisms train --name toy-gpt2-x4-w192 --time-budget 480 --device cuda
     python -m wilke_lib.organisms report --all                # = make organism-report
 """
 
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, help="train: torch CPU threads")
     parser.add_argument("--epoch-budget", type=int, help="train: stop after this many epochs (resumable: run "
                         "the same command again to go on from the checkpoint)")
+    parser.add_argument("--time-budget", type=float, help="train: stop after the first epoch that ends this many "
+                        "seconds after the start (resumable, as --epoch-budget)")
     args = parser.parse_args(argv)
     names = sorted(ORGANISMS) if args.all else args.name
     if not names:
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in names:
             cfg = ORGANISMS[name] if args.epochs is None else replace(ORGANISMS[name], epochs=args.epochs)
             out = args.out or ORGANISM_DIR / name
-            summary = train(cfg, out, args.device, args.threads, args.epoch_budget)
+            summary = train(cfg, out, args.device, args.threads, args.epoch_budget, args.time_budget)
             if not summary["finished"]:
                 print(f"{name}: stopped after epoch {summary['epoch']} of {summary['epochs']} "
                       f"({summary['train_seconds']:.0f} s so far); run again to resume from {summary['checkpoint']}")

@@ -257,16 +257,19 @@ def _load_checkpoint(path: Path, cfg: OrganismConfig, model, optimiser, rngs: di
 
 
 def train(cfg: OrganismConfig, out_dir: Path, device: str | None = None, threads: int | None = None,
-          epoch_budget: int | None = None) -> dict:
+          epoch_budget: int | None = None, time_budget: float | None = None) -> dict:
     """Train one organism and save it (weights, tokenizer, config, log) to out_dir.
 
     Every epoch draws a new corpus (`world.corpus(world, epoch)`: new sentence orders, templates and
     document kinds) and packs it into rows anew. Deterministic on a CPU for a given configuration.
     Resumable: after each epoch the model, optimiser and random states go to
     out_dir/training-checkpoint.pt, and a call that finds that file goes on from it, giving the
-    weights an uninterrupted run gives. `epoch_budget` stops this call after that many epochs
-    (the summary then says `"finished": False`), for training spread over sessions.
+    weights an uninterrupted run gives. `epoch_budget` stops this call after that many epochs, `time_budget`
+    after the first epoch that ends more than that many seconds after the call began (the summary then says
+    `"finished": False`), for training spread over sessions or fitted into a lent GPU's minutes. A run resumed
+    on another device goes on from the same state; each epoch's row of the history names its device.
     """
+    call_started = time.time()
     device = torch.device(device) if device else default_device()
     if threads:
         torch.set_num_threads(threads)
@@ -319,13 +322,16 @@ def train(cfg: OrganismConfig, out_dir: Path, device: str | None = None, threads
                 tokens += int(mask.sum())
                 bar.update()
             history.append({"epoch": epoch + 1, "step": step, "loss": epoch_loss / n_batches, "tokens": tokens,
-                            "seconds": round(time.time() - started, 1)})
+                            "seconds": round(time.time() - started, 1), "device": str(device)})
             bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
             if epoch + 1 < cfg.epochs:
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
                 _save_checkpoint(checkpoint, cfg, model, optimiser, {
                     "epoch": epoch + 1, "step": step, "tokens": tokens, "history": history,
                     "seconds": time.time() - started}, rngs, drop_generator)
+            if time_budget is not None and time.time() - call_started > time_budget and epoch + 1 < cfg.epochs:
+                last_epoch = epoch + 1
+                break
     bar.close()
     if last_epoch < cfg.epochs:
         return {"finished": False, "epoch": last_epoch, "epochs": cfg.epochs, "checkpoint": str(checkpoint),
