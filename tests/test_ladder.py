@@ -4,6 +4,7 @@ organism: each of its outcomes on constructed rungs."""
 import math
 
 from wilke_lib import ladder
+from wilke_lib.analysis import collapse
 
 
 def rung(width, steps, met=True, relaxed=True, heavy=False):
@@ -95,17 +96,17 @@ def test_relaxed_targets_only_relax_the_spread():
 
 def test_power_law_recovers_a_slope_and_tests_slope_one():
     widths = [48, 48, 96, 96, 192, 192, 384]
-    exact = ladder.power_law(widths, [0.1 * w for w in widths])
+    exact = collapse.power_law(widths, [0.1 * w for w in widths])
     assert abs(exact["slope"] - 1) < 1e-9 and exact["slope_1_inside"]
-    noisy = ladder.power_law(widths, [w ** 2 * f for w, f in zip(widths, (1.1, 0.9, 1.2, 0.8, 1.0, 1.05, 0.95))])
+    noisy = collapse.power_law(widths, [w ** 2 * f for w, f in zip(widths, (1.1, 0.9, 1.2, 0.8, 1.0, 1.05, 0.95))])
     assert 1.8 < noisy["slope"] < 2.2 and noisy["ci_low"] < noisy["slope"] < noisy["ci_high"]
     assert noisy["slope_1_inside"] is False
-    assert math.isnan(ladder.power_law([48, 48, 48], [4, 8, 8])["slope"])
+    assert math.isnan(collapse.power_law([48, 48, 48], [4, 8, 8])["slope"])
     table = {"rungs": [rung(48, [8, 8, 4]), rung(96, [16, 0, 9]), untrained(192), rung(192, [0, 64, 0], heavy=True)]}
-    points = ladder.collapse_points(table)
+    points = collapse.collapse_points(table)
     assert [(p["d_mlp"], p["seed"], p["collapse step"]) for p in points] == [
         (48, 9, 8), (48, 10, 8), (48, 11, 4), (96, 9, 16), (96, 11, 9), (192, 10, 64)]
-    assert [p["world"] for p in points] == [ladder.STANDARD_LABEL] * 5 + [ladder.HEAVY_LABEL]
+    assert [p["world"] for p in points] == [collapse.STANDARD_LABEL] * 5 + [collapse.HEAVY_LABEL]
 
 
 def test_spread_and_lifespan_rows_and_the_ladder_figures_from_constructed_rungs():
@@ -117,21 +118,43 @@ def test_spread_and_lifespan_rows_and_the_ladder_figures_from_constructed_rungs(
     table = {"rungs": [rung(96, [9, 8, 0]) | reported, rung(192, [64, 40, 48]) | reported,
                        rung(192, [64, None, None], heavy=True) | {"rome_collapsed": [True, None, None]} | reported,
                        rung(384, [32, 32, 16])]}  # no report yet: no spread to place
-    spread = ladder.spread_and_lifespan(table)
+    spread = collapse.spread_and_lifespan(table)
     assert list(spread["name"].unique()) == ["toy-gpt2-w96", "toy-gpt2-w192", "toy-gpt2-x4-w192"]
     assert spread.groupby("name", sort=False)["collapse step"].apply(list).tolist() == [[9, 8], [64, 40, 48], [64]]
     medians = spread.groupby("name", sort=False)["median collapse"].first()
     assert medians["toy-gpt2-w96"] == 9 and medians["toy-gpt2-w192"] == 48 and pd.isna(medians["toy-gpt2-x4-w192"])
-    assert set(spread["world"]) == {ladder.STANDARD_LABEL, ladder.HEAVY_LABEL}
-    assert ladder.rome_curves({"rungs": [untrained(96)]}).empty
+    assert set(spread["world"]) == {collapse.STANDARD_LABEL, collapse.HEAVY_LABEL}
+    assert collapse.rome_curves({"rungs": [untrained(96)]}).empty
     fig = plots.spread_lifespan_figure(spread)
     assert len(fig.axes) == 1 and fig.axes[0].get_xscale() == "log"
     curves = pd.DataFrame([{"name": n, "d_mlp": w, "world": world, "seed": 9, "step": step, "S": s}
-                           for n, w, world in [("toy-gpt2-w96", 96, ladder.STANDARD_LABEL),
-                                               ("toy-gpt2-x4-w192", 192, ladder.HEAVY_LABEL)]
+                           for n, w, world in [("toy-gpt2-w96", 96, collapse.STANDARD_LABEL),
+                                               ("toy-gpt2-x4-w192", 192, collapse.HEAVY_LABEL)]
                            for step, s in [(1, 90.0), (2, 80.0), (4, 40.0)]])
     paper = pd.DataFrame({"model": ["gpt2-xl"] * 3, "step": [1, 32, 64], "mean": [0.9, 0.64, 0.14]})
     lines = plots.ladder_curves_figure(curves, paper).axes[0].get_lines()
     drawn = {line.get_label(): line for line in lines}
     assert drawn["toy-gpt2-x4-w192 (1 seed)"].get_marker() == "D" and drawn["toy-gpt2-x4-w192 (1 seed)"].get_color() == "C2"
     assert drawn["toy-gpt2-w96 (1 seed)"].get_color() == "C1" and "gpt2-xl, authors' ROME" in drawn
+
+
+def test_norm_at_collapse_and_the_committed_proxies(tmp_path, monkeypatch):
+    import json
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    steps = pd.DataFrame({"step": [1, 2, 3, 4], "original_norms": [{"2": 20.0}] * 4,
+                          "layer_norms": [{"2": v} for v in (21.0, 40.0, 80.0, 100.0)]})
+    fake = SimpleNamespace(steps=steps)
+    monkeypatch.setattr(collapse, "run_rung", lambda name, compute=False: [fake, fake, None, None])
+    table = {"rungs": [rung(192, [2, 0, 3]), untrained(384)]}  # seed 10: no collapse; seed 11: no run
+    rows = collapse.norm_at_collapse(table)
+    assert rows[["seed", "collapse step", "norm ratio at collapse", "last step", "norm ratio at the last step"]
+                ].values.tolist() == [[9, 2, 2.0, 4, 5.0]]
+    monkeypatch.setattr(collapse, "LADDER_FILE", tmp_path / "ladder.json")
+    assert collapse.committed_proxies().empty  # no file yet
+    (tmp_path / "ladder.json").write_text(json.dumps({"rungs": [
+        {"name": "toy-gpt2-w48", "rome_update_rel_norm": 0.7, "alphaedit_null_share": 0.25}, {"name": "toy-gpt2-w96"}]}))
+    proxies = collapse.committed_proxies()
+    assert proxies["name"].tolist() == ["toy-gpt2-w48"] and proxies.loc[0, "alphaedit_null_share"] == 0.25

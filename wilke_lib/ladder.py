@@ -37,7 +37,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 
 from wilke_lib import claims, counterfact, editing, lifelong, models
@@ -118,6 +117,11 @@ def collapse_steps(runs: Sequence[lifelong.RunResult | None]) -> list[float | No
     return steps
 
 
+PROXY_KEYS = ("rome_update_rel_norm", "rome_residue_after_rollback", "retention_lost_after_one_edit",
+              "alphaedit_null_share")
+"""The single-edit proxies `proxies` measures (organisms/ladder.json keeps them with `--proxies`)."""
+
+
 def proxies(name: str, n_records: int = 100, n_probes: int = 100) -> dict[str, float]:
     """Single-edit proxies of a rung's lifespan, medians over `n_records` known records, each edited by ROME on a
     fresh copy and rolled back: ||dW|| / ||W|| of the edit, ||W - W_0|| / ||W_0|| after edit and rollback, and
@@ -143,7 +147,15 @@ def proxies(name: str, n_records: int = 100, n_probes: int = 100) -> dict[str, f
         lost.append(1.0 - sum(greedy_matches(work, tok, probe_prompts, probe_targets)) / len(probes))
     return {"rome_update_rel_norm": statistics.median(update),
             "rome_residue_after_rollback": statistics.median(residue),
-            "retention_lost_after_one_edit": statistics.median(lost)}
+            "retention_lost_after_one_edit": statistics.median(lost),
+            "alphaedit_null_share": null_space_share(model, tok, name, hp.layer, cache)}
+
+
+def null_space_share(model: torch.nn.Module, tok: Any, name: str, layer: int, cache: editing.EditCache) -> float:
+    """The share of the key space at `layer` that AlphaEdit's null-space projection keeps editable (Fang et al. 2025,
+    Eq. 11: the eigen-directions of C = E[k k^T] below the organism's `nullspace_threshold`): trace(P) / d_mlp."""
+    projector = cache.get_projector(model, tok, layer, rung_hparams("alphaedit", name))
+    return float(projector.trace()) / projector.shape[0]
 
 
 def _relative_change(model: torch.nn.Module, name: str, original: torch.Tensor) -> float:
@@ -199,10 +211,6 @@ OPTIONAL_WIDTHS = (768,)
 """Standard-world rungs trained only if the 384 rung's median collapse comes before step 64."""
 HEAVY_FIRST = 192
 """Tier 2's first rung: in the heavy world, width 192 carries width 48's load per parameter (`world.HEAVY_SPEC`)."""
-
-
-STANDARD_LABEL, HEAVY_LABEL = "standard world", "heavy world (x4 facts)"
-"""How the ladder's figures name the two worlds of its rungs."""
 
 
 def is_heavy(row: dict) -> bool:
@@ -293,74 +301,6 @@ def ladder_table(names: Sequence[str] | None = None, compute_proxies: bool = Fal
                      "n_edits": N_EDITS, "relaxed_spread": RELAXED_SPREAD,
                      "definition": "collapse step: first checkpoint where S falls below half its best so far"},
             "rungs": rows, **decision}
-
-
-PAPER_WIDTHS = {"gpt2-xl": 6400, "gpt-j-6b": 16384}
-"""The MLP widths of the paper's models, to set beside the ladder on the same axes."""
-
-
-def collapse_points(table: dict[str, Any]) -> list[dict[str, Any]]:
-    """One point per rung and seed whose ROME run collapsed: width, world and collapse step (ladder.json's rows)."""
-    return [{"name": row["name"], "d_mlp": row["d_mlp"], "world": HEAVY_LABEL if is_heavy(row) else STANDARD_LABEL,
-             "seed": seed, "collapse step": step}
-            for row in table["rungs"] if row.get("trained")
-            for seed, step, collapsed in zip(SEEDS, row.get("rome_collapse_steps", []), row.get("rome_collapsed", []))
-            if collapsed]
-
-
-def rome_curves(table: dict[str, Any]) -> pd.DataFrame:
-    """ROME's S (in %) at every checkpoint of every trained rung's runs as far as they have got: name, d_mlp,
-    world, seed, step, S, finished (the run reached its last edit)."""
-    rows = []
-    for row in table["rungs"]:
-        if not row.get("trained"):
-            continue
-        for seed, run in zip(SEEDS, run_rung(row["name"], compute=False)[:len(SEEDS)]):
-            if run is None or run.checkpoints.empty:
-                continue
-            for step, s in run.checkpoints.sort_values("step")[["step", "S"]].itertuples(index=False):
-                rows.append({"name": row["name"], "d_mlp": row["d_mlp"],
-                             "world": HEAVY_LABEL if is_heavy(row) else STANDARD_LABEL, "seed": seed,
-                             "step": int(step), "S": 100.0 * s, "finished": bool(run.final)})
-    return pd.DataFrame(rows, columns=["name", "d_mlp", "world", "seed", "step", "S", "finished"])
-
-
-def spread_and_lifespan(table: dict[str, Any]) -> pd.DataFrame:
-    """One row per rung with a report and seed whose ROME run collapsed: the rung's share of causal peaks at one
-    layer and its distinct peak layers (the spread targets), the seed's collapse step and the rung's median over
-    the seeds (NaN until every seed's run has finished)."""
-    rows = []
-    for row in table["rungs"]:
-        if row.get("causal_peak_top_share") is None:
-            continue
-        median = median_collapse(row)
-        for seed, step, collapsed in zip(SEEDS, row.get("rome_collapse_steps") or [], row.get("rome_collapsed") or []):
-            if collapsed:
-                rows.append({"name": row["name"], "d_mlp": row["d_mlp"],
-                             "world": HEAVY_LABEL if is_heavy(row) else STANDARD_LABEL,
-                             "top peak share": row["causal_peak_top_share"], "peak layers": row["causal_peak_distinct"],
-                             "seed": seed, "collapse step": step, "median collapse": math.nan if median is None else median})
-    return pd.DataFrame(rows, columns=["name", "d_mlp", "world", "top peak share", "peak layers", "seed",
-                                       "collapse step", "median collapse"])
-
-
-def power_law(widths: Sequence[float], steps: Sequence[float]) -> dict[str, float]:
-    """Least squares of log(step) on log(width): the slope (collapse step ~ width^slope), its 95% t-interval,
-    and whether slope 1 (lifespan proportional to width) lies inside it. NaN with fewer than three points
-    or a single width."""
-    from wilke_lib.metrics import t_quantile_975
-
-    x, y = [math.log(w) for w in widths], [math.log(s) for s in steps]
-    n = len(x)
-    if n < 3 or len(set(x)) < 2:
-        return {"slope": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": n, "slope_1_inside": None}
-    mx, my = statistics.fmean(x), statistics.fmean(y)
-    sxx = sum((a - mx) ** 2 for a in x)
-    slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx
-    residual = sum((b - my - slope * (a - mx)) ** 2 for a, b in zip(x, y)) / (n - 2)
-    half = t_quantile_975(n - 2) * math.sqrt(residual / sxx)
-    return {"slope": slope, "intercept": my - slope * mx, "ci_low": slope - half, "ci_high": slope + half, "n": n,
-            "slope_1_inside": slope - half <= 1.0 <= slope + half}
 
 
 def main(argv: list[str] | None = None) -> None:
