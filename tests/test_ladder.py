@@ -3,6 +3,8 @@ organism: each of its outcomes on constructed rungs."""
 
 import math
 
+import pytest
+
 from wilke_lib import ladder
 from wilke_lib.analysis import collapse
 
@@ -158,3 +160,12 @@ def test_norm_at_collapse_and_the_committed_proxies(tmp_path, monkeypatch):
         {"name": "toy-gpt2-w48", "rome_update_rel_norm": 0.7, "alphaedit_null_share": 0.25}, {"name": "toy-gpt2-w96"}]}))
     proxies = collapse.committed_proxies()
     assert proxies["name"].tolist() == ["toy-gpt2-w48"] and proxies.loc[0, "alphaedit_null_share"] == 0.25
+
+
+@pytest.mark.slow
+def test_single_edit_proxies_on_the_narrow_rung():
+    """ROME's single-edit proxies and AlphaEdit's null-space share on width 48 (the book's toy-gpt2), two records."""
+    found = ladder.proxies("toy-gpt2-w48", n_records=2, n_probes=4)
+    assert set(found) == set(ladder.PROXY_KEYS)
+    assert 0 < found["rome_update_rel_norm"] and 0 <= found["rome_residue_after_rollback"]
+    assert 0 <= found["retention_lost_after_one_edit"] <= 1 and 0 < found["alphaedit_null_share"] < 1

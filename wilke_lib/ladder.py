@@ -139,11 +139,11 @@ def proxies(name: str, n_records: int = 100, n_probes: int = 100) -> dict[str, f
         work = copy.deepcopy(model)
         before = {k: v.detach().clone() for k, v in work.state_dict().items()}
         result = editing.edit(work, tok, record["requested_rewrite"], hp, cache=cache)
-        name = f"{next(iter(result.weight_deltas))}.weight"
-        w0 = before[name]
-        update.append(_relative_change(work, name, w0))
+        weight = f"{next(iter(result.weight_deltas))}.weight"
+        w0 = before[weight]
+        update.append(_relative_change(work, weight, w0))
         editing.rollback(work, tok, record["requested_rewrite"], hp, result, cache=cache, keep_deltas=False)
-        residue.append(_relative_change(work, name, w0))
+        residue.append(_relative_change(work, weight, w0))
         lost.append(1.0 - sum(greedy_matches(work, tok, probe_prompts, probe_targets)) / len(probes))
     return {"rome_update_rel_norm": statistics.median(update),
             "rome_residue_after_rollback": statistics.median(residue),
