@@ -294,6 +294,10 @@ def ladder_table(names: Sequence[str] | None = None, compute_proxies: bool = Fal
     """organisms/ladder.json's content: every GPT-2 rung's row, the choice and the rule."""
     names = list(names or [n for n in LADDER if n.startswith("toy-gpt2-")])
     rows = [rung_row(n, compute_proxies) for n in names]
+    if not compute_proxies and LADDER_FILE.is_file():  # keep the proxies last measured (`--proxies`)
+        measured = {r["name"]: {k: r[k] for k in PROXY_KEYS if k in r} for r in read_json(LADDER_FILE)["rungs"]}
+        for row in rows:
+            row.update(measured.get(row["name"], {}) if row.get("trained") else {})
     decision = choose(rows, tier2_out_of_reach)
     for row in rows:
         row["chosen"] = row["name"] == decision["chosen"]
