@@ -94,13 +94,14 @@ def run_configs(name: str) -> list[lifelong.LifelongConfig]:
                                        n_edits=N_EDITS, seed=SEEDS[0], checkpoints=CHECKPOINTS, out_dir=out)])
 
 
-def run_rung(name: str, compute: bool = True) -> list[lifelong.RunResult | None]:
-    """The rung's runs (`run_configs`): computed where missing (resumably) or, with compute=False, read back
-    as far as they are on disk (None: not started)."""
+def run_rung(name: str, compute: bool = True, allow_code_change: bool = False) -> list[lifelong.RunResult | None]:
+    """The rung's runs (`run_configs`): computed where missing (resumably; an unfinished run started with other
+    code only with `allow_code_change`, which its config.json records) or, with compute=False, read back as far
+    as they are on disk (None: not started)."""
     records = counterfact.load_counterfact(world_name(name))
     configs = run_configs(name)
     if compute:
-        return lifelong.run_many(models.load_model, records, configs)
+        return lifelong.run_many(models.load_model, records, configs, allow_code_change=allow_code_change)
     fp = lifelong.records_fingerprint(records)
     return [lifelong.read_progress(fp, c) for c in configs]
 
@@ -312,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--names", nargs="+", default=None, help="rungs (default: every GPT-2 rung)")
     parser.add_argument("--run", action="store_true", help="compute the rungs' missing ROME and FT runs (resumable)")
     parser.add_argument("--proxies", action="store_true", help="also measure the single-edit proxies (minutes)")
+    parser.add_argument("--allow-code-change", action="store_true",
+                        help="--run: continue unfinished runs started with other code (recorded in their config.json)")
     parser.add_argument("--tier2-out-of-reach", action="store_true",
                         help="allow tier 3 (spread targets relaxed) when no rung qualifies for tier 1")
     args = parser.parse_args(argv)
@@ -320,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.run:
         for name in names:
             try:
-                run_rung(name)
+                run_rung(name, allow_code_change=args.allow_code_change)
             except FileNotFoundError as err:
                 print(f"{name}: {err}")
     table = ladder_table(names, args.proxies, args.tier2_out_of_reach)
