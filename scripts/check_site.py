@@ -22,7 +22,9 @@ Failures, counted per kind:
 * ``small-text image``: a figure's image shown at less than half its natural width (a PNG of 1,967 px
   shown 600 px wide): text drawn at 10 pt and 150 dpi then reaches the reader below 9 px;
 * ``long cell``: a cell of the glance table (``table.wilke-glance``) that runs to more than 40 lines
-  when the page is 600 px wide (details belong behind a dropdown or a link).
+  when the page is 600 px wide (details belong behind a dropdown or a link);
+* ``interactive figure``: an interactive (plotly) figure, ``.wilke-interactive``, that is not drawn once its
+  dropdown opens, has no curves, or shows no value when the pointer is on its first point;
 * ``dirty provenance``: a page whose provenance says it was executed from sources that differ from its
   commit ("(dirty)") or from no known commit;
 * ``stale provenance``: a page executed at a commit whose sources (``wilke_lib.book.SOURCES``) differ from
@@ -60,7 +62,7 @@ from urllib.parse import unquote, urldefrag, urljoin, urlparse
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("broken link", "broken image", "console error", "raw LaTeX", "raw markup", "traceback", "progress bar",
          "uncaptioned figure", "faint caption", "overflowing table", "small-text image", "long cell",
-         "dirty provenance", "stale provenance")
+         "interactive figure", "dirty provenance", "stale provenance")
 WARNING_KINDS = ("tall page",)
 WIDTH = 1400           # px, the window the pages are checked at
 NARROW_WIDTH = 600     # px, the window the glance table's cells are measured at
@@ -149,7 +151,27 @@ return {
   tables: document.querySelectorAll('main table').length,
   math: document.querySelectorAll('mjx-container').length,
   rawLatex, rawMarkup: rawMarkup_, tracebacks, progress, uncaptioned, faint,
+  interactive: Array.from(document.querySelectorAll('.wilke-interactive')).map(el => el.id),
 };
+"""
+
+# An interactive (plotly) figure as a reader meets it: its dropdown opened, the pointer on the first point of
+# its first curve; what the figure drew and what the hover label says.
+HOVER_SCRIPT = r"""
+const [id, done] = [arguments[0], arguments[arguments.length - 1]];
+const el = document.getElementById(id);
+if (!el || typeof Plotly === 'undefined') { done({drawn: false, traces: 0, hover: '', why: el ? 'no plotly.js' : 'no element'}); return; }
+const box = el.closest('details');
+if (box) box.open = true;
+Promise.resolve(Plotly.Plots.resize(el)).then(() => {
+  Plotly.Fx.hover(el, [{curveNumber: 0, pointNumber: 0}]);
+  setTimeout(() => {
+    const label = el.querySelector('.hoverlayer');
+    done({drawn: !!el.querySelector('.main-svg') && el.getBoundingClientRect().width > 0,
+          traces: (el.data || []).length, hover: label ? label.textContent : '', why: ''});
+    if (box) box.open = false;
+  }, 200);
+}).catch(e => done({drawn: false, traces: 0, hover: '', why: String(e)}));
 """
 
 # The lines of each cell of the glance table (run at NARROW_WIDTH).
@@ -238,6 +260,17 @@ def provenance_problems(html: str, changed_since=None) -> list[tuple[str, str]]:
     return []
 
 
+def interactive_problems(state: dict) -> list[str]:
+    """What is wrong with an interactive figure after HOVER_SCRIPT: not drawn, no curves, no value on hover."""
+    if not state.get("drawn"):
+        return [f"not drawn ({state.get('why') or 'no plot in the element'})"]
+    if not state.get("traces"):
+        return ["drawn without curves"]
+    if not any(ch.isdigit() for ch in state.get("hover", "")):
+        return ["no value shown on hover"]
+    return []
+
+
 def is_tall(page: str, height: float, max_height: float = MAX_HEIGHT) -> bool:
     """Whether `page` (site-relative) is taller than `max_height` px; the generated lists (index, search) are not
     held to it."""
@@ -253,6 +286,7 @@ class Report:
     figures: int = 0
     tables: int = 0
     formulas: int = 0
+    interactive: int = 0
     heights: dict[str, int] = field(default_factory=dict)
     errors: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
     warnings: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in WARNING_KINDS})
@@ -276,7 +310,7 @@ class Report:
     def summary(self) -> str:
         lines = [f"pages: {self.pages}", f"internal links: {self.links} (external, not followed: {self.external_links})",
                  f"images: {self.images}", f"figures: {self.figures}", f"tables: {self.tables}",
-                 f"formulas typeset: {self.formulas}"]
+                 f"formulas typeset: {self.formulas}", f"interactive figures (drawn, hovered): {self.interactive}"]
         if self.heights:
             tallest = max(self.heights, key=self.heights.get)
             lines.append(f"page height at {WIDTH} px, code folded: median {statistics.median(self.heights.values()):,.0f} px, "
@@ -439,6 +473,10 @@ def check_site(html_dir: Path, browser_paths: tuple[str, str], *, screenshots: l
             for kind, detail in provenance_problems((html_dir / page).read_text(encoding="utf-8", errors="replace"),
                                                     changed_since):
                 report.add(kind, page, detail)
+            for plot in info["interactive"]:
+                report.interactive += 1
+                for detail in interactive_problems(driver.execute_async_script(HOVER_SCRIPT, plot)):
+                    report.add("interactive figure", page, f"#{plot}: {detail}")
             report.heights[page] = int(info["height"])
             if is_tall(page, info["height"], max_height):
                 report.add("tall page", page, f"{int(info['height']):,} px")

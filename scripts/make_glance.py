@@ -8,6 +8,8 @@ The page answers "does it reproduce?" in half a minute, top to bottom:
 2. **The headline figure** (``glance_files/headline.png``, ``wilke_lib.headline``): S over the lifelong edits
    for ROME, MEMIT and WilKE on both organisms, beside the authors' curves, read from the committed
    paper-scale runs (``runs/<model>/``) as chapter 3 reads them; its numbers in ``glance_files/headline.csv``.
+   Below it, folded, the same curves in plotly with the values on hover (plotly.js copied into the book's
+   ``_static/``: no network needed).
 3. **The claims table**: one row per claim of the paper (``wilke_lib/data/claims.yaml``, with its section
    and figure or table), one column for the paper and one per model folder of the book. Each cell is the
    verdict that the chapter testing the claim computed on that model
@@ -40,6 +42,7 @@ MODEL_ORDER = ["toy-gpt2", "toy-gptj"]
 PAPER_MODELS = {"toy-gpt2": "GPT2-XL", "toy-gptj": "GPT-J", "gpt2-xl": "GPT2-XL", "gpt-j-6b": "GPT-J"}
 FILES = "glance_files"
 HEADLINE = "headline.png"
+INTERACTIVE_ID = "glance-headline-plot"  # the interactive headline figure's div (make check-site hovers over it)
 HEADLINE_VARIABLE = "WILKE_GLANCE_HEADLINE"  # "off": no headline figure (the tests' small books)
 COLUMN_WIDTHS = ("28", "22", "25")  # claim, paper, each model (per cent of the table)
 
@@ -216,6 +219,15 @@ def headline_markdown(panels: list, figure: str) -> list[str]:
             caption, "```"]
 
 
+def interactive_markdown(panels: list) -> list[str]:
+    """The headline figure again, interactive (plotly, offline), in a dropdown below the static one."""
+    from wilke_lib import headline
+
+    html = headline.interactive_html(panels, INTERACTIVE_ID, f"_static/{headline.PLOTLY_JS}")
+    return ["````{dropdown} The same curves, interactive: hover over a point for its S and the seeds' values; "
+            "click an editor in the legend to hide it", ":name: glance-headline-interactive", "", html, "````"]
+
+
 def save_headline(book_dir: Path, panels: list) -> None:
     """Draw the headline figure of `panels` (`wilke_lib.headline.Panel`) into `<book_dir>/glance_files/` with
     its numbers as CSV."""
@@ -225,6 +237,7 @@ def save_headline(book_dir: Path, panels: list) -> None:
     (book_dir / FILES).mkdir(parents=True, exist_ok=True)
     fig.savefig(book_dir / FILES / HEADLINE, dpi=headline.DPI, bbox_inches="tight", metadata={"Software": None})
     headline.headline_frame(panels).to_csv(book_dir / FILES / "headline.csv", index=False, float_format="%.4g")
+    headline.copy_plotly_js(book_dir / "_static")
 
 
 def draw_headline(book_dir: Path, models: list[str]) -> tuple[list, str]:
@@ -285,6 +298,7 @@ def glance_markdown(book_dir: Path, models: list[str], panels: list | None = Non
         out += ["No model's pages have been executed yet.", ""]
     if panels:
         out += headline_markdown(panels, f"{FILES}/{HEADLINE}") + [""]
+        out += interactive_markdown(panels) + [""]
         if len(models) > 1 and (book_dir / "side_by_side.md").exists():
             out += ["Every chapter's main figure on both organisms, in tabs: {doc}`side_by_side`.", ""]
     elif headline_note:

@@ -67,6 +67,8 @@ def _static_site(root: Path) -> Path:
            '</figure><figure><img src="_images/ok.png" alt="y"><figcaption style="font-weight:300">Fig. 1.3 Faint.'
            '</figcaption></figure><table class="wilke-glance"><tr><td><p>' + "word " * 3000 + '</p></td></tr></table>'
            '<details><summary>Provenance of this page (commit a7f4082 (dirty))</summary></details>'
+           # an interactive figure whose plotly.js never loaded
+           '<details><div id="plot" class="wilke-interactive"></div></details>'
            '<div style="height:7000px"></div>')
     _png(html / "_images" / "wide.png", 200, 10)
     (html / "index.html").write_text(PAGE.format(title="Good", body=good))
@@ -99,6 +101,7 @@ def test_checker_finds_each_planted_fault_and_passes_a_clean_page(tmp_path):
     assert len(errors["faint caption"]) == 1 and "weight 300" in errors["faint caption"][0]
     assert len(errors["long cell"]) == 1 and "at 600 px, row 0, column 0" in errors["long cell"][0]
     assert errors["dirty provenance"] == ["bad.html: executed at a7f4082 (dirty)"]
+    assert errors["interactive figure"] == ["bad.html: #plot: not drawn (no plotly.js)"] and report.interactive == 1
     assert [w.split(":")[0] for w in report.warnings["tall page"]] == ["bad.html"]
     assert report.heights["index.html"] < check_site.MAX_HEIGHT < report.heights["bad.html"]
     assert report.external_links == 1 and "pages: 2" in report.summary() and "tall pages (warning): 1" in report.summary()
@@ -257,6 +260,25 @@ def test_glance_page_embeds_the_headline_with_a_numbered_caption(tmp_path, monke
     assert "Dotted: an editor with no finished run" in head and "WilKE on `toy-gptj`, seed 9 at 16 of 1,024 edits" in head
     assert "`runs/toy-gpt2/`" in head and "`wilke_lib/data/curves_reported.csv`" in head
     assert "[headline.csv](glance_files/headline.csv)" in head
+    # the same curves, interactive, folded below the figure; plotly.js served from the book (offline)
+    interactive = head[head.index("```{figure} glance_files/headline.png"):]
+    assert "{dropdown} The same curves, interactive" in interactive and 'class="wilke-interactive"' in interactive
+    assert '<script src="_static/plotly.min.js">' in interactive and "cdn" not in interactive.lower()
+    assert (tmp_path / "_static" / "plotly.min.js").stat().st_size > 1_000_000
+
+
+def test_interactive_headline_has_the_static_figures_curves_and_hover_values():
+    panels = _panels()
+    fig = headline.interactive_figure(panels)
+    static = headline.headline_figure(panels)
+    n_static = sum(len(ax.get_lines()) - 1 for ax in static.axes)  # less the step-64 line of each panel
+    assert len(fig.data) == n_static
+    rome = next(t for t in fig.data if t.name == "ROME" and t.line.dash is None)
+    first = panels[0].ours.query("editor == 'ROME'").sort_values("step").iloc[0]
+    assert rome.x[0] == first["step"] and rome.y[0] == first["S"]
+    assert f"S {first['S']:.1f}%" in rome.text[0] and "seed 9" in rome.text[0]
+    assert sum(t.showlegend for t in fig.data) == len({t.name for t in fig.data})  # one legend entry per editor
+    assert "\n\n" not in headline.interactive_html(panels, "p", "_static/plotly.min.js")  # one raw-HTML block
 
 
 # ------------------------------------------------------------------------- a small book with the real config
@@ -381,5 +403,6 @@ def test_built_book_passes_the_browser_check(built_book, tmp_path):
     errors = {kind: found for kind, found in report.errors.items() if found and kind != "dirty provenance"}
     assert not errors, errors
     assert report.pages >= 5 and report.figures == 3 and report.formulas >= 4  # MathJax ran, offline
+    assert report.interactive == 1  # the glance page's plotly figure drew and showed a value on hover
     assert report.n_warnings == 0  # no page taller than 6,000 px
     assert (tmp_path / "glance.html.png").is_file() and (tmp_path / "glance.html-top.png").is_file()

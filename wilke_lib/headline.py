@@ -10,15 +10,20 @@ MEMIT and WilKE on each organism, beside the authors' curves for the paper's mod
 * `headline_figure(panels)` draws one panel per organism (log-2 step axis, S in %), one colour per editor
   (the editor registry's), the organism solid, the paper dashed, an unfinished run dotted.
 * `headline_frame(panels)` is the figure's data as one tidy table (the CSV beside it).
+* `interactive_figure(panels)` is the same figure in plotly, with each point's value on hover;
+  `interactive_html` embeds it in a page with plotly.js served from the book's _static/ (offline).
 
-Only the plotting needs matplotlib; reading the runs imports `wilke_lib.experiments` (and torch) lazily.
+Only the plotting needs matplotlib (plotly for the interactive version); reading the runs imports `wilke_lib.experiments` (and torch) lazily.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 
@@ -195,3 +200,88 @@ def collapse_summary(panels: Sequence[Panel], editor: str = "ROME") -> dict[str,
         theirs = p.paper[p.paper["editor"] == editor].set_index("step")["S"]
         out[p.model] = (mine, collapse_step(theirs) if len(theirs) else math.nan)
     return out
+
+
+PLOTLY_JS = "plotly.min.js"
+"""plotly.js, copied from the installed plotly package into the book's _static/ (`copy_plotly_js`): the
+interactive figure needs no network."""
+PLOTLY_SYMBOLS = {"o": "circle-open", "s": "square-open", "^": "triangle-up-open", "v": "triangle-down-open"}
+
+
+def _hover(editor: str, where: str, step, s, extra: str = "") -> str:
+    return f"<b>{editor}</b> on {where}<br>step {int(step):,}: S {s:.1f}%{extra}"
+
+
+def interactive_figure(panels: Sequence[Panel], editors: Sequence[str] = EDITORS):
+    """`headline_figure` with plotly: the same panels, colours, markers and line styles, each point's value on
+    hover (an organism's mean lists its seeds' values), editors switched on and off from the legend."""
+    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go
+
+    fig = make_subplots(rows=1, cols=max(1, len(panels)), shared_yaxes=True, horizontal_spacing=0.04,
+                        subplot_titles=[f"{p.model} (solid) beside {p.paper_name} (dashed)" for p in panels])
+    for col, p in enumerate(panels, start=1):
+        for editor in editors:
+            line = {"color": colour(editor), "width": 2}
+            marker = {"symbol": PLOTLY_SYMBOLS[MARKERS.get(editor, "o")], "size": 7}
+            common = {"legendgroup": editor, "showlegend": False, "hoverinfo": "text"}
+            mine = p.ours[p.ours["editor"] == editor].sort_values("step")
+            if len(mine):
+                seeds = p.per_seed[p.per_seed["editor"] == editor]
+                text = []
+                for step, s in zip(mine["step"], mine["S"]):
+                    at = seeds[seeds["step"] == step].sort_values("seed")
+                    values = ", ".join(f"{v:.1f} (seed {k})" for k, v in zip(at["seed"], at["S"]))
+                    text.append(_hover(editor, p.model, step, s, f"<br>mean of {len(at)} seed(s): {values}"))
+                fig.add_trace(go.Scatter(x=mine["step"], y=mine["S"], mode="lines+markers", name=editor, line=line,
+                                         marker=marker, text=text, **common), row=1, col=col)
+            for seed, run in p.unfinished[p.unfinished["editor"] == editor].groupby("seed"):
+                run = run.sort_values("step")
+                fig.add_trace(go.Scatter(x=run["step"], y=run["S"], mode="lines+markers", name=editor,
+                                         line={**line, "dash": "dot"}, marker=marker, **common,
+                                         text=[_hover(editor, p.model, a, b, f"<br>unfinished run, seed {seed}")
+                                               for a, b in zip(run["step"], run["S"])]), row=1, col=col)
+            theirs = p.paper[p.paper["editor"] == editor].sort_values("step")
+            if len(theirs):
+                fig.add_trace(go.Scatter(x=theirs["step"], y=theirs["S"], mode="lines", name=editor,
+                                         line={**line, "dash": "dash", "width": 1.6}, **common,
+                                         text=[_hover(editor, p.paper_name, a, b, "<br>the authors' curve")
+                                               for a, b in zip(theirs["step"], theirs["S"])]), row=1, col=col)
+        ticks = [2 ** i for i in range(0, int(math.log2(max(2, p.n_edits))) + 1, 2)]
+        fig.update_xaxes(type="log", tickvals=ticks, ticktext=[f"{t:,}" for t in ticks], title="lifelong edits (log scale)",
+                         range=[math.log10(0.8), math.log10(p.n_edits * 1.25)], row=1, col=col)
+        fig.add_vline(x=64, line={"color": "#8C8C8C", "dash": "dot", "width": 1}, row=1, col=col)
+    shown = [t.name for t in fig.data]
+    for editor in dict.fromkeys(shown):  # one legend entry per editor, which toggles all its curves
+        first = next(t for t in fig.data if t.name == editor)
+        first.showlegend = True
+    fig.update_yaxes(range=[0, 100], title="S (%)", row=1, col=1)
+    fig.update_layout(template="simple_white", height=430, margin={"l": 60, "r": 10, "t": 40, "b": 40},
+                      hovermode="closest", font={"size": 13},
+                      legend={"orientation": "h", "y": -0.22, "x": 0.5, "xanchor": "center"})
+    return fig
+
+
+def interactive_html(panels: Sequence[Panel], div_id: str, plotly_js: str) -> str:
+    """The interactive figure as one raw-HTML block for a MyST page (no blank line, so Markdown leaves it
+    alone): a div of class "wilke-interactive", plotly.js from `plotly_js` (a path relative to the page) and
+    the figure as JSON. A figure drawn in a closed dropdown is resized when the dropdown opens."""
+    spec = interactive_figure(panels).to_json()
+    config = json.dumps({"displaylogo": False, "responsive": True,
+                         "modeBarButtonsToRemove": ["select2d", "lasso2d"]})
+    return (f'<div id="{div_id}" class="wilke-interactive" style="width:100%;height:430px"></div>\n'
+            f'<script src="{plotly_js}"></script>\n'
+            f"<script>(function () {{ const el = document.getElementById('{div_id}'); const fig = {spec};\n"
+            f"Plotly.newPlot(el, fig.data, fig.layout, {config});\n"
+            "const box = el.closest('details'); if (box) box.addEventListener('toggle', () => Plotly.Plots.resize(el));\n"
+            "})();</script>")
+
+
+def copy_plotly_js(static_dir) -> None:
+    """Copy the installed plotly's plotly.min.js into `static_dir` (a book's _static/) unless it is there."""
+    import plotly
+
+    target = Path(static_dir) / PLOTLY_JS
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(plotly.__file__).parent / "package_data" / PLOTLY_JS, target)
