@@ -36,6 +36,23 @@ def test_undecided_while_a_required_rung_is_missing_and_no_collapse_counts_as_be
     assert ladder.median_collapse(rung(384, [0, 0, 64])) == ladder.N_EDITS + 1
 
 
+def test_a_rung_that_misses_the_targets_is_not_waited_for_but_384_is_for_the_768_decision():
+    unmeasured = {"rome_collapse_steps": [None] * 3, "rome_collapsed": [None] * 3}
+    rows = [rung(48, [5, 6, 3]), rung(96, [9, 0, 0], met=False, relaxed=False) | unmeasured,
+            rung(192, [64, 0, 0], met=False, relaxed=False) | unmeasured, rung(384, [64, 64, 64], met=False)]
+    decision = ladder.choose(rows)  # no rung of tier 1 qualifies, whatever 96's and 192's later seeds show
+    assert decision["chosen"] is None and "tier 2" in decision["reason"] and "toy-gpt2-w96" not in decision["reason"]
+    rows[3] |= unmeasured
+    assert "tier 1" in ladder.choose(rows)["reason"] and "toy-gpt2-w384" in ladder.choose(rows)["reason"]
+    rows[3] = rung(384, [64, 64, 64], met=None)
+    assert "toy-gpt2-w384" in ladder.choose(rows)["reason"]  # no report yet
+    # tier 3 waits for a rung that the relaxed targets admit
+    rows = [rows[0], rows[1], rung(192, [64, 0, 0], met=False, relaxed=True) | unmeasured,
+            rung(384, [128, 100, 160], met=False, relaxed=False)]
+    decision = ladder.choose(rows, tier2_out_of_reach=True)
+    assert decision["chosen"] is None and "tier 3" in decision["reason"] and "toy-gpt2-w192" in decision["reason"]
+
+
 def test_width_768_is_asked_for_only_when_384_collapses_before_64():
     rows = [rung(48, [8, 8, 4]), rung(96, [16, 10, 9]), rung(192, [20, 16, 16]), rung(384, [40, 64, 50], met=False)]
     assert "width 768" in ladder.choose(rows)["reason"]

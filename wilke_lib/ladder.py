@@ -227,21 +227,27 @@ def choose(rows: Sequence[dict], tier2_out_of_reach: bool = False) -> dict[str, 
     after 128 (a heavier load per parameter spreads storage and shortens the lifespan), 384 only if 192 meets
     the targets but collapses before 32. Tier 3 (spread targets relaxed, over every rung) once the tier-2 rungs
     asked for are measured and none qualifies, or once tier 2 is declared out of reach. Undecided while a rung the
-    current tier needs lacks its report or runs."""
+    current tier needs lacks its report, or lacks its runs while its report meets the tier's targets (a rung that
+    misses them cannot be chosen whatever it collapses at; the runs of 384 and of tier 2's first rung are always
+    needed, since their step says which rung comes next)."""
     standard = [r for r in rows if not is_heavy(r)]
     heavy = [r for r in rows if is_heavy(r)]
 
     def width(group: Sequence[dict], d_mlp: int) -> dict | None:
         return next((r for r in group if r["d_mlp"] == d_mlp), None)
 
-    def missing(group: Sequence[dict], widths: Sequence[int]) -> list[str]:
-        """The names of the rungs of `widths` in `group` that are untrained or not yet measured."""
+    def missing(group: Sequence[dict], widths: Sequence[int], always_runs: Sequence[int] = ()) -> list[str]:
+        """The names of the rungs of `widths` in `group` that are untrained or not yet measured. A rung whose
+        report misses the targets cannot be chosen in this tier whatever its collapse step, so its runs are
+        not waited for (those of `always_runs` are: their step decides which rung comes next)."""
         out = []
         for d_mlp in widths:
             r = width(group, d_mlp)
             if r is None:
                 out.append(f"width {d_mlp}")
-            elif not r.get("trained") or r.get("targets_met") is None or median_collapse(r) is None:
+            elif not r.get("trained") or r.get("targets_met") is None:
+                out.append(r["name"])
+            elif median_collapse(r) is None and (r["targets_met"] or d_mlp in always_runs):
                 out.append(r["name"])
         return out
 
@@ -264,15 +270,15 @@ def choose(rows: Sequence[dict], tier2_out_of_reach: bool = False) -> dict[str, 
 
     required = [48, 96, 192, 384]
     w384 = width(standard, 384)
-    if w384 and not missing(standard, [384]) and median_collapse(w384) < TARGET_STEP:
+    if w384 and not missing(standard, [384], always_runs=[384]) and median_collapse(w384) < TARGET_STEP:
         required += list(OPTIONAL_WIDTHS)
-    if waiting := missing(standard, required):
+    if waiting := missing(standard, required, always_runs=[384]):
         return undecided(waiting, 1)
     if (name := closest(standard, "targets_met")) is not None:
         return decided(name, 1)
 
     if not tier2_out_of_reach:
-        if waiting := missing(heavy, [HEAVY_FIRST]):
+        if waiting := missing(heavy, [HEAVY_FIRST], always_runs=[HEAVY_FIRST]):
             return undecided(waiting, 2)
         first = width(heavy, HEAVY_FIRST)
         asked = [HEAVY_FIRST]
@@ -285,6 +291,10 @@ def choose(rows: Sequence[dict], tier2_out_of_reach: bool = False) -> dict[str, 
         if (name := closest(heavy, "targets_met")) is not None:
             return decided(name, 2)
 
+    unmeasured = [r["name"] for r in rows if r.get("trained") and r.get("targets_met_relaxed") is not False
+                  and (r.get("targets_met_relaxed") is None or median_collapse(r) is None)]
+    if unmeasured:  # a rung the relaxed targets admit, or may admit, is not measured yet
+        return undecided(unmeasured, 3)
     if (name := closest(rows, "targets_met_relaxed")) is not None:
         return decided(name, 3)
     return {"chosen": None, "tier": None, "reason": "no rung qualifies, even with the spread targets relaxed"}
