@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from wilke_lib.analysis.organism_report import REPORT_FILE, organism_report, target_table
 from wilke_lib.organisms.train import ORGANISM_DIR, ORGANISMS, train
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, help="train: override the number of epochs")
     parser.add_argument("--out", type=Path, help="train: output directory (default organisms/<name>)")
     parser.add_argument("--device", help="train: cpu or cuda (default: cuda when present)")
-    parser.add_argument("--threads", type=int, help="train: torch CPU threads")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (give 1 beside another job: two jobs that "
+                        "each use every core slow each other down many times over)")
     parser.add_argument("--epoch-budget", type=int, help="train: stop after this many epochs (resumable: run "
                         "the same command again to go on from the checkpoint)")
     parser.add_argument("--time-budget", type=float, help="train: stop after the first epoch that ends this many "
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"parameters, known-fact rate {summary['known_fact_rate']['all']:.1%} of {summary['n_facts']} "
                   f"facts -> {out}")
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     reports = []
     for name in names:
         report = organism_report(name)
