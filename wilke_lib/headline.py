@@ -256,7 +256,7 @@ def interactive_figure(panels: Sequence[Panel], editors: Sequence[str] = EDITORS
         first = next(t for t in fig.data if t.name == editor)
         first.showlegend = True
     fig.update_yaxes(range=[0, 100], title="S (%)", row=1, col=1)
-    fig.update_layout(template="simple_white", height=430, margin={"l": 60, "r": 10, "t": 40, "b": 40},
+    fig.update_layout(template="simple_white", height=440, margin={"l": 60, "r": 10, "t": 60, "b": 40},
                       hovermode="closest", font={"size": 13},
                       legend={"orientation": "h", "y": -0.22, "x": 0.5, "xanchor": "center"})
     return fig
@@ -269,7 +269,7 @@ def interactive_html(panels: Sequence[Panel], div_id: str, plotly_js: str) -> st
     spec = interactive_figure(panels).to_json()
     config = json.dumps({"displaylogo": False, "responsive": True,
                          "modeBarButtonsToRemove": ["select2d", "lasso2d"]})
-    return (f'<div id="{div_id}" class="wilke-interactive" style="width:100%;height:430px"></div>\n'
+    return (f'<div id="{div_id}" class="wilke-interactive" style="width:100%;height:440px"></div>\n'
             f'<script src="{plotly_js}"></script>\n'
             f"<script>(function () {{ const el = document.getElementById('{div_id}'); const fig = {spec};\n"
             f"Plotly.newPlot(el, fig.data, fig.layout, {config});\n"
