@@ -186,3 +186,19 @@ def test_single_edit_proxies_on_the_narrow_rung():
     assert set(found) == set(ladder.PROXY_KEYS)
     assert 0 < found["rome_update_rel_norm"] and 0 <= found["rome_residue_after_rollback"]
     assert 0 <= found["retention_lost_after_one_edit"] <= 1 and 0 < found["alphaedit_null_share"] < 1
+
+
+def test_ladder_json_lists_every_rung_and_keeps_the_proxies_it_does_not_measure_again(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(ladder, "LADDER_FILE", tmp_path / "ladder.json")
+    (tmp_path / "ladder.json").write_text(json.dumps({"rungs": [
+        {"name": "toy-gpt2-w48", "rome_update_rel_norm": 0.75}, {"name": "toy-gpt2-w96", "rome_update_rel_norm": 0.53}]}))
+    monkeypatch.setattr(ladder, "rung_row", lambda name, proxies=False: {
+        **rung(ladder.LADDER[name].d_mlp, [5, 6, 3]), "name": name, **({"rome_update_rel_norm": 0.1} if proxies else {})})
+    written = {}
+    monkeypatch.setattr(ladder, "write_json_atomic", lambda path, table: written.update(table))
+    ladder.main(["--proxies", "--names", "toy-gpt2-w96"])
+    rows = {r["name"]: r for r in written["rungs"]}
+    assert set(rows) == {n for n in ladder.LADDER if n.startswith("toy-gpt2-")}  # every rung, not only --names
+    assert rows["toy-gpt2-w96"]["rome_update_rel_norm"] == 0.1 and rows["toy-gpt2-w48"]["rome_update_rel_norm"] == 0.75

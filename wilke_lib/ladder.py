@@ -300,15 +300,17 @@ def choose(rows: Sequence[dict], tier2_out_of_reach: bool = False) -> dict[str, 
     return {"chosen": None, "tier": None, "reason": "no rung qualifies, even with the spread targets relaxed"}
 
 
-def ladder_table(names: Sequence[str] | None = None, compute_proxies: bool = False,
+def ladder_table(names: Sequence[str] | None = None, proxies_for: Sequence[str] = (),
                  tier2_out_of_reach: bool = False) -> dict[str, Any]:
-    """organisms/ladder.json's content: every GPT-2 rung's row, the choice and the rule."""
+    """organisms/ladder.json's content: every GPT-2 rung's row (or those of `names`), the choice and the rule.
+    The single-edit proxies are measured for the rungs of `proxies_for`; the others keep those last measured."""
     names = list(names or [n for n in LADDER if n.startswith("toy-gpt2-")])
-    rows = [rung_row(n, compute_proxies) for n in names]
-    if not compute_proxies and LADDER_FILE.is_file():  # keep the proxies last measured (`--proxies`)
+    rows = [rung_row(n, n in proxies_for) for n in names]
+    if LADDER_FILE.is_file():
         measured = {r["name"]: {k: r[k] for k in PROXY_KEYS if k in r} for r in read_json(LADDER_FILE)["rungs"]}
         for row in rows:
-            row.update(measured.get(row["name"], {}) if row.get("trained") else {})
+            if row.get("trained") and row["name"] not in proxies_for:
+                row.update(measured.get(row["name"], {}))
     decision = choose(rows, tier2_out_of_reach)
     for row in rows:
         row["chosen"] = row["name"] == decision["chosen"]
@@ -320,9 +322,10 @@ def ladder_table(names: Sequence[str] | None = None, compute_proxies: bool = Fal
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--names", nargs="+", default=None, help="rungs (default: every GPT-2 rung)")
+    parser.add_argument("--names", nargs="+", default=None,
+                        help="the rungs to run or measure (default: every GPT-2 rung); ladder.json always lists all")
     parser.add_argument("--run", action="store_true", help="compute the rungs' missing ROME and FT runs (resumable)")
-    parser.add_argument("--proxies", action="store_true", help="also measure the single-edit proxies (minutes)")
+    parser.add_argument("--proxies", action="store_true", help="also measure the rungs' single-edit proxies (minutes each)")
     parser.add_argument("--allow-code-change", action="store_true",
                         help="--run: continue unfinished runs started with other code (recorded in their config.json)")
     parser.add_argument("--tier2-out-of-reach", action="store_true",
@@ -336,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
                 run_rung(name, allow_code_change=args.allow_code_change)
             except FileNotFoundError as err:
                 print(f"{name}: {err}")
-    table = ladder_table(names, args.proxies, args.tier2_out_of_reach)
+    table = ladder_table(None, names if args.proxies else (), args.tier2_out_of_reach)
     write_json_atomic(LADDER_FILE, table)
     for row in table["rungs"]:
         print({k: row.get(k) for k in ("name", "d_mlp", "targets_met", "rome_collapse_steps", "ft_s_final", "chosen")})
