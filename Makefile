@@ -115,7 +115,7 @@ organisms: venv
 # The width ladder (wilke_lib/ladder.py): train its GPT-2 rungs side by side, one thread each, resumably
 # (LADDER_WIDTHS="96 192"), then `make ladder` computes each trained rung's ROME (x3 seeds) and FT runs,
 # resumably, and writes organisms/ladder.json with the rule's choice (LADDER_ARGS="--proxies" adds the
-# single-edit proxies).
+# single-edit proxies; "--names toy-gpt2-x4-w192 --seeds 9 10" and "... --seeds 11" in two shells use two cores).
 LADDER_WIDTHS ?= 96 192 384
 LADDER_ARGS ?=
 ladder-organisms: venv

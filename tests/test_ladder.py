@@ -202,3 +202,14 @@ def test_ladder_json_lists_every_rung_and_keeps_the_proxies_it_does_not_measure_
     rows = {r["name"]: r for r in written["rungs"]}
     assert set(rows) == {n for n in ladder.LADDER if n.startswith("toy-gpt2-")}  # every rung, not only --names
     assert rows["toy-gpt2-w96"]["rome_update_rel_norm"] == 0.1 and rows["toy-gpt2-w48"]["rome_update_rel_norm"] == 0.75
+
+
+def test_run_rung_runs_only_the_seeds_asked_for(monkeypatch):
+    ran = []
+    monkeypatch.setattr(ladder.lifelong, "run_many", lambda loader, records, configs, **kw: ran.extend(configs) or [])
+    monkeypatch.setattr(ladder.counterfact, "load_counterfact", lambda name: [])
+    ladder.run_rung("toy-gpt2-w48", seeds=[9])
+    assert [(c.editor, c.seed) for c in ran] == [("rome", 9), ("ft", 9)]
+    ran.clear()
+    ladder.run_rung("toy-gpt2-w48", seeds=[10, 11])
+    assert [(c.editor, c.seed) for c in ran] == [("rome", 10), ("rome", 11)]

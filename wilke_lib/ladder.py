@@ -94,12 +94,13 @@ def run_configs(name: str) -> list[lifelong.LifelongConfig]:
                                        n_edits=N_EDITS, seed=SEEDS[0], checkpoints=CHECKPOINTS, out_dir=out)])
 
 
-def run_rung(name: str, compute: bool = True, allow_code_change: bool = False) -> list[lifelong.RunResult | None]:
-    """The rung's runs (`run_configs`): computed where missing (resumably; an unfinished run started with other
-    code only with `allow_code_change`, which its config.json records) or, with compute=False, read back as far
-    as they are on disk (None: not started)."""
+def run_rung(name: str, compute: bool = True, allow_code_change: bool = False,
+             seeds: Sequence[int] | None = None) -> list[lifelong.RunResult | None]:
+    """The rung's runs (`run_configs`, those of `seeds` only when given): computed where missing (resumably; an
+    unfinished run started with other code only with `allow_code_change`, which its config.json records) or, with
+    compute=False, read back as far as they are on disk (None: not started)."""
     records = counterfact.load_counterfact(world_name(name))
-    configs = run_configs(name)
+    configs = [c for c in run_configs(name) if seeds is None or c.seed in seeds]
     if compute:
         return lifelong.run_many(models.load_model, records, configs, allow_code_change=allow_code_change)
     fp = lifelong.records_fingerprint(records)
@@ -325,6 +326,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--names", nargs="+", default=None,
                         help="the rungs to run or measure (default: every GPT-2 rung); ladder.json always lists all")
     parser.add_argument("--run", action="store_true", help="compute the rungs' missing ROME and FT runs (resumable)")
+    parser.add_argument("--seeds", type=int, nargs="+", choices=SEEDS, default=None,
+                        help="--run: only the runs of these seeds (FT runs at the first), e.g. two processes side by "
+                             "side, one thread each: --seeds 9 10 and --seeds 11")
     parser.add_argument("--proxies", action="store_true", help="also measure the rungs' single-edit proxies (minutes each)")
     parser.add_argument("--allow-code-change", action="store_true",
                         help="--run: continue unfinished runs started with other code (recorded in their config.json)")
@@ -336,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.run:
         for name in names:
             try:
-                run_rung(name, allow_code_change=args.allow_code_change)
+                run_rung(name, allow_code_change=args.allow_code_change, seeds=args.seeds)
             except FileNotFoundError as err:
                 print(f"{name}: {err}")
     table = ladder_table(None, names if args.proxies else (), args.tier2_out_of_reach)
